@@ -1,0 +1,35 @@
+"""``shadowserve bench SUITE``: every benchmark suite behind one command.
+
+Each suite is a module ``shadowserve.bench.<suite>`` with ``add_arguments(parser)`` and
+``run(args) -> int``; it prints a table and, with ``--json FILE``, writes the numbers it printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+SUITES: dict[str, str] = {
+    "engine": "prefill and decode throughput of the engine vs HF transformers",
+    "codec": "KV codec size, accuracy and speed on real SmolLM2 KV",
+    "store": "store GET throughput vs Redis vs raw sockets; shaped links",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    for name, help_text in SUITES.items():
+        try:
+            module = importlib.import_module(f"shadowserve.bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"shadowserve.bench.{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.add_argument("--json", dest="json_path", metavar="FILE", help="write the printed numbers as JSON")
+        p.set_defaults(_suite_run=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._suite_run(args) or 0)
