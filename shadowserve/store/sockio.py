@@ -1,0 +1,83 @@
+"""Exact-length socket I/O shared by the store server, its client and the benchmark.
+
+Receiving goes straight into the caller's memory with ``recv_into``; sending hands a list of
+buffers to ``sendmsg`` so a header and a value leave in one system call without being joined.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+# Linux IOV_MAX is 1024; stay well under it.
+_MAX_IOV = 512
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection before a complete frame arrived."""
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview, bucket: Any = None) -> None:
+    """Fill ``view`` completely from ``sock``; raises :class:`PeerClosed` on EOF.
+
+    With a token ``bucket`` the loop receives about a millisecond of traffic at a time and
+    pays for it before reading on, so TCP back-pressure slows the sender like a real link.
+    Hot path: allocates only the memoryview slices it walks with.
+    """
+    if bucket is None:
+        while view:
+            n = sock.recv_into(view)
+            if not n:
+                raise PeerClosed("connection closed by peer")
+            view = view[n:]
+        return
+    chunk = bucket.chunk_size()
+    while view:
+        n = sock.recv_into(view, min(len(view), chunk))
+        if not n:
+            raise PeerClosed("connection closed by peer")
+        bucket.consume(n)
+        view = view[n:]
+
+
+def send_buffers(sock: socket.socket, buffers: Iterable[Any], bucket: Any = None) -> int:
+    """Send every buffer in order (gathered ``sendmsg``, no joining); returns bytes sent.
+
+    With a token ``bucket`` the data goes out in paced slices instead.
+    """
+    views = deque()
+    for b in buffers:
+        v = b if isinstance(b, memoryview) else memoryview(b)
+        if v.format != "B" or v.ndim != 1:
+            v = v.cast("B")
+        if len(v):
+            views.append(v)
+    total = 0
+    if bucket is not None:
+        bucket.begin()
+        chunk = bucket.chunk_size()
+        for v in views:
+            for start in range(0, len(v), chunk):
+                piece = v[start : start + chunk]
+                bucket.consume(len(piece))
+                sock.sendall(piece)
+                total += len(piece)
+        return total
+    while views:
+        if len(views) == 1:
+            sock.sendall(views[0])
+            total += len(views[0])
+            break
+        n = sock.sendmsg(list(views)[:_MAX_IOV])
+        total += n
+        while n:
+            head = views[0]
+            if n >= len(head):
+                n -= len(head)
+                views.popleft()
+            else:
+                views[0] = head[n:]
+                n = 0
+    return total
