@@ -123,3 +123,66 @@ class EngineConfig:
             raise ConfigError("max_model_len must be >= 0")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"unknown device {self.device!r}: use cpu or cuda[:N]")
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9, "m": 60.0, "min": 60.0}
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Zµ]*)\s*$")
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Parse a duration such as ``0.2ms``, ``5s`` or ``30`` (seconds) into seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m or m.group(2).lower() not in _DURATION_UNITS:
+            raise ConfigError(f"invalid duration {value!r}: use a number with a unit like 0.2ms or 5s")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    if seconds < 0:
+        raise ConfigError(f"duration must be >= 0, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where KV chunks live, how the link to them behaves, and the store server's limits.
+
+    Client fields (``url``, timeouts, ``bandwidth``/``latency``, ``token_file``) are defaults
+    that query parameters in ``url`` override; server fields are used by ``store serve``.
+    """
+
+    url: str = "memory://"
+    connect_timeout: float = 5.0
+    timeout: float = 30.0
+    bandwidth: str | None = None  # e.g. "10gbit": emulated link on the client's receive path
+    latency: str | None = None  # e.g. "0.2ms": added before each response's first byte
+    token_file: str | None = None
+    # store server
+    host: str = "127.0.0.1"
+    port: int = 7480
+    capacity: str | int = "8GiB"
+    max_value_size: str | int = "512MiB"
+    server_bandwidth: str | None = None  # pace the server's sends, shared by all connections
+    max_connections: int = 1024
+
+    def __post_init__(self) -> None:
+        if "://" not in self.url:
+            raise ConfigError(f"store url {self.url!r} has no scheme (memory://, file:///dir, shadowserve://host:port, ...)")
+        if self.connect_timeout <= 0 or self.timeout <= 0:
+            raise ConfigError("store timeouts must be > 0")
+        if self.bandwidth is not None:
+            parse_rate(self.bandwidth)
+        if self.server_bandwidth is not None:
+            parse_rate(self.server_bandwidth)
+        if self.latency is not None:
+            parse_duration(self.latency)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if parse_size(self.capacity) <= 0:
+            raise ConfigError("store capacity must be > 0")
+        if parse_size(self.max_value_size) <= 0:
+            raise ConfigError("max_value_size must be > 0")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections must be >= 1")
