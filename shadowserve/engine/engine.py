@@ -1,0 +1,130 @@
+"""The step loop: schedule -> run the model on decodes and prefill chunks together -> sample -> finish."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+
+from shadowserve.config import EngineConfig, parse_size
+from shadowserve.engine.block_manager import BlockManager
+from shadowserve.engine.kv_pool import KVPool, bytes_per_block
+from shadowserve.engine.model_runner import ModelRunner
+from shadowserve.engine.sampler import Sampler
+from shadowserve.engine.scheduler import Scheduler
+from shadowserve.engine.sequence import Request, RequestOutput, SamplingParams
+from shadowserve.errors import ModelError
+from shadowserve.model.loader import LoadedModel, load_model, torch_dtype
+
+
+class LLMEngine:
+    """Owns the model, the KV pool and the scheduler; ``step()`` advances every active request."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, progress: bool = True) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.loaded = loaded or load_model(config.model, config.dtype, config.device, progress=progress)
+        arch = self.loaded.arch
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = min(config.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+        dtype = torch_dtype(config.dtype)
+        num_blocks = config.num_kv_blocks or parse_size(config.kv_cache_memory) // bytes_per_block(
+            arch, config.block_size, dtype
+        )
+        self.pool = KVPool(arch, num_blocks, config.block_size, dtype, config.device, config.shared_kv_pool)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, self.tokenizer.eos_token_ids)
+        self.sampler = Sampler(config.seed)
+        self.runner = ModelRunner(self.loaded.model, self.pool, self.sampler)
+        self._ids = itertools.count()
+        self._on_token: dict[str, Callable[[Request, int], None]] = {}
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams | None = None,
+        request_id: str | None = None,
+        on_token: Callable[[Request, int], None] | None = None,
+    ) -> Request:
+        """Queue a request; raises ModelError for a prompt the engine can never serve."""
+        sampling = sampling or SamplingParams()
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        if not token_ids:
+            raise ModelError("the prompt is empty")
+        vocab = self.loaded.arch.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ModelError(f"prompt token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ModelError(
+                f"the prompt has {len(token_ids)} tokens but the model's context is {self.max_model_len}; "
+                "shorten it"
+            )
+        needed = self.block_manager.blocks_needed(min(len(token_ids) + sampling.max_tokens, self.max_model_len))
+        if needed > self.block_manager.num_blocks:
+            raise ModelError(
+                f"the request needs {needed} KV blocks but the pool has {self.block_manager.num_blocks}; "
+                "raise kv_cache_memory or lower max_tokens"
+            )
+        req = Request(request_id or f"req-{next(self._ids)}", token_ids, sampling, prompt=text)
+        if on_token is not None:
+            self._on_token[req.request_id] = on_token
+        self.scheduler.add(req)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.scheduler.abort(request_id)
+        self._forget(request_id)
+        return req is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns the outputs of requests that finished in it."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        sampled = self.runner.run(chunks)
+        finished = self.scheduler.update(chunks, sampled)
+        if self._on_token:
+            for c in chunks:
+                cb = self._on_token.get(c.request.request_id)
+                tok = sampled.get(c.request.request_id)
+                if cb is not None and tok is not None:
+                    cb(c.request, tok)
+        outputs = [self.output_of(r) for r in finished]
+        for r in finished:
+            self._forget(r.request_id)
+        return outputs
+
+    def output_of(self, req: Request) -> RequestOutput:
+        ttft, tpot = req.ttft, req.tpot
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=self.tokenizer.decode(req.output_token_ids),
+            finished=req.is_finished,
+            finish_reason=req.finish_reason,
+            ttft_ms=None if ttft is None else ttft * 1e3,
+            tpot_ms=None if tpot is None else tpot * 1e3,
+            num_cached_tokens=req.num_cached_tokens,
+            num_fetched_tokens=req.num_fetched_tokens,
+        )
+
+    def _forget(self, request_id: str) -> None:
+        self._on_token.pop(request_id, None)
+        self.sampler.forget(request_id)
+
+    def close(self) -> None:
+        self.pool.close()

@@ -1,0 +1,104 @@
+"""Paged KV memory: one tensor of fixed-size blocks, optionally in named shared memory.
+
+Layout ``[layers, 2 (K,V), num_blocks, block_size, kv_heads, head_dim]``: each layer's K (or V)
+is one contiguous run of blocks, which is what attention gathers and what the data plane
+scatters a fetched chunk into. In shared memory, another process attaches by name and writes
+KV straight into the destination blocks with no copy through the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import torch
+
+from shadowserve.errors import ConfigError
+from shadowserve.model.arch import ModelArch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class KVPoolHandle:
+    """Picklable description of a shared pool; enough for another process to attach to it."""
+
+    shm_name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def pool_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    return (arch.num_hidden_layers, 2, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
+
+
+def bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * arch.num_hidden_layers * block_size * arch.num_key_value_heads * arch.head_dim * elem
+
+
+class KVPool:
+    """Owns the KV tensor (and its shared-memory segment when shared)."""
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: str = "cpu",
+        shared: bool = False,
+    ) -> None:
+        if num_blocks < 1:
+            raise ConfigError("the KV pool needs at least one block: raise kv_cache_memory")
+        self.shape = pool_shape(arch, num_blocks, block_size)
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self._shm: shared_memory.SharedMemory | None = None
+        if shared:
+            if device != "cpu":
+                raise ConfigError("a shared-memory KV pool lives on the CPU; CUDA pools are shared by IPC")
+            numel = 1
+            for d in self.shape:
+                numel *= d
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            self._shm = shared_memory.SharedMemory(create=True, size=nbytes)
+            self.tensor = torch.frombuffer(self._shm.buf, dtype=dtype, count=numel).view(self.shape)
+            self.tensor.zero_()
+        else:
+            self.tensor = torch.zeros(self.shape, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def handle(self) -> KVPoolHandle:
+        if self._shm is None:
+            raise ConfigError("this KV pool is not in shared memory (set shared_kv_pool)")
+        name = next(k for k, v in _DTYPES.items() if v == self.dtype)
+        return KVPoolHandle(self._shm.name, self.shape, name)
+
+    def close(self) -> None:
+        """Release the tensor and, if shared, unlink the segment (the engine owns it)."""
+        self.tensor = None  # drop the exported buffer before closing the mapping
+        if self._shm is not None:
+            self._shm.close()
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+            self._shm = None
+
+
+class AttachedKVPool:
+    """Another process's view of a shared pool (the data plane writes through it)."""
+
+    def __init__(self, handle: KVPoolHandle) -> None:
+        self._shm = shared_memory.SharedMemory(name=handle.shm_name, create=False)
+        numel = 1
+        for d in handle.shape:
+            numel *= d
+        self.tensor = torch.frombuffer(self._shm.buf, dtype=_DTYPES[handle.dtype], count=numel).view(handle.shape)
+
+    def close(self) -> None:
+        self.tensor = None
+        self._shm.close()

@@ -1,0 +1,81 @@
+"""Turns a scheduled step into model inputs (tokens, positions, slots, block tables), runs it, samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shadowserve.engine.kv_pool import KVPool
+from shadowserve.engine.sampler import Sampler
+from shadowserve.engine.scheduler import ScheduledChunk
+from shadowserve.engine.sequence import Request
+from shadowserve.model.attention import AttentionMetadata, PrefillSlice, causal_mask_with_context
+from shadowserve.model.llama import LlamaForCausalLM
+
+
+def _token_slice(req: Request, start: int, end: int) -> list[int]:
+    prompt = req.prompt_token_ids
+    if start >= len(prompt):
+        off = len(prompt)
+        return req.output_token_ids[start - off : end - off]
+    if end <= len(prompt):
+        return prompt[start:end]
+    return prompt[start:] + req.output_token_ids[: end - len(prompt)]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, sampler: Sampler) -> None:
+        self.model, self.pool, self.sampler = model, pool, sampler
+        self.block_size = pool.block_size
+        self.device = model.device
+
+    def run(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
+        """Run one step; returns the sampled token of every request whose chunk completed it."""
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        prefills = [c for c in chunks if c.num_tokens > 1]
+        ordered = decodes + prefills
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        sample_rows: list[int] = []
+        sample_reqs: list[Request] = []
+        meta = AttentionMetadata(slot_mapping=None, num_decode=len(decodes))  # type: ignore[arg-type]
+        row = 0
+        for c in ordered:
+            req, n = c.request, c.num_tokens
+            start = req.num_computed_tokens
+            ids.extend(_token_slice(req, start, start + n))
+            pos = np.arange(start, start + n)
+            blocks = np.asarray(req.block_ids, dtype=np.int64)
+            positions.append(pos)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            if n > 1:
+                piece = PrefillSlice(row, row + n, start)
+                if start > 0:
+                    piece.block_table = torch.as_tensor(blocks[: -(-(start + n) // bs)], device=self.device)
+                    piece.mask = causal_mask_with_context(n, start, self.device)
+                meta.prefills.append(piece)
+            row += n
+            if c.completes:
+                sample_rows.append(row - 1)
+                sample_reqs.append(req)
+        if decodes:
+            ctx = np.array([c.request.num_computed_tokens + 1 for c in decodes])
+            max_blocks = int(-(-ctx.max() // bs))
+            tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
+            for i, c in enumerate(decodes):
+                nb = min(max_blocks, len(c.request.block_ids))
+                tables[i, :nb] = c.request.block_ids[:nb]
+            meta.decode_block_tables = torch.as_tensor(tables, device=self.device)
+            cols = np.arange(max_blocks * bs)
+            meta.decode_mask = torch.as_tensor(cols[None, :] < ctx[:, None], device=self.device)[:, None, None, :]
+        meta.slot_mapping = torch.as_tensor(np.concatenate(slots), device=self.device)
+        input_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        pos_t = torch.as_tensor(np.concatenate(positions), device=self.device)
+        hidden = self.model(input_ids, pos_t, self.pool.tensor, meta)
+        if not sample_rows:
+            return {}
+        logits = self.model.compute_logits(hidden[sample_rows])
+        tokens = self.sampler.sample(logits, sample_reqs)
+        return {req.request_id: tok for req, tok in zip(sample_reqs, tokens)}

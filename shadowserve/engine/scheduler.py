@@ -1,0 +1,151 @@
+"""Continuous batching: which requests run this step, and how many of their tokens.
+
+Every step mixes decodes (one token per running request) with prefill chunks of new or partly
+prefilled requests, within a token budget; a prompt longer than the budget is prefilled over
+several steps, so decodes never wait behind a whole long prefill. When KV memory runs out the
+newest running request is preempted (its blocks freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from shadowserve.config import EngineConfig
+from shadowserve.engine.block_manager import BlockManager
+from shadowserve.engine.sequence import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """``num_tokens`` of ``request``'s tokens, starting at its ``num_computed_tokens``, run this step."""
+
+    request: Request
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the request's last known token, so a new token is sampled."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int, eos_token_ids: tuple[int, ...]
+    ) -> None:
+        self.config = config
+        self._eos = frozenset(eos_token_ids)
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Request | None:
+        for queue in (self.running, self.waiting):
+            for req in queue:
+                if req.request_id == request_id:
+                    queue.remove(req)
+                    self._finish(req, "abort")
+                    return req
+        return None
+
+    # ---- scheduling ---------------------------------------------------------------------------
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted = False
+        # Decodes first, then partly prefilled requests, each in arrival order.
+        order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1))
+        for req in order:
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.block_manager.ensure_slots(req, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                continue
+            chunks.append(ScheduledChunk(req, n))
+            budget -= n
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if not self._admit(req):
+                break
+            self.waiting.popleft()
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            chunks.append(ScheduledChunk(req, n))
+            budget -= n
+        return chunks
+
+    def _admit(self, req: Request) -> bool:
+        """Move a waiting request to RUNNING with blocks for all its tokens, reusing local prefix blocks."""
+        bm = self.block_manager
+        cached = bm.match_prefix(req.all_token_ids)
+        if not bm.can_allocate(req, cached):
+            return False
+        bm.allocate(req, cached)
+        req.num_computed_tokens = len(cached) * bm.block_size
+        req.num_cached_tokens = max(req.num_cached_tokens, req.num_computed_tokens)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free_request(req)
+        self.running.remove(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    # ---- after the model ran ------------------------------------------------------------------
+
+    def update(self, chunks: list[ScheduledChunk], sampled: dict[str, int]) -> list[Request]:
+        """Advance requests by what this step computed and sampled; return those that finished."""
+        now = time.perf_counter()
+        finished = []
+        for chunk in chunks:
+            req = chunk.request
+            req.num_computed_tokens += chunk.num_tokens
+            self.block_manager.register_computed(req)
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            req.token_times.append(now)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            reason = self._stop_reason(req, token)
+            if reason:
+                self.running.remove(req)
+                self._finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def _stop_reason(self, req: Request, token: int) -> str | None:
+        sp = req.sampling
+        if (not sp.ignore_eos and token in self._eos) or token in sp.stop_token_ids:
+            return "stop"
+        if len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.finish_time = time.perf_counter()
+        self.block_manager.free_request(req)

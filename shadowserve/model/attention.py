@@ -1,0 +1,84 @@
+"""Paged attention over the engine's KV pool, through block tables and slot mappings.
+
+The pool is one tensor ``[layers, 2 (K,V), num_blocks, block_size, kv_heads, head_dim]``. New
+K/V rows are scattered to their slots; attention gathers each sequence's context by block table.
+A step mixes decode tokens (one per sequence, attended as one padded batch) with prefill chunks
+(attended one sequence at a time, causally, over whatever context the pool already holds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSlice:
+    """One sequence's prefill chunk inside the flat token batch."""
+
+    start: int  # first row of this chunk in the flat batch
+    end: int  # one past its last row
+    context_before: int  # tokens of this sequence already in the pool (cached prefix or earlier chunks)
+    block_table: torch.Tensor | None = None  # blocks covering the whole context, when context_before > 0
+    mask: torch.Tensor | None = None  # [n, context] boolean, when context_before > 0
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one engine step; built once per step, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [N] flat slot index (block * block_size + offset) for every new token
+    num_decode: int = 0  # the first num_decode rows are decode tokens, one per sequence
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] True where attended
+    prefills: list[PrefillSlice] = field(default_factory=list)
+
+
+def causal_mask_with_context(n_new: int, context_before: int, device: torch.device) -> torch.Tensor:
+    """Boolean [n_new, context_before + n_new] mask: new token i sees everything up to its own position."""
+    total = context_before + n_new
+    cols = torch.arange(total, device=device)
+    rows = torch.arange(n_new, device=device).unsqueeze(1) + context_before
+    return cols.unsqueeze(0) <= rows
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    meta: AttentionMetadata,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write this step's K/V into the pool, then attend. Writes the result into ``out``.
+
+    q: [N, heads, head_dim]; k, v: [N, kv_heads, head_dim]; kv_layer: [2, blocks, block_size, kv_heads, head_dim].
+    """
+    k_cache, v_cache = kv_layer[0], kv_layer[1]
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+
+    b = meta.num_decode
+    if b:
+        tables = meta.decode_block_tables
+        kd = k_cache[tables].view(b, -1, kv_heads, head_dim).transpose(1, 2)
+        vd = v_cache[tables].view(b, -1, kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[:b].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
+        out[:b] = o.squeeze(2)
+
+    for p in meta.prefills:
+        qs = q[p.start : p.end].transpose(0, 1).unsqueeze(0)
+        if p.context_before == 0:
+            ks = k[p.start : p.end].transpose(0, 1).unsqueeze(0)
+            vs = v[p.start : p.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        else:
+            total = p.context_before + (p.end - p.start)
+            ks = k_cache[p.block_table].view(-1, kv_heads, head_dim)[:total].transpose(0, 1).unsqueeze(0)
+            vs = v_cache[p.block_table].view(-1, kv_heads, head_dim)[:total].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
+        out[p.start : p.end] = o[0].transpose(0, 1)
+    return out
