@@ -198,9 +198,12 @@ class StoreClient(StoreBase):
 
     def put(self, key: bytes, data: bytes | memoryview) -> None:
         key = check_key(key)
-        value = memoryview(data)
-        if value.format != "B" or value.ndim != 1:
-            value = value.cast("B")
+        try:
+            value = memoryview(data)
+            if value.format != "B" or value.ndim != 1:
+                value = value.cast("B")
+        except TypeError as exc:
+            raise StoreError(f"PUT data must be a contiguous buffer: {exc}") from exc
         head = P.pack_request(P.Op.PUT, 1, P.KEY_LEN.size + len(key) + len(value)) + P.KEY_LEN.pack(len(key)) + key
 
         def op(conn: _Conn) -> None:

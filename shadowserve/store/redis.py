@@ -16,6 +16,15 @@ from shadowserve.store.base import StoreBase, check_key, too_large, writable_vie
 _BATCH = 1024
 
 
+def _flat(data: bytes | memoryview) -> memoryview:
+    """A byte view redis-py sends as-is (no copy into a bytes object)."""
+    try:
+        view = memoryview(data)
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    except TypeError as exc:
+        raise StoreError(f"PUT data must be a contiguous buffer: {exc}") from exc
+
+
 class RedisStore(StoreBase):
     """One redis-py client (thread-safe; it keeps its own connection pool)."""
 
@@ -58,7 +67,7 @@ class RedisStore(StoreBase):
     def put(self, key: bytes, data: bytes | memoryview) -> None:
         key = check_key(key)
         try:
-            self._r.set(key, data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes())
+            self._r.set(key, data if isinstance(data, bytes) else _flat(data))
         except self._errors as exc:
             raise self._fail("SET", exc) from exc
 

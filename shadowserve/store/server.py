@@ -59,6 +59,7 @@ class StoreServer:
         self._conns_lock = threading.Lock()
         self._counters = {"connections_total": 0, "protocol_errors": 0, "bytes_in": 0, "bytes_out": 0}
         self._started = time.time()
+        self._inflight = 0
         try:
             self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
         except OSError as exc:
@@ -272,8 +273,22 @@ class StoreServer:
         vlen = body_len - P.KEY_LEN.size - klen
         if vlen > self.max_value_size:
             raise _Reject(f"value too large: {vlen} bytes exceeds the limit of {self.max_value_size}")
-        value = bytearray(vlen)
-        recv_exact_into(sock, memoryview(value))  # only a complete value reaches the table
+        # Half-received values count against capacity too, so many clients that start huge
+        # PUTs at once cannot make the server allocate far beyond what it was told to hold.
+        with self._conns_lock:
+            if self._inflight + vlen > self.table.capacity:  # type: ignore[operator]
+                busy = True
+            else:
+                busy = False
+                self._inflight += vlen
+        if busy:
+            raise _Reject("server busy: too many PUT bytes in flight, retry later")
+        try:
+            value = bytearray(vlen)
+            recv_exact_into(sock, memoryview(value))  # only a complete value reaches the table
+        finally:
+            with self._conns_lock:
+                self._inflight -= vlen
         self._count("bytes_in", body_len)
         self.table.put(bytes(key), value)
         self._ok(sock)

@@ -21,24 +21,25 @@ class TokenBucket:
     """Thread-safe pacer whose long-run rate is exact, shared by every connection of a store.
 
     It keeps a virtual clock: the time at which the bytes paid for so far would have crossed
-    the link. ``begin()`` marks the start of a response, so an idle link banks no credit and
-    a lone chunk takes ``size / rate``. Within a transfer the clock may trail real time by up
+    the link. ``begin()`` marks the start of a response, so an idle link banks only a short
+    burst (0.5 ms of traffic, like tbf's) and a lone chunk takes about ``size / rate``. Within a transfer the clock may trail real time by up
     to ``max_lag`` (as a real link keeps filling the receive buffer while the reader is busy),
     so sleep overshoot and receiver hiccups are made up instead of lowering the rate.
     """
 
-    def __init__(self, rate: float, max_lag: float = 0.05) -> None:
+    def __init__(self, rate: float, max_lag: float = 0.05, burst_s: float = 0.0005) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0")
         self.rate = float(rate)
         self.max_lag = max_lag
+        self.burst_s = burst_s
         self._clock = time.monotonic()
         self._lock = threading.Lock()
 
     def begin(self) -> None:
-        """A response starts now: drop credit banked while the link was idle."""
+        """A response starts now: an idle link banks at most ``burst_s`` of credit (like tbf's burst)."""
         with self._lock:
-            self._clock = max(self._clock, time.monotonic())
+            self._clock = max(self._clock, time.monotonic() - self.burst_s)
 
     def consume(self, n: int) -> None:
         """Pay for ``n`` received bytes, sleeping until the link would have delivered them."""
