@@ -31,6 +31,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", default="1gbit,5gbit,10gbit", help="shaped link rates to check ('' to skip)")
     parser.add_argument("--shaped-duration", type=float, default=2.0, help="seconds per shaped-link measurement")
     parser.add_argument("--no-redis", action="store_true", help="skip Redis even if redis-server is installed")
+    parser.add_argument("--netns", default="", metavar="RATES",
+                        help="also measure a real tc-tbf veth link between network namespaces at these rates "
+                             "(e.g. 1gbit,5gbit; needs root)")
+
+
+_NETNS_CLIENT = r"""
+import sys, time
+from shadowserve.store import open_store
+url, size, duration = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+store = open_store(url)
+for _ in range(200):
+    try:
+        store.put(b"netns-bench-key!", b"n" * size); break
+    except Exception:
+        time.sleep(0.05)
+buf = bytearray(size)
+store.get_into(b"netns-bench-key!", buf)
+n, start = 0, time.perf_counter()
+while time.perf_counter() - start < duration:
+    store.get_into(b"netns-bench-key!", buf); n += 1
+print(n * size / (time.perf_counter() - start))
+"""
+
+
+def _netns_rates(rates: list[tuple[str, float]], size: int, duration: float) -> list[dict[str, Any]]:
+    """GET throughput through a tbf-shaped veth link (server and client in their own namespaces)."""
+    from shadowserve.store.netns import SERVER_ADDR, ShapedLink, netns_available
+
+    ok, why = netns_available()
+    if not ok:
+        print(f"\nnetns link skipped: {why}")
+        return []
+    print(f"\nReal shaped link: tc tbf on a veth pair between two network namespaces, {size / 2**20:.0f} MiB "
+          f"values, {duration:g}s each")
+    header = f"{'tbf rate':>10} | {'delivered':>20}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for text, rate in rates:
+        with ShapedLink(text) as link:
+            link.popen_server([sys.executable, "-m", "shadowserve.cli", "store", "serve", "--host", SERVER_ADDR,
+                               "--port", "7480"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out = link.run_client([sys.executable, "-c", _NETNS_CLIENT, f"shadowserve://{SERVER_ADDR}:7480",
+                                   str(size), str(duration)], capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            print(f"{text:>10} | failed: {out.stderr.strip()[-200:]}")
+            continue
+        got = float(out.stdout.strip().splitlines()[-1])
+        rows.append({"rate": text, "rate_Bps": rate, "delivered_Bps": got, "error": got / rate - 1})
+        print(f"{text:>10} | {got * 8 / 1e9:7.3f} Gbit {got / rate - 1:+7.2%}")
+    return rows
 
 
 # ---- raw-socket baseline -----------------------------------------------------------------------
@@ -124,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+        raw_sock.settimeout(None)  # plain blocking socket: one system call per receive
         raw_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         stores["shadowserve"] = open_store(ours.url)
@@ -228,9 +280,14 @@ def run(args: argparse.Namespace) -> int:
                 shaped.append(row)
                 print(f"{text:>10} | {row['get_into_Bps'] * 8 / 1e9:7.3f} Gbit {row['get_into_error']:+7.2%} | "
                       f"{row['get_many_into_Bps'] * 8 / 1e9:7.3f} Gbit {row['get_many_into_error']:+7.2%}")
+        netns_rows = []
+        if args.netns:
+            netns_rows = _netns_rates([(r.strip(), parse_rate(r)) for r in args.netns.split(",") if r.strip()],
+                                      max_size, args.shaped_duration)
         if args.json_path:
             with open(args.json_path, "w") as f:
-                json.dump({"loopback": loopback, "shaped": shaped, "argv": sys.argv[1:]}, f, indent=2)
+                json.dump({"loopback": loopback, "shaped": shaped, "netns": netns_rows, "argv": sys.argv[1:]},
+                          f, indent=2)
         return 0
     finally:
         for store in stores.values():

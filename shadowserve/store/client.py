@@ -19,7 +19,7 @@ from shadowserve.errors import StoreError
 from shadowserve.store import protocol as P
 from shadowserve.store.base import StoreBase, check_key, writable_view
 from shadowserve.store.shaping import LinkShape, wait_latency
-from shadowserve.store.sockio import PeerClosed, recv_exact_into, send_buffers
+from shadowserve.store.sockio import PeerClosed, recv_exact_into, send_buffers, set_kernel_timeouts
 
 _SOCKBUF = 4 << 20
 _BATCH = 4096  # keys per GET_MANY / CONTAINS frame, far below the server's body limit
@@ -124,7 +124,7 @@ class StoreClient(StoreBase):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKBUF)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKBUF)
-            sock.settimeout(self.timeout)
+            set_kernel_timeouts(sock, self.timeout)
             conn = _Conn(sock)
             if self._token is not None:
                 send_buffers(sock, [P.pack_request(P.Op.AUTH, 0, len(self._token)), self._token])
@@ -171,7 +171,7 @@ class StoreClient(StoreBase):
             except _ServerRefused as exc:
                 conn.sock.close()
                 raise StoreError(f"{self._where()} refused {what}: {exc}") from None
-            except TimeoutError as exc:
+            except (TimeoutError, BlockingIOError) as exc:
                 conn.sock.close()
                 raise StoreError(f"{what}: {self._where()} did not answer within {self.timeout}s") from exc
             except (PeerClosed, ConnectionError, OSError) as exc:

@@ -7,12 +7,26 @@ buffers to ``sendmsg`` so a header and a value leave in one system call without 
 from __future__ import annotations
 
 import socket
+import struct
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 # Linux IOV_MAX is 1024; stay well under it.
 _MAX_IOV = 512
+
+
+def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking socket whose every send/recv gives up after ``seconds`` (SO_SNDTIMEO/SO_RCVTIMEO).
+
+    Unlike ``settimeout`` (non-blocking socket + poll before each call) this costs one system
+    call per receive. A call that times out raises ``BlockingIOError``; treat it as a timeout.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 class PeerClosed(ConnectionError):
