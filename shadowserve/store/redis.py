@@ -42,12 +42,19 @@ class RedisStore(StoreBase):
     ) -> None:
         import redis
         import redis.cluster
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        self._errors: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError,
+        )
         self.where = f"{'redis cluster' if cluster else 'redis'} at {host}:{port}"
         common = dict(
             host=host, port=port, username=username, password=password, socket_timeout=timeout,
             socket_connect_timeout=connect_timeout, ssl=ssl,
+            # One immediate retry (a stale pooled connection), not redis-py's seconds of backoff:
+            # a fetch that cannot be served soon is better recomputed.
+            retry=Retry(NoBackoff(), 1),
         )
         try:
             if cluster:

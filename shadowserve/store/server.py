@@ -186,6 +186,8 @@ class StoreServer:
             sock = None  # type: ignore[assignment]
         except (PeerClosed, ConnectionError, TimeoutError, OSError) as exc:
             log.debug("connection %s dropped: %s", peer, exc)
+        except Exception:  # a bug or MemoryError: lose this connection, never the server
+            log.exception("closing %s after an unexpected error", peer)
         finally:
             if sock is not None:
                 sock.close()
