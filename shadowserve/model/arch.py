@@ -55,6 +55,11 @@ class ModelArch:
             raise ModelError(f"unsupported model_type {arch!r}: ShadowServe runs Llama-family decoders")
         if cfg.get("attention_bias") or arch == "qwen2":
             raise ModelError("attention biases are not supported yet")
+        # transformers >= 5 writes RoPE settings as one "rope_parameters" dict; older files use
+        # "rope_theta" plus an optional "rope_scaling" dict.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else cfg.get("rope_scaling")
         eos = cfg.get("eos_token_id", 2)
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         try:
@@ -66,8 +71,8 @@ class ModelArch:
                 num_attention_heads=cfg["num_attention_heads"],
                 num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                 head_dim=cfg.get("head_dim") or 0,
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=cfg.get("rope_scaling"),
+                rope_theta=theta,
+                rope_scaling=scaling or None,
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),

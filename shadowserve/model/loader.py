@@ -19,7 +19,12 @@ from shadowserve.errors import ModelError
 from shadowserve.model.arch import ModelArch
 from shadowserve.model.llama import LlamaForCausalLM
 from shadowserve.model.registry import MODELS
-from shadowserve.model.tokenizer import Tokenizer, byte_tokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
+from shadowserve.model.tokenizer import (
+    Tokenizer,
+    byte_tokenizer,
+    tokenizer_from_gguf_fields,
+    tokenizer_from_hf_dir,
+)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

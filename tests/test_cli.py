@@ -1,0 +1,42 @@
+"""The ``shadowserve`` command as a user runs it: real subprocesses, exit codes, JSON output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shadowserve.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generate_json():
+    proc = cli("generate", "--model", "tiny-random", "--prompt", "hello", "--max-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) >= {"text", "token_ids", "prompt_token_ids", "ttft_ms", "tpot_ms"}
+    assert len(out["token_ids"]) == 4 and out["prompt_token_ids"] == [b + 3 for b in b"hello"]
+    assert out["ttft_ms"] > 0 and out["tpot_ms"] > 0
+
+
+def test_user_errors_exit_2_without_traceback():
+    for args, message in [
+        (("generate", "--model", "nope", "--prompt", "x"), "unknown model"),
+        (("generate", "--model", "tiny-random", "--prompt", "x", "--dtype", "float8"), "unknown dtype"),
+        (("generate", "--model", "tiny-random", "--prompt", "x", "--max-tokens", "0"), "max_tokens"),
+        (("generate", "--model", "tiny-random", "--prompt", "x" * 5000), "context"),
+        (("models", "pull", "nope"), "unknown model"),
+    ]:
+        proc = cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith("error: ") and message in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_models_list():
+    proc = cli("models", "list")
+    assert proc.returncode == 0
+    for name in ("smollm2-135m", "tiny-random", "llama3-8b-shape", "mistral-7b-shape"):
+        assert name in proc.stdout
