@@ -1,0 +1,137 @@
+"""``shadowserve bench engine``: prefill and decode throughput, ours vs HF transformers, one run.
+
+Both sides use the same weights (SmolLM2 GGUF dequantized to float32), the same prompts and the
+same torch thread count, and run alternately in one process so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prefill-lengths", default="512,2048,8000", help="prompt lengths in tokens")
+    p.add_argument("--batch-sizes", default="1,8,32", help="decode batch sizes")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per sequence")
+    p.add_argument("--decode-prompt", type=int, default=128, help="prompt tokens per decoding sequence")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+
+
+def _text_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
+    from pydoc_data.topics import topics
+
+    ids: list[int] = []
+    for key in sorted(topics)[offset:]:
+        ids.extend(tokenizer.encode(topics[key]))
+        if len(ids) >= n:
+            return ids[:n]
+    raise ValueError("not enough text")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from shadowserve.config import EngineConfig
+    from shadowserve.engine.engine import LLMEngine
+    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.model.loader import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lengths = [int(x) for x in args.prefill_lengths.split(",") if x]
+    batches = [int(x) for x in args.batch_sizes.split(",") if x]
+    loaded = load_model(args.model, "float32")
+    engine = LLMEngine(EngineConfig(model=args.model, kv_cache_memory="2GiB", enable_prefix_caching=False,
+                                    max_num_batched_tokens=8192), loaded=loaded)
+    hf = None if args.no_hf else _hf_model(args.model)
+
+    def ours_prefill(ids: list[int]) -> float:
+        req = engine.add_request(ids, SamplingParams(max_tokens=1))
+        while engine.has_unfinished():
+            engine.step()
+        return req.ttft
+
+    def ours_decode(prompts: list[list[int]]) -> float:
+        sp = SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True)
+        reqs = [engine.add_request(p, sp) for p in prompts]
+        while engine.has_unfinished():
+            engine.step()
+        return sum(r.tpot for r in reqs) / len(reqs)  # seconds per decode step
+
+    def hf_prefill(ids: list[int]) -> float:
+        x = torch.tensor([ids])
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf(x, use_cache=True)
+        return time.perf_counter() - t
+
+    def hf_decode(prompts: list[list[int]]) -> float:
+        x = torch.tensor(prompts)
+        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+            t1 = time.perf_counter() - t
+            t = time.perf_counter()
+            hf.generate(x, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, **kw)
+            tn = time.perf_counter() - t
+        return (tn - t1) / (args.decode_tokens - 1)
+
+    def best(fn, *a) -> float:
+        return min(fn(*a) for _ in range(args.repeats))
+
+    rows = []
+    for n in lengths:
+        ids = _text_ids(loaded.tokenizer, n)
+        ours = n / best(ours_prefill, ids)
+        theirs = n / best(hf_prefill, ids) if hf else None
+        rows.append({"phase": "prefill", "size": n, "ours_tok_s": ours, "hf_tok_s": theirs})
+        _print_row(rows[-1])
+    for b in batches:
+        prompts = [_text_ids(loaded.tokenizer, args.decode_prompt, offset=7 * i) for i in range(b)]
+        ours = b / best(ours_decode, prompts)
+        theirs = b / best(hf_decode, prompts) if hf else None
+        rows.append({"phase": "decode", "size": b, "ours_tok_s": ours, "hf_tok_s": theirs})
+        _print_row(rows[-1])
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"model": args.model, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+    engine.close()
+    return 0
+
+
+def _print_row(row: dict) -> None:
+    what = f"{row['phase']} {'prompt' if row['phase'] == 'prefill' else 'batch'} {row['size']}"
+    hf = row["hf_tok_s"]
+    ratio = f"{row['ours_tok_s'] / hf:6.2f}x" if hf else "     -"
+    hf_txt = f"{hf:10.1f}" if hf else "         -"
+    if row is not None and not getattr(_print_row, "header", False):
+        print(f"{'measurement':<24} {'ours tok/s':>10} {'HF tok/s':>10} {'ours/HF':>8}")
+        _print_row.header = True
+    print(f"{what:<24} {row['ours_tok_s']:10.1f} {hf_txt} {ratio:>8}", flush=True)
+
+
+def _hf_model(name: str):
+    try:
+        import transformers
+    except ImportError:
+        from shadowserve.errors import ConfigError
+
+        raise ConfigError("the transformers baseline needs `pip install transformers` (or pass --no-hf)") from None
+    import torch
+
+    from shadowserve.model.fetch import smollm2_gguf_path
+
+    if name != "smollm2-135m":
+        from shadowserve.errors import ConfigError
+
+        raise ConfigError("the transformers baseline is wired for smollm2-135m only (or pass --no-hf)")
+    path = smollm2_gguf_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
