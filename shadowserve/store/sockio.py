@@ -95,3 +95,60 @@ def send_buffers(sock: socket.socket, buffers: Iterable[Any], bucket: Any = None
                 views[0] = head[n:]
                 n = 0
     return total
+
+
+class BufferedReceiver:
+    """Receive side of a connection that reads ahead into a fixed buffer.
+
+    One ``recv`` usually brings a whole small request (header + keys), instead of one system
+    call per field. Large payloads bypass the buffer: :meth:`read_into` copies what is already
+    buffered and receives the rest straight into the destination.
+    """
+
+    def __init__(self, sock: socket.socket, size: int = 64 << 10) -> None:
+        self.sock = sock
+        self.size = size
+        self._view = memoryview(bytearray(size))
+        self._start = 0
+        self._end = 0
+
+    def buffered(self) -> int:
+        return self._end - self._start
+
+    def recv_some(self) -> int:
+        """One ``recv`` into free buffer space; returns the byte count (0 at end of stream)."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == self.size:
+            self._compact()
+        got = self.sock.recv_into(self._view[self._end :])
+        self._end += got
+        return got
+
+    def _compact(self) -> None:
+        pending = bytes(self._view[self._start : self._end])
+        self._view[: len(pending)] = pending
+        self._start, self._end = 0, len(pending)
+
+    def read(self, n: int) -> memoryview:
+        """The next ``n`` bytes (``n <= size``); the view is valid until the next read."""
+        if self._end - self._start < n:
+            if self._start + n > self.size:
+                self._compact()
+            while self._end - self._start < n:
+                got = self.sock.recv_into(self._view[self._end :])
+                if not got:
+                    raise PeerClosed("connection closed by peer")
+                self._end += got
+        view = self._view[self._start : self._start + n]
+        self._start += n
+        return view
+
+    def read_into(self, dest: memoryview) -> None:
+        """Fill ``dest``: buffered bytes first, then straight from the socket."""
+        k = min(len(dest), self._end - self._start)
+        if k:
+            dest[:k] = self._view[self._start : self._start + k]
+            self._start += k
+        if k < len(dest):
+            recv_exact_into(self.sock, dest[k:])
