@@ -82,3 +82,28 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"store stopped: {stats['keys']} keys, {stats['bytes']} bytes, {stats['connections_total']} connections",
           file=sys.stderr, flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shadowserve.commands.store serve ...``: same as ``shadowserve store``, but
+    without building the whole CLI (whose other subcommands may import heavy libraries), so a
+    server starts in a fraction of a second."""
+    import sys
+
+    from shadowserve.errors import ShadowServeError
+
+    parser = argparse.ArgumentParser(prog="shadowserve store")
+    parser.add_argument("--debug", action="store_true")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ShadowServeError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

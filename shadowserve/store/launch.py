@@ -96,7 +96,8 @@ def start_store_server(*extra_args: str, host: str = "127.0.0.1", timeout: float
     """``shadowserve store serve`` in a child process on a free port."""
     port = free_port(host)
     workdir = tempfile.mkdtemp(prefix="ss-store-")
-    args = [sys.executable, "-m", "shadowserve.cli", "store", "serve", "--host", host, "--port", str(port), *extra_args]
+    # The store command module directly: `python -m shadowserve.cli` would build every subcommand.
+    args = [sys.executable, "-m", "shadowserve.commands.store", "serve", "--host", host, "--port", str(port), *extra_args]
     query = ""
     if token is not None:
         token_file = os.path.join(workdir, "token")
