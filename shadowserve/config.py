@@ -186,3 +186,111 @@ class StoreConfig:
             raise ConfigError("max_value_size must be > 0")
         if self.max_connections < 1:
             raise ConfigError("max_connections must be >= 1")
+
+
+FETCH_MODES = ("recompute", "sync", "thread", "offload", "gpu")
+
+
+def parse_cores(spec: str, available: list[int]) -> list[int]:
+    """Parse ``"1"``, ``"2-3"`` or ``"0,2"`` into CPU ids, checked against the usable ones."""
+    cores: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-")
+                cores.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                cores.append(int(part))
+    except ValueError:
+        raise ConfigError(f"invalid core list {spec!r}: use forms like 1, 2-3 or 0,2") from None
+    bad = [c for c in cores if c not in available]
+    if bad or not cores:
+        raise ConfigError(f"core list {spec!r} names cores outside the usable set {available}")
+    return sorted(set(cores))
+
+
+@dataclass(frozen=True)
+class DataPlaneConfig:
+    """Where and how the fetch/save pipeline runs, and how the control plane guards it."""
+
+    fetch_mode: str = "offload"
+    # Cores reserved for the data plane ("auto": the last quarter of usable cores, at least one);
+    # the engine gets the rest, in every mode, so modes differ only in where the pipeline runs.
+    dataplane_cores: str = "auto"
+    chunk_size: int = 256  # tokens per stored chunk; a multiple of the engine block size
+    fetch_workers: int = 2
+    decompress_workers: int = 1
+    dequantize_workers: int = 1
+    save_workers: int = 1
+    receive_slots: int = 8
+    staging_slots: int = 4
+    kv_slots: int = 4
+    lookup_workers: int = 2
+    fetch_timeout: float = 30.0  # seconds before a fetch is abandoned and its prefix recomputed
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 5.0  # a silent data plane for this long counts as hung and is restarted
+    save: bool = True  # write computed full chunks back to the store
+    pin_cores: bool = False  # pin the engine process to its cores (benchmarks and the CLI do)
+
+    def __post_init__(self) -> None:
+        if self.fetch_mode not in FETCH_MODES:
+            raise ConfigError(f"unknown fetch mode {self.fetch_mode!r}: choose one of {', '.join(FETCH_MODES)}")
+        if self.chunk_size < 16 or self.chunk_size % 16:
+            raise ConfigError(f"chunk_size must be a positive multiple of 16, got {self.chunk_size}")
+        for name in ("fetch_workers", "decompress_workers", "dequantize_workers", "save_workers",
+                     "receive_slots", "staging_slots", "kv_slots", "lookup_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.fetch_timeout <= 0 or self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError("timeouts must be > 0 and heartbeat_timeout > heartbeat_interval")
+
+    def split_cores(self) -> tuple[list[int], list[int]]:
+        """(engine cores, data-plane cores) out of the cores this process may use."""
+        import os
+
+        available = sorted(os.sched_getaffinity(0))
+        if self.dataplane_cores == "auto":
+            n = max(1, len(available) // 4)
+            plane = available[-n:]
+        else:
+            plane = parse_cores(self.dataplane_cores, available)
+        engine = [c for c in available if c not in plane] or available
+        return engine, plane
+
+
+QUANT_MODES = ("rms", "cachegen", "uniform", "int8", "kivi", "none")
+LOSSLESS_MODES = ("zstd", "deflate", "lz4", "none")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How KV chunks are quantized and compressed (see docs/codec.md for the measured trade-offs).
+
+    ``quant``: ``rms`` (default: step = key_step/value_step x the token's RMS, entropy-coded),
+    ``cachegen`` (CacheGen's per-layer-group bins), ``uniform`` (``bins`` levels everywhere),
+    ``int8`` (255 levels), ``kivi`` (per-channel keys, per-token values, ``bins`` levels) or
+    ``none`` (bit-exact). ``lossless``: the entropy/LZ stage; ``level`` 0 picks its default.
+    """
+
+    quant: str = "rms"
+    lossless: str = "zstd"
+    level: int = 0
+    bins: int = 16
+    key_step: float = 0.5
+    value_step: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.quant not in QUANT_MODES:
+            raise ConfigError(f"unknown quant {self.quant!r}: choose one of {', '.join(QUANT_MODES)}")
+        if self.lossless not in LOSSLESS_MODES:
+            raise ConfigError(f"unknown lossless stage {self.lossless!r}: choose one of {', '.join(LOSSLESS_MODES)}")
+        if not 3 <= self.bins <= 255:
+            raise ConfigError(f"bins must be in [3, 255], got {self.bins}")
+        for name in ("key_step", "value_step"):
+            step = getattr(self, name)
+            if not 0.01 <= step <= 16:
+                raise ConfigError(f"{name} must be in [0.01, 16] (a multiple of the token's RMS), got {step}")
+        from shadowserve.kvcache.lossless import check_level
+
+        check_level(self.lossless, self.level)

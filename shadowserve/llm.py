@@ -4,22 +4,41 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from shadowserve.config import EngineConfig
+from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.sequence import RequestOutput, SamplingParams
 from shadowserve.errors import ConfigError
 
 
 class LLM:
-    """Offline batched generation on one engine."""
+    """Offline batched generation on one engine, optionally with a shared remote KV store.
 
-    def __init__(self, model: str = "smollm2-135m", progress: bool = True, **engine_options) -> None:
-        known = {f.name for f in fields(EngineConfig)}
-        unknown = set(engine_options) - known
+    ``LLM("smollm2-135m", store="shadowserve://127.0.0.1:7480", fetch_mode="offload")`` looks up every
+    prompt's prefix in the store, fetches what it holds through the data plane, and saves the rest.
+    Keyword options go to EngineConfig or DataPlaneConfig by name.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        store: str | None = None,
+        fetch_mode: str = "offload",
+        codec: CodecConfig | None = None,
+        progress: bool = True,
+        **options,
+    ) -> None:
+        engine_fields = {f.name for f in fields(EngineConfig)}
+        plane_fields = {f.name for f in fields(DataPlaneConfig)} - {"fetch_mode"}
+        unknown = set(options) - engine_fields - plane_fields
         if unknown:
             raise ConfigError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
-        self.config = EngineConfig(model=model, **engine_options)
-        self.engine = LLMEngine(self.config, progress=progress)
+        self.config = EngineConfig(model=model, **{k: v for k, v in options.items() if k in engine_fields})
+        self.dataplane_config = DataPlaneConfig(
+            fetch_mode=fetch_mode if store else "recompute",
+            **{k: v for k, v in options.items() if k in plane_fields},
+        )
+        self.engine = LLMEngine(self.config, progress=progress, dataplane=self.dataplane_config,
+                                store_url=store, codec=codec)
         self.tokenizer = self.engine.tokenizer
 
     def generate(
@@ -52,5 +71,15 @@ class LLM:
             bar.close()
         return results  # type: ignore[return-value]
 
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait for pending saves to reach the store."""
+        self.engine.flush(timeout)
+
     def close(self) -> None:
         self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

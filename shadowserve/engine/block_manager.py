@@ -8,7 +8,7 @@ and stay findable by hash until they are reused, least recently freed first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import xxhash
@@ -103,14 +103,34 @@ class BlockManager:
 
     def free_request(self, request: Request) -> None:
         """Drop the request's references; unreferenced blocks become reusable (cached ones last)."""
-        for b in reversed(request.block_ids):
+        self.release(reversed(request.block_ids))
+        request.block_ids = []
+        request.block_hashes = []
+
+    def hold(self, block_ids: Sequence[int]) -> None:
+        """Take an extra reference (e.g. while the data plane reads or may still write these blocks)."""
+        for b in block_ids:
+            self._take(b)
+
+    def release(self, block_ids: Iterable[int]) -> None:
+        """Drop one reference per block; a block nobody references becomes reusable."""
+        for b in block_ids:
             self.ref_count[b] -= 1
+            if self.ref_count[b] < 0:
+                raise RuntimeError(f"block {b} released more often than taken")
             if self.ref_count[b] == 0:
                 self.free[b] = None
                 if self.hash_of[b] is None:
                     self.free.move_to_end(b, last=False)
-        request.block_ids = []
-        request.block_hashes = []
+
+    def replace_blocks(self, request: Request, first: int, last: int) -> bool:
+        """Give the request fresh blocks at positions [first, last); the old ones keep their other holders."""
+        if last - first > self.num_free_blocks:
+            return False
+        old = request.block_ids[first:last]
+        request.block_ids[first:last] = [self._alloc_fresh() for _ in old]
+        self.release(old)
+        return True
 
     def _alloc_fresh(self) -> int:
         b, _ = self.free.popitem(last=False)

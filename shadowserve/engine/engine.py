@@ -3,26 +3,48 @@
 from __future__ import annotations
 
 import itertools
+import os
+import time
 from collections.abc import Callable
 
 import torch
 
-from shadowserve.config import EngineConfig, parse_size
+from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig, parse_size
 from shadowserve.engine.block_manager import BlockManager
 from shadowserve.engine.kv_pool import KVPool, bytes_per_block
 from shadowserve.engine.model_runner import ModelRunner
 from shadowserve.engine.sampler import Sampler
 from shadowserve.engine.scheduler import Scheduler
 from shadowserve.engine.sequence import Request, RequestOutput, SamplingParams
-from shadowserve.errors import ModelError
+from shadowserve.errors import ConfigError, ModelError
 from shadowserve.model.loader import LoadedModel, load_model, torch_dtype
 
 
 class LLMEngine:
-    """Owns the model, the KV pool and the scheduler; ``step()`` advances every active request."""
+    """Owns the model, the KV pool and the scheduler; ``step()`` advances every active request.
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, progress: bool = True) -> None:
+    With a store URL and a fetch mode other than ``recompute``, a control plane (KVCacheManager)
+    sits beside the scheduler and a data plane lands cached prefixes straight into the KV pool.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        progress: bool = True,
+        dataplane: DataPlaneConfig | None = None,
+        store_url: str | None = None,
+        codec: CodecConfig | None = None,
+    ) -> None:
         self.config = config
+        self.dataplane_config = dataplane or DataPlaneConfig(fetch_mode="recompute")
+        remote = store_url is not None and self.dataplane_config.fetch_mode != "recompute"
+        engine_cores, self.dataplane_cores = self.dataplane_config.split_cores()
+        if remote and self.dataplane_config.pin_cores:
+            # Fairness: the engine computes on the same cores in every mode; the data-plane cores
+            # play the SmartNIC. Pinned before torch starts its worker threads.
+            os.sched_setaffinity(0, engine_cores)
+            torch.set_num_threads(len(engine_cores))
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.loaded = loaded or load_model(config.model, config.dtype, config.device, progress=progress)
@@ -33,13 +55,45 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or parse_size(config.kv_cache_memory) // bytes_per_block(
             arch, config.block_size, dtype
         )
-        self.pool = KVPool(arch, num_blocks, config.block_size, dtype, config.device, config.shared_kv_pool)
+        shared = config.shared_kv_pool or (remote and self.dataplane_config.fetch_mode == "offload")
+        self.pool = KVPool(arch, num_blocks, config.block_size, dtype, config.device, shared)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, self.tokenizer.eos_token_ids)
         self.sampler = Sampler(config.seed)
         self.runner = ModelRunner(self.loaded.model, self.pool, self.sampler)
         self._ids = itertools.count()
         self._on_token: dict[str, Callable[[Request, int], None]] = {}
+        self.kv_manager = None
+        if remote:
+            self.kv_manager = self._build_control_plane(store_url, codec or CodecConfig())
+            self.scheduler.kv_manager = self.kv_manager
+
+    def _build_control_plane(self, store_url: str, codec_config: CodecConfig):
+        from shadowserve.controlplane.manager import KVCacheManager
+        from shadowserve.dataplane.modes import buffer_layout, create_backend
+        from shadowserve.dataplane.process import DataPlaneSpec
+        from shadowserve.kvcache.chunking import chunk_keys, key_seed
+        from shadowserve.kvcache.codec import KVCodec
+        from shadowserve.store.base import open_store
+
+        dp = self.dataplane_config
+        if dp.fetch_mode == "offload" and store_url.startswith("memory:"):
+            raise ConfigError("a memory:// store lives inside this process, where the offload data plane "
+                              "cannot see it: use file:///dir, shadowserve://host:port or redis://")
+        if dp.chunk_size % self.config.block_size:
+            raise ConfigError(f"chunk_size {dp.chunk_size} must be a multiple of block_size {self.config.block_size}")
+        codec = KVCodec(codec_config, self.loaded.fingerprint)
+        seed = key_seed(self.loaded.fingerprint, codec.codec_id)
+        arch = self.loaded.arch
+        chunk_shape = (arch.num_hidden_layers, 2, dp.chunk_size, arch.num_key_value_heads, arch.head_dim)
+        layout = buffer_layout(chunk_shape, self.pool.tensor.element_size(), codec)
+        handle = self.pool.handle() if dp.fetch_mode == "offload" else None
+        spec = DataPlaneSpec(dp, store_url, codec_config, self.loaded.fingerprint, handle, layout,
+                             tuple(self.dataplane_cores))
+        lookup_store = open_store(store_url)
+        backend = create_backend(spec, self.pool.tensor)
+        return KVCacheManager(dp, self.block_manager, backend, lookup_store,
+                              lambda ids: chunk_keys(ids, dp.chunk_size, seed))
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -92,6 +146,8 @@ class LLMEngine:
         """Run one batch; returns the outputs of requests that finished in it."""
         chunks = self.scheduler.schedule()
         if not chunks:
+            if self.scheduler.fetching or self.scheduler.waiting:
+                time.sleep(0.0005)  # only waiting on lookups or fetches: do not spin the engine core
             return []
         sampled = self.runner.run(chunks)
         finished = self.scheduler.update(chunks, sampled)
@@ -126,5 +182,15 @@ class LLMEngine:
         self._on_token.pop(request_id, None)
         self.sampler.forget(request_id)
 
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until the data plane has settled every fetch and save (e.g. before a warm pass)."""
+        deadline = time.monotonic() + timeout
+        while self.kv_manager is not None and self.kv_manager.busy and time.monotonic() < deadline:
+            self.kv_manager.poll()
+            time.sleep(0.002)
+
     def close(self) -> None:
+        if self.kv_manager is not None:
+            self.kv_manager.close()
+            self.kv_manager = None
         self.pool.close()

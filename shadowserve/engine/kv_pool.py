@@ -93,7 +93,9 @@ class AttachedKVPool:
     """Another process's view of a shared pool (the data plane writes through it)."""
 
     def __init__(self, handle: KVPoolHandle) -> None:
-        self._shm = shared_memory.SharedMemory(name=handle.shm_name, create=False)
+        from shadowserve.dataplane.buffers import attach_shared_memory
+
+        self._shm = attach_shared_memory(handle.shm_name)
         numel = 1
         for d in handle.shape:
             numel *= d

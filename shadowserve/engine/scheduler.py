@@ -40,19 +40,23 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.fetching: list[Request] = []  # holding blocks while the data plane lands their prefix
         self.num_preemptions = 0
+        self.kv_manager = None  # the control plane, when a remote KV store is configured
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.fetching)
 
     def abort(self, request_id: str) -> Request | None:
-        for queue in (self.running, self.waiting):
+        for queue in (self.running, self.waiting, self.fetching):
             for req in queue:
                 if req.request_id == request_id:
                     queue.remove(req)
+                    if self.kv_manager is not None:
+                        self.kv_manager.abort(req)  # before the blocks are freed: the data plane may hold them
                     self._finish(req, "abort")
                     return req
         return None
@@ -60,6 +64,8 @@ class Scheduler:
     # ---- scheduling ---------------------------------------------------------------------------
 
     def schedule(self) -> list[ScheduledChunk]:
+        if self.kv_manager is not None:
+            self._collect_fetched()
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted = False
@@ -81,28 +87,64 @@ class Scheduler:
                 continue
             chunks.append(ScheduledChunk(req, n))
             budget -= n
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            if not self._admit(req):
+        for req in list(self.waiting):
+            if budget == 0 or preempted or len(self.running) + len(self.fetching) >= self.config.max_num_seqs:
                 break
-            self.waiting.popleft()
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            chunks.append(ScheduledChunk(req, n))
-            budget -= n
+            verdict = self._admit(req)
+            if verdict == "pending":
+                continue  # its prefix lookup is still out: let later requests go first
+            if verdict == "full":
+                break
+            self.waiting.remove(req)
+            if req.status == RequestStatus.RUNNING:
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                chunks.append(ScheduledChunk(req, n))
+                budget -= n
         return chunks
 
-    def _admit(self, req: Request) -> bool:
-        """Move a waiting request to RUNNING with blocks for all its tokens, reusing local prefix blocks."""
+    def _admit(self, req: Request) -> str:
+        """Give a waiting request blocks for all its tokens, reusing local prefix blocks.
+
+        Returns "ok" (now RUNNING, or FETCHING its remote prefix), "pending" (the control plane's
+        lookup is not answered yet) or "full" (not enough free KV blocks).
+        """
         bm = self.block_manager
         cached = bm.match_prefix(req.all_token_ids)
+        local = len(cached) * bm.block_size
+        remote = 0
+        fresh = req.num_computed_tokens == 0 and not req.output_token_ids  # not a preempted request
+        if self.kv_manager is not None and fresh:
+            from shadowserve.controlplane.manager import PENDING
+
+            remote = self.kv_manager.lookup(req)
+            if remote == PENDING:
+                return "pending"
+            req.remote_hit_tokens = remote
+            if remote > local:
+                # Fetches land whole chunks: keep only local blocks that form whole chunks.
+                cs = self.kv_manager.chunk_size
+                local = local // cs * cs
+                cached = cached[: local // bm.block_size]
         if not bm.can_allocate(req, cached):
-            return False
+            return "full"
         bm.allocate(req, cached)
-        req.num_computed_tokens = len(cached) * bm.block_size
-        req.num_cached_tokens = max(req.num_cached_tokens, req.num_computed_tokens)
+        req.num_computed_tokens = local
+        req.num_cached_tokens = max(req.num_cached_tokens, local)
+        if remote > local and self.kv_manager.start_fetch(req, local, remote):
+            self.fetching.append(req)
+            if self.kv_manager.backend.synchronous:
+                self._collect_fetched()
+            return "ok"
         req.status = RequestStatus.RUNNING
         self.running.append(req)
-        return True
+        return "ok"
+
+    def _collect_fetched(self) -> None:
+        """Requests whose fetch ended (landed, partly landed, or failed) join the running batch."""
+        for req in self.kv_manager.poll():
+            if req in self.fetching:
+                self.fetching.remove(req)
+                self.running.append(req)
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free_request(req)
@@ -122,6 +164,8 @@ class Scheduler:
             req = chunk.request
             req.num_computed_tokens += chunk.num_tokens
             self.block_manager.register_computed(req)
+            if self.kv_manager is not None and req.num_computed_tokens >= len(req.prompt_token_ids):
+                self.kv_manager.save(req, req.remote_hit_tokens)
             token = sampled.get(req.request_id)
             if token is None:
                 continue
@@ -145,6 +189,8 @@ class Scheduler:
         return None
 
     def _finish(self, req: Request, reason: str) -> None:
+        if self.kv_manager is not None:
+            self.kv_manager.forget(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finish_time = time.perf_counter()

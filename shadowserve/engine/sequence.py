@@ -58,6 +58,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is in the pool (cached, fetched or computed)
     num_cached_tokens: int = 0  # prompt tokens served from local prefix blocks (no compute)
     num_fetched_tokens: int = 0  # prompt tokens whose KV came from the remote store
+    remote_hit_tokens: int = 0  # prompt tokens the store said it holds at lookup
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None

@@ -1,0 +1,87 @@
+"""``shadowserve bench interference``: how much fetching slows the decoding of *other* requests.
+
+A batch of requests decodes; we measure its TPOT with no fetch traffic, then while other requests
+fetch long cached prefixes back to back, for each fetch mode, in one run. The engine computes on the
+same cores in every mode; the data-plane cores play the SmartNIC and the engine never uses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--modes", default="sync,thread,offload")
+    p.add_argument("--batch", type=int, default=8, help="decoding requests")
+    p.add_argument("--decode-tokens", type=int, default=48)
+    p.add_argument("--prefix-tokens", type=int, default=4096, help="cached prefix of each fetching request")
+    p.add_argument("--fetchers", type=int, default=2, help="fetching requests kept in flight")
+    p.add_argument("--store", default=None, help="store URL (default: a local store server)")
+    p.add_argument("--quant", default=None)
+    p.add_argument("--lossless", default=None)
+
+
+def _tpot(reqs) -> float:
+    return statistics.mean(r.tpot for r in reqs)
+
+
+def run(args: argparse.Namespace) -> int:
+    from shadowserve.bench.harness import Harness, doc_prompt, write_json
+    from shadowserve.config import CodecConfig
+    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.model.loader import load_model
+    from shadowserve.store.launch import start_store_server
+
+    overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
+    loaded = load_model(args.model, "float32")
+    server = None if args.store else start_store_server("--capacity", "8GiB")
+    h = Harness(loaded, args.store or server.url, CodecConfig(**overrides))
+    tok = loaded.tokenizer
+    n_docs = 6
+    docs = [doc_prompt(tok, args.prefix_tokens, offset=40 * i) for i in range(n_docs)]
+    decoders = [doc_prompt(tok, 128, offset=400 + 3 * i) for i in range(args.batch)]
+    decode_params = SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True)
+    results = {}
+    try:
+        h.warm(docs)
+        print(f"{'mode':<10} {'TPOT idle ms':>13} {'TPOT loaded ms':>15} {'ratio':>7} {'fetches':>8}")
+        for mode in args.modes.split(","):
+            eng = h.engine(mode)
+            try:
+                # Warm-up, then the idle measurement: the batch decodes alone.
+                run_batch(eng, decoders[:2], SamplingParams(max_tokens=4, ignore_eos=True))
+                idle = _tpot(run_batch(eng, decoders, decode_params))
+                # Loaded: the same batch while fetching requests keep arriving.
+                reqs = [eng.add_request(p, decode_params) for p in decoders]
+                fetchers, i = [], 0
+                while any(not r.is_finished for r in reqs):
+                    live = [f for f in fetchers if not f.is_finished]
+                    while len(live) < args.fetchers:
+                        f = eng.add_request(docs[i % n_docs], SamplingParams(max_tokens=1))
+                        fetchers.append(f)
+                        live.append(f)
+                        i += 1
+                    eng.step()
+                loaded_tpot = _tpot(reqs)
+                fetched = sum(1 for f in fetchers if f.num_fetched_tokens > 0)
+            finally:
+                eng.close()
+            results[mode] = {"tpot_idle_ms": idle * 1e3, "tpot_loaded_ms": loaded_tpot * 1e3,
+                             "ratio": loaded_tpot / idle, "fetches": fetched}
+            r = results[mode]
+            print(f"{mode:<10} {r['tpot_idle_ms']:>13.1f} {r['tpot_loaded_ms']:>15.1f} {r['ratio']:>7.2f} "
+                  f"{fetched:>8}", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    write_json(args.json_path, {"model": args.model, "batch": args.batch, "prefix_tokens": args.prefix_tokens,
+                                "modes": results})
+    return 0
+
+
+def run_batch(eng, prompts, params):
+    from shadowserve.bench.harness import run_to_end
+
+    return run_to_end(eng, [eng.add_request(p, params) for p in prompts])

@@ -1,0 +1,281 @@
+"""The KV cache manager: the control plane that sits beside the scheduler.
+
+It answers "how much of this prompt's prefix does the store hold?" without ever blocking the step
+loop (lookups run on a small thread pool; a request waits in WAITING until its answer is in),
+turns a hit into a FetchCommand for the request's own KV blocks, parks the request in FETCHING,
+and hands it back when the data plane reports completion. Failures, timeouts and a dead data plane
+all end the same way: the request computes the prefix itself. After a prefill, new full chunks go
+back to the store through the same data plane.
+
+It knows nothing about our scheduler's internals beyond requests and the block manager, so other
+engines (the vLLM connector) can drive the same calls: ``lookup``, ``start_fetch``, ``poll``, ``save``.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import count
+
+from shadowserve.config import DataPlaneConfig
+from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
+from shadowserve.dataplane.modes import FetchBackend
+from shadowserve.engine.block_manager import BlockManager
+from shadowserve.engine.sequence import Request, RequestStatus
+from shadowserve.errors import ShadowServeError
+
+PENDING = -1  # lookup answer not in yet (or another request is fetching the same chunks)
+
+
+@dataclass
+class _Fetch:
+    request: Request
+    first_chunk: int
+    keys: tuple[bytes, ...]
+    blocks: list[int]  # every destination block of this job, in order
+    deadline: float
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ManagerStats:
+    prefix_lookup_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    fetched_tokens: int = 0
+    fetch_bytes: int = 0
+    fetch_seconds: float = 0.0
+    fetches: int = 0
+    fetch_failures: int = 0
+    saved_chunks: int = 0
+    save_failures: int = 0
+    dataplane_restarts: int = 0
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        config: DataPlaneConfig,
+        block_manager: BlockManager,
+        backend: FetchBackend,
+        lookup_store,
+        key_fn,
+    ) -> None:
+        """``key_fn(token_ids) -> list[bytes]`` gives the chained keys of the full chunks of a prompt."""
+        self.config = config
+        self.bm = block_manager
+        self.backend = backend
+        self.store = lookup_store
+        self.key_fn = key_fn
+        self.chunk_size = config.chunk_size
+        self.blocks_per_chunk = config.chunk_size // block_manager.block_size
+        self.stats = ManagerStats()
+        self._lookup_pool = ThreadPoolExecutor(config.lookup_workers, thread_name_prefix="kv-lookup")
+        self._lookups: dict[str, Future] = {}
+        self._keys: dict[str, list[bytes]] = {}
+        self._jobs = count()
+        self._fetches: dict[int, _Fetch] = {}
+        self._inflight_keys: dict[bytes, int] = {}
+        self._saves: dict[int, list[int]] = {}  # job -> blocks held while the data plane reads them
+        self._abandoned: dict[int, list[int]] = {}  # job -> blocks the data plane may still write
+        self._saved_requests: set[str] = set()
+        self._counted: set[str] = set()
+
+    # ---- lookup -------------------------------------------------------------------------------
+
+    def keys(self, req: Request) -> list[bytes]:
+        keys = self._keys.get(req.request_id)
+        if keys is None:
+            keys = self._keys[req.request_id] = self.key_fn(req.prompt_token_ids)
+        return keys
+
+    def lookup(self, req: Request) -> int:
+        """Cached prefix tokens in the store for this request, or PENDING while the answer is out."""
+        keys = self.keys(req)
+        # Never the whole prompt: at least one token must run to produce logits.
+        usable = min(len(keys), (len(req.prompt_token_ids) - 1) // self.chunk_size)
+        if usable == 0:
+            return 0
+        fut = self._lookups.get(req.request_id)
+        if fut is None:
+            if self.backend.synchronous:
+                fut = _done_future(self._longest_prefix(keys[:usable]))
+            else:
+                fut = self._lookup_pool.submit(self._longest_prefix, keys[:usable])
+            self._lookups[req.request_id] = fut
+        if not fut.done():
+            return PENDING
+        hit = fut.result()
+        if req.request_id not in self._counted:
+            self._counted.add(req.request_id)
+            self.stats.prefix_lookup_tokens += len(req.prompt_token_ids)
+            self.stats.prefix_hit_tokens += hit * self.chunk_size
+        # Chunks another request is fetching right now: wait for them to land locally, then reuse them.
+        if any(k in self._inflight_keys for k in keys[:hit]):
+            return PENDING
+        return hit * self.chunk_size
+
+    def _longest_prefix(self, keys: list[bytes]) -> int:
+        try:
+            return self.store.longest_prefix(keys)
+        except ShadowServeError:
+            return 0  # the store is unreachable: compute instead of waiting on it
+
+    # ---- fetch --------------------------------------------------------------------------------
+
+    def start_fetch(self, req: Request, local_tokens: int, hit_tokens: int) -> bool:
+        """Fetch chunks [local_tokens, hit_tokens) into the request's blocks; True if it is now FETCHING.
+
+        ``local_tokens`` (already in the request's blocks) must be a multiple of the chunk size.
+        """
+        first, last = local_tokens // self.chunk_size, hit_tokens // self.chunk_size
+        if last <= first:
+            return False
+        keys = tuple(self.keys(req)[first:last])
+        bpc = self.blocks_per_chunk
+        per_chunk = tuple(tuple(req.block_ids[c * bpc : (c + 1) * bpc]) for c in range(first, last))
+        job = next(self._jobs)
+        self._fetches[job] = _Fetch(req, first, keys, [b for blk in per_chunk for b in blk],
+                                    time.monotonic() + self.config.fetch_timeout)
+        for k in keys:
+            self._inflight_keys[k] = job
+        req.status = RequestStatus.FETCHING
+        self.backend.submit(FetchCommand(job, req.request_id, keys, per_chunk))
+        return True
+
+    def poll(self) -> list[Request]:
+        """Apply completions, timeouts and liveness; return requests whose fetch has ended (now RUNNING)."""
+        ready: list[Request] = []
+        for c in self.backend.poll():
+            ready.extend(self._complete(c))
+        now = time.monotonic()
+        for job, f in list(self._fetches.items()):
+            if now > f.deadline:
+                ready.extend(self._abandon(job, "timed out"))
+        if (self._fetches or self._saves or self._abandoned) and not self.backend.healthy():
+            ready.extend(self._fail_over())
+        return ready
+
+    def _complete(self, c: Completion) -> list[Request]:
+        if c.kind == "save":
+            blocks = self._saves.pop(c.job_id, None)
+            if blocks is not None:
+                self.bm.release(blocks)
+            self.stats.saved_chunks += c.ok_chunks
+            self.stats.save_failures += c.num_chunks - c.ok_chunks
+            return []
+        late = self._abandoned.pop(c.job_id, None)
+        if late is not None:  # its request already moved on; now the blocks are safe to reuse
+            self.bm.release(late)
+            return []
+        f = self._fetches.pop(c.job_id, None)
+        if f is None:
+            return []
+        self._clear_inflight(f)
+        self.stats.fetches += 1
+        self.stats.fetch_bytes += c.nbytes
+        self.stats.fetch_seconds += c.seconds
+        if not c.ok:
+            self.stats.fetch_failures += 1
+        req = f.request
+        req.num_fetched_tokens = c.ok_chunks * self.chunk_size
+        self.stats.fetched_tokens += req.num_fetched_tokens
+        req.num_computed_tokens = (f.first_chunk + c.ok_chunks) * self.chunk_size
+        req.status = RequestStatus.RUNNING
+        self.bm.register_computed(req)  # fetched blocks become reusable by later local prefix matches
+        return [req]
+
+    def _abandon(self, job: int, why: str) -> list[Request]:
+        """Give up on a fetch whose data plane may still write: fresh blocks for the request."""
+        f = self._fetches[job]
+        req = f.request
+        first = f.first_chunk * self.blocks_per_chunk
+        self.bm.hold(f.blocks)  # the quarantine's own reference, dropped when the job is settled
+        if not self.bm.replace_blocks(req, first, first + len(f.blocks)):
+            self.bm.release(f.blocks)
+            return []  # no memory for fresh blocks yet; retry next step
+        del self._fetches[job]
+        self._abandoned[job] = f.blocks
+        self._clear_inflight(f)
+        self.stats.fetch_failures += 1
+        req.num_computed_tokens = f.first_chunk * self.chunk_size
+        req.status = RequestStatus.RUNNING
+        return [req]
+
+    def _fail_over(self) -> list[Request]:
+        """The data plane died or hung: restart it (so nothing old can write) and recompute."""
+        self.backend.restart()
+        self.stats.dataplane_restarts += 1
+        for blocks in self._abandoned.values():
+            self.bm.release(blocks)
+        self._abandoned.clear()
+        for blocks in self._saves.values():
+            self.bm.release(blocks)
+        self.stats.save_failures += len(self._saves)
+        self._saves.clear()
+        ready = []
+        for f in self._fetches.values():
+            self._clear_inflight(f)
+            self.stats.fetch_failures += 1
+            f.request.num_computed_tokens = f.first_chunk * self.chunk_size
+            f.request.status = RequestStatus.RUNNING
+            ready.append(f.request)
+        self._fetches.clear()
+        return ready
+
+    def _clear_inflight(self, f: _Fetch) -> None:
+        for k in f.keys:
+            self._inflight_keys.pop(k, None)
+
+    # ---- save ---------------------------------------------------------------------------------
+
+    def save(self, req: Request, stored_tokens: int) -> None:
+        """After the prompt is computed, store its full chunks past ``stored_tokens`` (known to be there)."""
+        if not self.config.save or req.request_id in self._saved_requests:
+            return
+        self._saved_requests.add(req.request_id)
+        keys = self.keys(req)
+        first = stored_tokens // self.chunk_size
+        if first >= len(keys):
+            return
+        bpc = self.blocks_per_chunk
+        per_chunk = tuple(tuple(req.block_ids[c * bpc : (c + 1) * bpc]) for c in range(first, len(keys)))
+        blocks = [b for blk in per_chunk for b in blk]
+        self.bm.hold(blocks)
+        job = next(self._jobs)
+        self._saves[job] = blocks
+        self.backend.submit(SaveCommand(job, req.request_id, tuple(keys[first:]), per_chunk))
+
+    # ---- request lifecycle --------------------------------------------------------------------
+
+    def abort(self, req: Request) -> None:
+        """A FETCHING request is going away: its blocks stay held until the data plane lets go."""
+        for job, f in list(self._fetches.items()):
+            if f.request is req:
+                del self._fetches[job]
+                self._clear_inflight(f)
+                self.bm.hold(f.blocks)
+                self._abandoned[job] = f.blocks
+        self.forget(req)
+
+    def forget(self, req: Request) -> None:
+        self._keys.pop(req.request_id, None)
+        self._saved_requests.discard(req.request_id)
+        self._counted.discard(req.request_id)
+        fut = self._lookups.pop(req.request_id, None)
+        if fut is not None:
+            fut.cancel()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._fetches or self._saves or self._abandoned)
+
+    def close(self) -> None:
+        self._lookup_pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+
+
+def _done_future(value: int) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut

@@ -1,0 +1,92 @@
+"""Pre-registered buffers: fixed pools of equal slots in shared memory, handed out by occupancy.
+
+Every byte the pipeline touches is allocated (and first-touched) once at start-up; a chunk holds a
+slot only while a stage works on it, and a stage that finds its pool empty waits (back-pressure)
+instead of allocating more.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from shadowserve.errors import FetchError
+
+
+def attach_shared_memory(name: str) -> shared_memory.SharedMemory:
+    """Attach to a segment another process owns; only the owner ever unlinks it.
+
+    Children started with the ``spawn`` method share their parent's resource tracker, so the
+    attach registers nothing new and a child killed mid-fetch leaks nothing.
+    """
+    try:
+        return shared_memory.SharedMemory(name=name, create=False)
+    except FileNotFoundError:
+        raise FetchError(f"shared memory segment {name} is gone (its owner exited?)") from None
+
+
+class SlotPool:
+    """``num_slots`` slots of ``slot_bytes`` each, in one shared-memory segment."""
+
+    def __init__(self, name: str, num_slots: int, slot_bytes: int, shm_name: str | None = None) -> None:
+        """Create the segment, or attach to ``shm_name`` (made by a parent that outlives restarts)."""
+        self.name, self.num_slots = name, num_slots
+        self.slot_bytes = (slot_bytes + 63) // 64 * 64  # keep every slot cache-line aligned
+        self._owner = shm_name is None
+        if self._owner:
+            self._shm = shared_memory.SharedMemory(create=True, size=self.num_slots * self.slot_bytes)
+        else:
+            self._shm = attach_shared_memory(shm_name)
+        self.array = np.ndarray((self.num_slots, self.slot_bytes), dtype=np.uint8, buffer=self._shm.buf)
+        if self._owner:
+            self.array.fill(0)  # first touch now, not on the hot path
+        else:
+            int(self.array.reshape(-1)[::4096].sum())  # map every page into this process up front
+        self._free = deque(range(num_slots))
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def acquire(self, timeout: float | None = None) -> int:
+        """Take a free slot, waiting while all are busy; FetchError after ``timeout`` or on close."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free or self._closed, timeout):
+                raise FetchError(f"no free {self.name} slot within {timeout:.1f}s")
+            if self._closed:
+                raise FetchError(f"{self.name} pool is closed")
+            return self._free.popleft()
+
+    def release(self, slot: int) -> None:
+        with self._cond:
+            self._free.append(slot)
+            self._cond.notify()
+
+    def slot(self, index: int) -> np.ndarray:
+        """The slot's bytes as a writable uint8 array (a view: no copy)."""
+        return self.array[index]
+
+    @property
+    def shm_name(self) -> str:
+        return self._shm.name
+
+    @property
+    def in_use(self) -> int:
+        return self.num_slots - len(self._free)
+
+    @property
+    def occupancy(self) -> float:
+        return self.in_use / self.num_slots
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.array = None
+        self._shm.close()
+        if self._owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,159 @@
+"""Fetch modes behind one interface: where the one pipeline runs.
+
+- ``sync``: inside the engine step (the engine waits for the pipeline: CacheGen-Sync).
+- ``thread``: on background threads of the engine process, pinned to the data-plane cores.
+- ``offload``: in the isolated data-plane process on its reserved cores (ShadowServe).
+- ``recompute`` has no backend at all.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+
+import numpy as np
+
+from shadowserve.dataplane.buffers import SlotPool
+from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
+from shadowserve.dataplane.pipeline import BufferLayout
+from shadowserve.dataplane.process import DataPlaneProcess, DataPlaneSpec, build_pipeline
+from shadowserve.errors import ConfigError
+
+# Room for the container header and incompressible data on top of the raw chunk size.
+_HEADER_SLACK = 64 * 1024
+
+
+def buffer_layout(chunk_shape: tuple[int, ...], element_size: int, codec=None) -> BufferLayout:
+    """Slot sizes for one chunk: an encoded chunk never exceeds raw size plus header slack."""
+    raw = int(np.prod(chunk_shape)) * element_size
+    receive = staging = raw + _HEADER_SLACK
+    if codec is not None:
+        receive = max(receive, int(codec.max_encoded_nbytes(chunk_shape)))
+        staging = max(staging, int(codec.max_staging_nbytes(chunk_shape)))
+    return BufferLayout(receive_bytes=receive, staging_bytes=staging, kv_bytes=raw)
+
+
+class FetchBackend:
+    """What the control plane talks to; completions are collected by ``poll``."""
+
+    synchronous = False
+
+    def submit(self, cmd: FetchCommand | SaveCommand) -> None:
+        raise NotImplementedError
+
+    def poll(self) -> list[Completion]:
+        raise NotImplementedError
+
+    def healthy(self) -> bool:
+        return True
+
+    def restart(self) -> None:
+        """Make sure no previously submitted job can still write; fail-over is the caller's job."""
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class ThreadBackend(FetchBackend):
+    """The pipeline on threads of this process (optionally pinned to the data-plane cores)."""
+
+    def __init__(self, spec: DataPlaneSpec, kv_tensor) -> None:
+        self.spec, self._kv = spec, kv_tensor
+        self._done: deque[Completion] = deque()
+        self._pipeline = build_pipeline(spec, kv_tensor, on_thread_start=self._pin)
+
+    def _pin(self) -> None:
+        if self.spec.cores:
+            os.sched_setaffinity(0, self.spec.cores)  # pid 0: this thread only, on Linux
+
+    def submit(self, cmd: FetchCommand | SaveCommand) -> None:
+        self._pipeline.submit(cmd, self._done.append)
+
+    def poll(self) -> list[Completion]:
+        out = []
+        while self._done:
+            out.append(self._done.popleft())
+        return out
+
+    def restart(self) -> None:
+        # Threads cannot be killed: close (which waits for stage threads) and rebuild.
+        self._pipeline.close()
+        self._pipeline = build_pipeline(self.spec, self._kv, on_thread_start=self._pin)
+
+    def stats(self) -> dict:
+        return self._pipeline.stats()
+
+    def close(self) -> None:
+        self._pipeline.close()
+
+
+class SyncBackend(ThreadBackend):
+    """The same pipeline, but ``submit`` returns only when the job is done: the step waits."""
+
+    synchronous = True
+
+    def submit(self, cmd: FetchCommand | SaveCommand) -> None:
+        finished = threading.Event()
+
+        def done(c: Completion) -> None:
+            self._done.append(c)
+            finished.set()
+
+        self._pipeline.submit(cmd, done)
+        finished.wait()
+
+
+class OffloadBackend(FetchBackend):
+    """The pipeline in the isolated data-plane process; the engine owns the shared buffers."""
+
+    def __init__(self, spec: DataPlaneSpec) -> None:
+        cfg = spec.config
+        lay = spec.layout
+        # Created (and first-touched) once here; restarts of the process reuse them.
+        self._segments = [
+            SlotPool("receive", cfg.receive_slots, lay.receive_bytes),
+            SlotPool("staging", cfg.staging_slots, lay.staging_bytes),
+            SlotPool("kv", cfg.kv_slots, lay.kv_bytes),
+        ]
+        names = [s.shm_name for s in self._segments]
+        lay = BufferLayout(lay.receive_bytes, lay.staging_bytes, lay.kv_bytes, *names)
+        self.spec = DataPlaneSpec(spec.config, spec.store_url, spec.codec_config, spec.fingerprint,
+                                  spec.pool, lay, spec.cores)
+        self.process = DataPlaneProcess(self.spec)
+
+    def submit(self, cmd: FetchCommand | SaveCommand) -> None:
+        self.process.submit(cmd)
+
+    def poll(self) -> list[Completion]:
+        return self.process.poll()
+
+    def healthy(self) -> bool:
+        return self.process.healthy()
+
+    def restart(self) -> None:
+        self.process.restart()
+
+    def stats(self) -> dict:
+        return self.process.last_stats
+
+    def close(self) -> None:
+        self.process.close()
+        for s in self._segments:
+            s.close()
+
+
+def create_backend(spec: DataPlaneSpec, kv_tensor) -> FetchBackend:
+    mode = spec.config.fetch_mode
+    if mode == "sync":
+        return SyncBackend(spec, kv_tensor)
+    if mode == "thread":
+        return ThreadBackend(spec, kv_tensor)
+    if mode == "offload":
+        return OffloadBackend(spec)
+    if mode == "gpu":
+        raise ConfigError("the gpu fetch mode needs CUDA, which this build does not have yet")
+    raise ConfigError(f"fetch mode {mode!r} has no data plane")

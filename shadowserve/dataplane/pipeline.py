@@ -1,0 +1,255 @@
+"""The chunked pipeline: fetch -> decompress -> dequantize -> scatter (and the save path).
+
+Each stage is a small pool of threads (the store client, the lossless codecs and torch release the
+GIL), fed by a queue. A chunk moves through fixed slots: network bytes land in a *receive* slot,
+decompressed symbols in a *staging* slot, dequantized KV in a *kv* slot, and the scatter stage
+copies that into the engine's destination blocks. So stage i of chunk n overlaps stage i+1 of
+chunk n-1, and memory in flight is bounded by the slot counts (back-pressure, never growth).
+
+The same class runs inline (``sync``), on engine-process threads (``thread``) or inside the isolated
+data-plane process (``offload``); only where it runs differs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shadowserve.config import DataPlaneConfig
+from shadowserve.dataplane.buffers import SlotPool
+from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
+from shadowserve.errors import ShadowServeError
+
+STAGES = ("fetch", "decompress", "dequantize", "scatter", "save")
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Slot sizes and shared-memory names; the engine side creates the segments once."""
+
+    receive_bytes: int
+    staging_bytes: int
+    kv_bytes: int
+    receive_shm: str | None = None
+    staging_shm: str | None = None
+    kv_shm: str | None = None
+
+
+@dataclass
+class _Job:
+    command: FetchCommand | SaveCommand
+    kind: str
+    on_done: Callable[[Completion], None]
+    start: float = field(default_factory=time.perf_counter)
+    results: list[bool | None] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    nbytes: int = 0
+    first_failure: int = 1 << 30  # chunks after a failed one are skipped: only a prefix is usable
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _Chunk:
+    job: _Job
+    index: int
+    key: bytes
+    blocks: torch.Tensor
+    recv: int = -1
+    nbytes: int = 0
+    staging: int = -1
+    header: object = None
+    kv: int = -1
+
+
+class Pipeline:
+    """Runs fetch and save jobs over fixed buffers, writing KV straight into ``kv_pool`` blocks."""
+
+    def __init__(
+        self,
+        config: DataPlaneConfig,
+        store,
+        codec,
+        kv_pool: torch.Tensor,
+        layout: BufferLayout,
+        on_thread_start: Callable[[], None] | None = None,
+    ) -> None:
+        self.config, self.store, self.codec = config, store, codec
+        layers, _, num_blocks, block_size, kv_heads, head_dim = kv_pool.shape
+        self.blocks_per_chunk = config.chunk_size // block_size
+        self.chunk_shape = (layers, 2, config.chunk_size, kv_heads, head_dim)
+        # [layers*2, blocks, block elems]: one index_copy_ along dim 1 scatters a whole chunk.
+        self._pool_rows = kv_pool.view(layers * 2, num_blocks, -1)
+        self._on_thread_start = on_thread_start
+        self.receive = SlotPool("receive", config.receive_slots, layout.receive_bytes, layout.receive_shm)
+        self.staging = SlotPool("staging", config.staging_slots, layout.staging_bytes, layout.staging_shm)
+        self.kvslots = SlotPool("kv", config.kv_slots, layout.kv_bytes, layout.kv_shm)
+        numel = int(np.prod(self.chunk_shape))
+        # Tensor views over the kv slots, made once: the hot path never creates tensors for buffers.
+        self._kv_views = [
+            torch.from_numpy(self.kvslots.slot(i)).view(kv_pool.dtype)[:numel].view(self.chunk_shape)
+            for i in range(self.kvslots.num_slots)
+        ]
+        self._busy = dict.fromkeys(STAGES, 0.0)
+        self._busy_lock = threading.Lock()
+        self._started = time.perf_counter()
+        self._queues = {s: queue.Queue() for s in STAGES}
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        workers = {"fetch": config.fetch_workers, "decompress": config.decompress_workers,
+                   "dequantize": config.dequantize_workers, "scatter": 1, "save": config.save_workers}
+        for stage, n in workers.items():
+            for i in range(n):
+                t = threading.Thread(target=self._worker, args=(stage,), name=f"dp-{stage}-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    # ---- submission ---------------------------------------------------------------------------
+
+    def submit(self, command: FetchCommand | SaveCommand, on_done: Callable[[Completion], None]) -> None:
+        """Queue a job; ``on_done`` is called once, from a pipeline thread, when every chunk is settled."""
+        kind = "fetch" if isinstance(command, FetchCommand) else "save"
+        job = _Job(command, kind, on_done, results=[None] * len(command.keys))
+        if not command.keys:
+            self._finish(job)
+            return
+        for i, (key, blocks) in enumerate(zip(command.keys, command.block_ids)):
+            chunk = _Chunk(job, i, key, torch.tensor(blocks, dtype=torch.long))
+            self._queues["fetch" if kind == "fetch" else "save"].put(chunk)
+
+    # ---- stages -------------------------------------------------------------------------------
+
+    def _worker(self, stage: str) -> None:
+        if self._on_thread_start:
+            self._on_thread_start()
+        step = getattr(self, f"_{stage}")
+        inbox = self._queues[stage]
+        while True:
+            chunk = inbox.get()
+            if chunk is None:
+                return
+            if chunk.index > chunk.job.first_failure:
+                self._settle(chunk, False, None)  # a chunk before it failed: no point landing it
+                continue
+            t0 = time.perf_counter()
+            try:
+                nxt = step(chunk)
+            except ShadowServeError as exc:
+                self._settle(chunk, False, f"{stage}: {exc}")
+                continue
+            except Exception as exc:  # never let one bad chunk kill a stage thread
+                self._settle(chunk, False, f"{stage}: {type(exc).__name__}: {exc}")
+                continue
+            finally:
+                with self._busy_lock:
+                    self._busy[stage] += time.perf_counter() - t0
+            if nxt is not None:
+                self._queues[nxt].put(chunk)
+
+    def _fetch(self, c: _Chunk) -> str | None:
+        """Hot path: receive the stored bytes straight into a receive slot (no allocation)."""
+        c.recv = self.receive.acquire(self.config.fetch_timeout)
+        n = self.store.get_into(c.key, self.receive.slot(c.recv))
+        if n is None:
+            self._settle(c, False, "fetch: chunk not in the store")
+            return None
+        c.nbytes = n
+        return "decompress"
+
+    def _decompress(self, c: _Chunk) -> str:
+        """Hot path: verify the container and inflate its symbols into a staging slot."""
+        c.staging = self.staging.acquire(self.config.fetch_timeout)
+        c.header = self.codec.decompress_into(self.receive.slot(c.recv)[: c.nbytes], self.staging.slot(c.staging))
+        self.receive.release(c.recv)
+        c.recv = -1
+        return "dequantize"
+
+    def _dequantize(self, c: _Chunk) -> str:
+        """Hot path: symbols -> KV values, into a kv slot of the pool's dtype."""
+        c.kv = self.kvslots.acquire(self.config.fetch_timeout)
+        self.codec.dequantize_into(c.header, self.staging.slot(c.staging), self._kv_views[c.kv])
+        self.staging.release(c.staging)
+        c.staging = -1
+        return "scatter"
+
+    def _scatter(self, c: _Chunk) -> None:
+        """Hot path: one copy of the chunk into its destination KV blocks."""
+        src = self._kv_views[c.kv].view(self._pool_rows.shape[0], self.blocks_per_chunk, -1)
+        self._pool_rows.index_copy_(1, c.blocks, src)
+        self.kvslots.release(c.kv)
+        c.kv = -1
+        self._settle(c, True, None)
+
+    def _save(self, c: _Chunk) -> None:
+        """Gather a computed chunk from its blocks, encode it and put it in the store."""
+        c.kv = self.kvslots.acquire(self.config.fetch_timeout)
+        view = self._kv_views[c.kv]
+        torch.index_select(self._pool_rows, 1, c.blocks, out=view.view(self._pool_rows.shape[0], self.blocks_per_chunk, -1))
+        blob = self.codec.encode(view)
+        self.kvslots.release(c.kv)
+        c.kv = -1
+        self.store.put(c.key, blob)
+        c.nbytes = len(blob)
+        self._settle(c, True, None)
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+
+    def _settle(self, c: _Chunk, ok: bool, error: str | None) -> None:
+        for pool, attr in ((self.receive, "recv"), (self.staging, "staging"), (self.kvslots, "kv")):
+            slot = getattr(c, attr)
+            if slot >= 0:
+                pool.release(slot)
+                setattr(c, attr, -1)
+        job = c.job
+        with job.lock:
+            job.results[c.index] = ok
+            job.nbytes += c.nbytes if ok else 0
+            if not ok:
+                job.first_failure = min(job.first_failure, c.index)
+                if error:
+                    job.errors.append(error)
+            done = all(r is not None for r in job.results)
+        if done:
+            self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        ok = 0
+        for r in job.results:
+            if not r:
+                break
+            ok += 1
+        cmd = job.command
+        job.on_done(Completion(
+            job_id=cmd.job_id, request_id=cmd.request_id, kind=job.kind, num_chunks=len(cmd.keys),
+            ok_chunks=ok, error="; ".join(job.errors[:3]) or None, nbytes=job.nbytes,
+            seconds=time.perf_counter() - job.start,
+        ))
+
+    def stats(self) -> dict:
+        """Per-stage busy ratio since start and buffer occupancy now (for metrics and benches)."""
+        elapsed = max(1e-9, time.perf_counter() - self._started)
+        with self._busy_lock:
+            busy = {s: v / elapsed for s, v in self._busy.items()}
+        return {
+            "stage_busy_ratio": busy,
+            "buffer_occupancy": {p.name: p.occupancy for p in (self.receive, self.staging, self.kvslots)},
+            "buffer_in_use": {p.name: p.in_use for p in (self.receive, self.staging, self.kvslots)},
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for stage, q in self._queues.items():
+            for t in self._threads:
+                if t.name.startswith(f"dp-{stage}-"):
+                    q.put(None)
+        for pool in (self.receive, self.staging, self.kvslots):
+            pool.close()
+        for t in self._threads:
+            t.join(timeout=2)

@@ -1,0 +1,218 @@
+"""KVCodec: quantize + lossless-compress KV chunks into checked containers, and back.
+
+Decoding is split in the two halves the data-plane pipeline runs as separate stages:
+
+* ``decompress_into(blob, staging)`` verifies the container and inflates the payload (fp16 scales
+  followed by int8 symbols, or the raw KV for ``quant="none"``) into a caller-owned staging buffer;
+* ``dequantize_into(header, staging, out)`` turns the staging bytes into KV in the caller's tensor.
+
+Both allocate nothing per chunk once warm (per-thread decompressor contexts and fp32 scratch, the
+caller's buffers for everything else) and spend their time in C code that releases the GIL.
+``decode`` chains the two through a per-thread staging buffer for callers without a pipeline.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from shadowserve.config import CodecConfig
+from shadowserve.errors import ChunkFormatError
+from shadowserve.kvcache import format as fmt
+from shadowserve.kvcache import quant as q
+from shadowserve.kvcache.lossless import as_u8, make_stage
+
+_ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def codec_id_of(config: CodecConfig) -> str:
+    """A stable name for everything that determines the decoded KV (not the compression level)."""
+    if config.quant == "rms":
+        qpart = f"rms:k{config.key_step:g}:v{config.value_step:g}"
+    elif config.quant in ("uniform", "kivi"):
+        qpart = f"{config.quant}:b{config.bins}"
+    else:
+        qpart = config.quant
+    return f"sskv{fmt.FORMAT_VERSION}/{qpart}/{config.lossless}"
+
+
+class KVCodec:
+    """Encoder/decoder for one (codec config, model) pair. Thread-safe; share one per process."""
+
+    def __init__(self, config: CodecConfig, model_fingerprint: str) -> None:
+        if not isinstance(model_fingerprint, str) or not model_fingerprint:
+            raise ValueError("model_fingerprint must be a non-empty string")
+        self.config = config
+        self.model_fingerprint = model_fingerprint
+        self.codec_id = codec_id_of(config)
+        self.lossless = make_stage(config.lossless, config.level)
+        self.lossy = config.quant != "none"
+        self._layouts: dict[tuple[int, int, int], q.Layout] = {}
+        self._lock = threading.Lock()
+        self._tls = threading.local()
+
+    def __repr__(self) -> str:
+        return f"KVCodec({self.codec_id!r}, model={self.model_fingerprint!r})"
+
+    # ---- sizes -------------------------------------------------------------------------------
+
+    def _layout(self, shape: tuple[int, ...]) -> q.Layout:
+        layers, _, tokens, heads, head_dim = shape
+        key = (layers, tokens, heads * head_dim)
+        layout = self._layouts.get(key)
+        if layout is None:
+            c = self.config
+            rules = q.plan(c.quant, layers, c.bins, c.key_step, c.value_step)
+            layout = q.Layout(rules, tokens, heads * head_dim)
+            with self._lock:
+                self._layouts[key] = layout
+        return layout
+
+    def staging_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Exact staging size of one chunk of this shape and dtype."""
+        shape = _check_shape(shape)
+        if not self.lossy:
+            return int(np.prod(shape)) * _ELEMENT_SIZE[dtype]
+        return self._layout(shape).staging_nbytes
+
+    def max_staging_nbytes(self, shape: tuple[int, ...]) -> int:
+        """Largest staging size of a chunk of ``shape`` in any dtype: allocate staging slots once with it."""
+        return max(self.staging_nbytes(shape, dt) for dt in _ELEMENT_SIZE)
+
+    def max_encoded_nbytes(self, shape: tuple[int, ...]) -> int:
+        """A safe upper bound on the size of an encoded chunk of ``shape`` (for receive buffers)."""
+        raw = self.max_staging_nbytes(shape)
+        # Every stage's worst case on incompressible input is within 1/128 + 1 KiB of the input size.
+        return fmt.header_nbytes(self.codec_id, self.model_fingerprint) + raw + raw // 128 + 1024
+
+    # ---- encode ------------------------------------------------------------------------------
+
+    def encode(self, kv: torch.Tensor) -> bytes:
+        """Encode one chunk ``[layers, 2, tokens, kv_heads, head_dim]`` (fp32/fp16/bf16) into a container.
+
+        The save path: allocates its output (and, for lossy modes, chunk-sized temporaries).
+        """
+        if not isinstance(kv, torch.Tensor):
+            raise TypeError("kv must be a torch.Tensor")
+        shape = _check_shape(tuple(kv.shape))
+        if kv.dtype not in _ELEMENT_SIZE:
+            raise ValueError(f"kv dtype must be float32, float16 or bfloat16, got {kv.dtype}")
+        kv = kv.detach()
+        if kv.device.type != "cpu":
+            kv = kv.cpu()
+        if not self.lossy:
+            raw = kv.contiguous().view(-1).view(torch.uint8).numpy()
+            staging_n = raw.nbytes
+            payload = self.lossless.compress(raw)
+        else:
+            layout = self._layout(shape)
+            staging = np.zeros(layout.staging_nbytes, dtype=np.uint8)
+            scales, symbols = self._split(layout, staging)
+            x = kv.float().reshape(shape[0], 2, shape[2], shape[3] * shape[4])
+            q.quantize(x, layout, scales, symbols)
+            staging_n = layout.staging_nbytes
+            payload = self.lossless.compress(staging)
+        return fmt.pack(shape, kv.dtype, self.codec_id, self.model_fingerprint, staging_n, payload)
+
+    # ---- decode ------------------------------------------------------------------------------
+
+    def read_header(self, blob: Any) -> fmt.ChunkHeader:
+        """Verify a chunk (header and payload checksums, codec, model) without decompressing it."""
+        return fmt.parse(blob, self.codec_id, self.model_fingerprint)[0]
+
+    def decompress_into(self, blob: Any, staging: Any) -> fmt.ChunkHeader:
+        """Hot path, stage 1: verify ``blob`` and inflate its payload into ``staging``.
+
+        ``staging`` is any writable buffer of at least ``header.staging_nbytes`` bytes (a numpy uint8
+        array, a shared-memory slot...); reuse it. Raises ChunkFormatError for any corrupt, truncated,
+        foreign or mis-versioned chunk. Allocates nothing of the chunk's size.
+        """
+        header, payload = fmt.parse(blob, self.codec_id, self.model_fingerprint)
+        expected = self.staging_nbytes(header.shape, header.dtype)
+        if header.staging_nbytes != expected:
+            raise ChunkFormatError(
+                f"chunk claims {header.staging_nbytes} staging bytes, its shape implies {expected}")
+        dst = as_u8(staging, writable=True)
+        if dst.nbytes < expected:
+            raise ValueError(f"staging buffer holds {dst.nbytes} bytes, this chunk needs {expected}")
+        self.lossless.decompress_into(payload, dst[:expected])
+        return header
+
+    def dequantize_into(self, header: fmt.ChunkHeader, staging: Any, out: torch.Tensor) -> torch.Tensor:
+        """Hot path, stage 2: write the KV held in ``staging`` into ``out`` and return ``out``.
+
+        ``out`` is a CPU float tensor of exactly ``header.shape`` (any float dtype; a lossless codec
+        is bit-exact when it matches the chunk's dtype). Allocates nothing once warm.
+        """
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            raise ValueError("out must be a floating-point torch.Tensor")
+        if tuple(out.shape) != header.shape:
+            raise ChunkFormatError(
+                f"chunk holds KV of shape {list(header.shape)}, destination tensor has shape {list(out.shape)}")
+        if out.device.type != "cpu":
+            raise ValueError("out must be a CPU tensor")
+        src = as_u8(staging)
+        n = header.staging_nbytes
+        if src.nbytes < n:
+            raise ValueError(f"staging buffer holds {src.nbytes} bytes, this chunk needs {n}")
+        if not self.lossy:
+            raw = _tensor_u8(src[:n]).view(header.dtype).view(header.shape)
+            out.copy_(raw)
+            return out
+        layout = self._layout(header.shape)
+        scales, symbols = self._split(layout, src)
+        q.dequantize_into(layout, scales, symbols, out)
+        return out
+
+    def decode(self, blob: Any, out: torch.Tensor) -> torch.Tensor:
+        """Verify and decode a chunk into ``out`` (see the two halves); reuses a per-thread staging buffer."""
+        header = self.decompress_into(blob, self._staging_for(out))
+        return self.dequantize_into(header, self._staging, out)
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    @property
+    def _staging(self) -> np.ndarray:
+        return self._tls.staging
+
+    def _staging_for(self, out: torch.Tensor) -> np.ndarray:
+        need = self.max_staging_nbytes(tuple(out.shape)) if out.dim() == 5 and out.shape[1] == 2 else 0
+        buf = getattr(self._tls, "staging", None)
+        if buf is None or buf.nbytes < need:
+            buf = self._tls.staging = np.empty(max(need, 1), dtype=np.uint8)
+        return buf
+
+    def error_bound(self, header: fmt.ChunkHeader, staging: Any) -> torch.Tensor:
+        """Per-value error bound ``s/2`` [layers, 2, tokens, channels] of a decompressed lossy chunk."""
+        if not self.lossy:
+            raise ValueError("a lossless codec has no quantization error")
+        layout = self._layout(header.shape)
+        scales, _ = self._split(layout, as_u8(staging))
+        return q.error_bound(layout, scales)
+
+    @staticmethod
+    def _split(layout: q.Layout, staging: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = _tensor_u8(staging[: layout.staging_nbytes])
+        scales = t[: layout.scales_nbytes].view(torch.float16)
+        symbols = t[layout.symbols_offset: layout.staging_nbytes].view(torch.int8)
+        return scales, symbols
+
+
+def _tensor_u8(arr: np.ndarray) -> torch.Tensor:
+    """A uint8 tensor sharing ``arr``'s memory (read-only buffers are only ever read)."""
+    if not arr.flags.writeable:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
+    return torch.from_numpy(arr)
+
+
+def _check_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+    if len(shape) != 5 or shape[1] != 2 or min(shape) < 1:
+        raise ValueError(f"KV chunk shape must be [layers, 2, tokens, kv_heads, head_dim], got {list(shape)}")
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]

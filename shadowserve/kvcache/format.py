@@ -1,0 +1,144 @@
+"""The chunk container: a small self-describing header in front of the compressed payload.
+
+Layout (all integers little-endian)::
+
+    magic        4s   b"SSKV"
+    version      u16  FORMAT_VERSION
+    header_len   u16  bytes from the magic to the end of the header checksum
+    dtype        u8   code of the KV dtype that was encoded (see DTYPE_CODES)
+    reserved     u8   0
+    layers       u16
+    kv           u16  always 2 (K, V)
+    tokens       u32
+    kv_heads     u16
+    head_dim     u16
+    staging_len  u32  bytes after the lossless stage (quantized symbols + scales, or raw KV)
+    payload_len  u32  bytes of payload after the header
+    payload_sum  u64  xxh3_64 of the payload
+    codec_len    u16, codec id (utf-8)   -- names the quantizer, its parameters and the lossless stage
+    fp_len       u16, model fingerprint (utf-8)
+    header_sum   u64  xxh3_64 of every header byte before it
+
+A reader checks, in order: length, magic, version, header checksum, codec id, model fingerprint,
+shape sanity, exact blob length, payload checksum. Any failure is a ``ChunkFormatError`` naming what
+did not match, so a bad chunk is never decoded into KV. The 64-bit checksums make an undetected
+random corruption vanishingly unlikely (about 2**-64).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from shadowserve.errors import ChunkFormatError
+
+MAGIC = b"SSKV"
+FORMAT_VERSION = 1
+
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+CODE_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
+
+_FIXED = struct.Struct("<4sHHBBHHIHHIIQ")  # up to and including payload_sum
+_U16 = struct.Struct("<H")
+_U64 = struct.Struct("<Q")
+MAX_TEXT = 1024  # longest codec id / fingerprint we accept
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """What a verified container says about its chunk; returned by ``KVCodec.decompress_into``."""
+
+    shape: tuple[int, int, int, int, int]  # [layers, 2, tokens, kv_heads, head_dim]
+    dtype: torch.dtype
+    codec_id: str
+    model_fingerprint: str
+    staging_nbytes: int
+    payload_nbytes: int
+    header_nbytes: int
+
+
+def header_nbytes(codec_id: str, model_fingerprint: str) -> int:
+    """Size of the header for this codec id and fingerprint (it does not depend on the chunk)."""
+    return _FIXED.size + 2 + len(codec_id.encode()) + 2 + len(model_fingerprint.encode()) + 8
+
+
+def pack(shape: tuple[int, ...], dtype: torch.dtype, codec_id: str, model_fingerprint: str,
+         staging_nbytes: int, payload: Any) -> bytes:
+    """Build a complete chunk: header followed by ``payload`` (the lossless stage's output)."""
+    if dtype not in DTYPE_CODES:
+        raise ChunkFormatError(f"cannot store KV of dtype {dtype}")
+    if len(shape) != 5 or shape[1] != 2:
+        raise ChunkFormatError(f"KV shape must be [layers, 2, tokens, kv_heads, head_dim], got {list(shape)}")
+    cid, fp = codec_id.encode(), model_fingerprint.encode()
+    if len(cid) > MAX_TEXT or len(fp) > MAX_TEXT:
+        raise ChunkFormatError("codec id or model fingerprint is too long for the chunk header")
+    payload = memoryview(payload).cast("B")
+    hlen = header_nbytes(codec_id, model_fingerprint)
+    layers, _, tokens, heads, head_dim = shape
+    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, hlen, DTYPE_CODES[dtype], 0, layers, 2, tokens, heads,
+                        head_dim, staging_nbytes, payload.nbytes, xxhash.xxh3_64_intdigest(payload))
+    head = b"".join([fixed, _U16.pack(len(cid)), cid, _U16.pack(len(fp)), fp])
+    return b"".join([head, _U64.pack(xxhash.xxh3_64_intdigest(head)), payload])
+
+
+def parse(blob: Any, expect_codec_id: str, expect_fingerprint: str) -> tuple[ChunkHeader, np.ndarray]:
+    """Verify a chunk and return its header and a zero-copy view of its payload.
+
+    Raises ChunkFormatError on anything unexpected: truncation, bad magic, unknown version,
+    corrupted header or payload, another codec, another model.
+    """
+    try:
+        buf = np.frombuffer(blob, dtype=np.uint8) if not isinstance(blob, np.ndarray) else blob.reshape(-1).view(np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise ChunkFormatError(f"chunk is not a contiguous byte buffer: {exc}") from None
+    n = buf.nbytes
+    if n < _FIXED.size + 12:
+        raise ChunkFormatError(f"chunk is truncated: {n} bytes is shorter than any header")
+    mv = memoryview(buf)
+    (magic, version, hlen, dcode, _reserved, layers, kv, tokens, heads, head_dim, staging_len,
+     payload_len, payload_sum) = _FIXED.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise ChunkFormatError(f"not a ShadowServe KV chunk (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise ChunkFormatError(f"unsupported chunk format version {version} (this build reads {FORMAT_VERSION})")
+    if hlen > n or hlen < _FIXED.size + 12:
+        raise ChunkFormatError(f"chunk is truncated or corrupt: header claims {hlen} bytes, chunk has {n}")
+    (stored_sum,) = _U64.unpack_from(mv, hlen - 8)
+    if xxhash.xxh3_64_intdigest(mv[: hlen - 8]) != stored_sum:
+        raise ChunkFormatError("chunk header checksum mismatch: the header is corrupt")
+    off = _FIXED.size
+    (clen,) = _U16.unpack_from(mv, off)
+    off += 2
+    codec_id = bytes(mv[off: off + clen]).decode("utf-8", "replace")
+    off += clen
+    (flen,) = _U16.unpack_from(mv, off)
+    off += 2
+    fingerprint = bytes(mv[off: off + flen]).decode("utf-8", "replace")
+    off += flen
+    if off + 8 != hlen:
+        raise ChunkFormatError("chunk header lengths are inconsistent")
+    if codec_id != expect_codec_id:
+        raise ChunkFormatError(f"chunk was encoded with codec {codec_id!r}, this decoder is {expect_codec_id!r}")
+    if fingerprint != expect_fingerprint:
+        raise ChunkFormatError(
+            f"chunk belongs to model {fingerprint!r}, expected {expect_fingerprint!r}: refusing foreign KV")
+    if dcode not in CODE_DTYPES:
+        raise ChunkFormatError(f"chunk has unknown dtype code {dcode}")
+    if kv != 2 or min(layers, tokens, heads, head_dim) < 1:
+        raise ChunkFormatError(f"chunk has an invalid KV shape {[layers, kv, tokens, heads, head_dim]}")
+    if hlen + payload_len != n:
+        raise ChunkFormatError(
+            f"chunk length mismatch: header + payload should be {hlen + payload_len} bytes, got {n} "
+            f"({'truncated' if n < hlen + payload_len else 'trailing bytes'})")
+    payload = buf[hlen:]
+    if xxhash.xxh3_64_intdigest(memoryview(payload)) != payload_sum:
+        raise ChunkFormatError("chunk payload checksum mismatch: the payload is corrupt")
+    header = ChunkHeader(shape=(layers, 2, tokens, heads, head_dim), dtype=CODE_DTYPES[dcode],
+                         codec_id=codec_id, model_fingerprint=fingerprint, staging_nbytes=staging_len,
+                         payload_nbytes=payload_len, header_nbytes=hlen)
+    return header, payload

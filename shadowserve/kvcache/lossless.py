@@ -1,0 +1,281 @@
+"""Lossless stages: deflate (libdeflate), zstd, lz4 and none, each able to decompress *into* a buffer.
+
+The Python bindings of these libraries only return fresh ``bytes``; on the decode hot path that
+means a multi-megabyte allocation per chunk, and fresh memory is several times slower to write
+than reused memory. So decompression calls the C libraries directly through ``ctypes`` — the very
+shared objects those bindings ship (their symbols are exported), falling back to a system copy —
+writing straight into the caller's staging buffer. ``ctypes`` releases the GIL for the call, so
+several threads decompress in parallel. Decompressor contexts are per thread (neither libdeflate's
+nor zstd's may be shared between threads) and made once per thread.
+
+If no C entry point can be found, a stage falls back to its Python binding plus one copy: slower,
+still correct. Compression (the save path) uses the Python bindings; it allocates its output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from shadowserve.errors import ChunkFormatError, ConfigError
+
+LOSSLESS_STAGES = ("deflate", "zstd", "lz4", "none")
+
+# Default and allowed compression levels per stage (the level never changes the decoded bytes,
+# so it is not part of the codec id).
+_LEVELS: dict[str, tuple[int, int, int]] = {
+    "deflate": (6, 0, 12),
+    "zstd": (1, -7, 22),
+    "lz4": (0, 0, 16),
+    "none": (0, 0, 0),
+}
+
+
+def default_level(stage: str) -> int:
+    """The level a stage uses when the config says 0."""
+    return _LEVELS[stage][0]
+
+
+def check_level(stage: str, level: int) -> None:
+    """Raise ConfigError if ``level`` is outside what ``stage`` accepts (0 means its default)."""
+    if stage not in _LEVELS:
+        raise ConfigError(f"unknown lossless stage {stage!r}: choose one of {', '.join(LOSSLESS_STAGES)}")
+    _, lo, hi = _LEVELS[stage]
+    if level != 0 and not lo <= level <= hi:
+        raise ConfigError(f"{stage} level must be in [{lo}, {hi}] (or 0 for the default), got {level}")
+
+
+def as_u8(buf: Any, writable: bool = False) -> np.ndarray:
+    """View any contiguous buffer (bytes, bytearray, memoryview, numpy array) as flat uint8, no copy."""
+    if isinstance(buf, np.ndarray):
+        if not buf.flags.c_contiguous:
+            raise ValueError("buffer must be C-contiguous")
+        arr = buf.reshape(-1).view(np.uint8)
+    else:
+        arr = np.frombuffer(buf, dtype=np.uint8)
+    if writable and not arr.flags.writeable:
+        raise ValueError("destination buffer is read-only")
+    return arr
+
+
+def _addr(arr: np.ndarray) -> int:
+    return arr.__array_interface__["data"][0]
+
+
+def _load(module_name: str, pattern: str, system_name: str, symbol: str) -> ctypes.CDLL | None:
+    """Find a shared object exporting ``symbol``: the binding's own extension first, then the system's."""
+    candidates: list[str] = []
+    try:
+        module = __import__(module_name, fromlist=["_"])
+        candidates += sorted(glob.glob(os.path.join(os.path.dirname(module.__file__), pattern)))
+    except ImportError:
+        pass
+    found = ctypes.util.find_library(system_name)
+    if found:
+        candidates.append(found)
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+            getattr(lib, symbol)
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+class LosslessStage:
+    """One lossless format. ``decompress_into`` must fill ``dst`` exactly or raise ChunkFormatError."""
+
+    name = "none"
+    native = True
+
+    def __init__(self, level: int = 0) -> None:
+        check_level(self.name, level)
+        self.level = level or default_level(self.name)
+
+    def compress(self, data: Any) -> bytes:
+        return bytes(as_u8(data))
+
+    def decompress_into(self, src: Any, dst: np.ndarray) -> None:
+        """Hot path: write exactly ``dst.nbytes`` decompressed bytes into ``dst``; allocates nothing."""
+        s = as_u8(src)
+        if s.nbytes != dst.nbytes:
+            raise ChunkFormatError(f"stored payload is {s.nbytes} bytes, expected {dst.nbytes}")
+        np.copyto(dst, s)
+
+
+class _PerThread(threading.local):
+    """Per-thread native contexts; freed when the thread ends."""
+
+    def __init__(self) -> None:
+        self.handles: dict[str, tuple[int, Callable[[int], None]]] = {}
+
+    def get(self, key: str, make: Callable[[], int], free: Callable[[int], None]) -> int:
+        entry = self.handles.get(key)
+        if entry is None:
+            handle = make()
+            if not handle:
+                raise MemoryError(f"could not allocate a {key} context")
+            entry = (handle, free)
+            self.handles[key] = entry
+        return entry[0]
+
+    def __del__(self) -> None:
+        for handle, free in self.handles.values():
+            try:
+                free(handle)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
+
+_TLS = _PerThread()
+
+
+class DeflateStage(LosslessStage):
+    """Raw DEFLATE (RFC 1951) through libdeflate: the format SmartNIC decompression engines accept."""
+
+    name = "deflate"
+    _lib = _load("deflate", "_deflate*.so", "deflate", "libdeflate_deflate_decompress")
+    if _lib is not None:
+        _lib.libdeflate_alloc_decompressor.restype = ctypes.c_void_p
+        _lib.libdeflate_free_decompressor.argtypes = [ctypes.c_void_p]
+        _lib.libdeflate_deflate_decompress.restype = ctypes.c_int
+        _lib.libdeflate_deflate_decompress.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+            ctypes.POINTER(ctypes.c_size_t)]
+    native = _lib is not None
+
+    def compress(self, data: Any) -> bytes:
+        import deflate
+
+        return deflate.deflate_compress(as_u8(data), self.level)
+
+    def decompress_into(self, src: Any, dst: np.ndarray) -> None:
+        s = as_u8(src)
+        if self._lib is None:
+            import deflate
+
+            try:
+                out = deflate.deflate_decompress(s, dst.nbytes)
+            except Exception as exc:  # the binding raises its own error types
+                raise ChunkFormatError(f"deflate payload is corrupt: {exc}") from None
+            if len(out) != dst.nbytes:
+                raise ChunkFormatError(f"deflate payload inflated to {len(out)} bytes, expected {dst.nbytes}")
+            np.copyto(dst, np.frombuffer(out, np.uint8))
+            return
+        lib = self._lib
+        dec = _TLS.get("libdeflate", lib.libdeflate_alloc_decompressor, lib.libdeflate_free_decompressor)
+        # Passing actual_out and checking it rejects short streams (result 0 would mean "exact fit" only
+        # when actual_out is NULL).
+        actual = ctypes.c_size_t(0)
+        rc = lib.libdeflate_deflate_decompress(dec, _addr(s), s.nbytes, _addr(dst), dst.nbytes, ctypes.byref(actual))
+        if rc != 0 or actual.value != dst.nbytes:
+            raise ChunkFormatError(
+                f"deflate payload is corrupt (libdeflate result {rc}, {actual.value} of {dst.nbytes} bytes)")
+
+
+class ZstdStage(LosslessStage):
+    """Zstandard frames; the fastest decoder of the three for this data on one core."""
+
+    name = "zstd"
+    _lib = _load("zstandard", "_cffi*.so", "zstd", "ZSTD_decompressDCtx")
+    if _lib is not None:
+        _lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+        _lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+        _lib.ZSTD_decompressDCtx.restype = ctypes.c_size_t
+        _lib.ZSTD_decompressDCtx.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
+        _lib.ZSTD_isError.restype = ctypes.c_uint
+        _lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+        _lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+        _lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+    native = _lib is not None
+    _compressors = threading.local()
+
+    def compress(self, data: Any) -> bytes:
+        import zstandard
+
+        cache = self._compressors.__dict__.setdefault("by_level", {})
+        comp = cache.get(self.level)
+        if comp is None:
+            comp = cache[self.level] = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        return comp.compress(as_u8(data))
+
+    def decompress_into(self, src: Any, dst: np.ndarray) -> None:
+        s = as_u8(src)
+        if self._lib is None:
+            import zstandard
+
+            try:
+                out = zstandard.ZstdDecompressor().decompress(s, max_output_size=dst.nbytes)
+            except zstandard.ZstdError as exc:
+                raise ChunkFormatError(f"zstd payload is corrupt: {exc}") from None
+            if len(out) != dst.nbytes:
+                raise ChunkFormatError(f"zstd payload decompressed to {len(out)} bytes, expected {dst.nbytes}")
+            np.copyto(dst, np.frombuffer(out, np.uint8))
+            return
+        lib = self._lib
+        ctx = _TLS.get("zstd", lib.ZSTD_createDCtx, lib.ZSTD_freeDCtx)
+        n = lib.ZSTD_decompressDCtx(ctx, _addr(dst), dst.nbytes, _addr(s), s.nbytes)
+        if lib.ZSTD_isError(n):
+            raise ChunkFormatError(f"zstd payload is corrupt: {lib.ZSTD_getErrorName(n).decode()}")
+        if n != dst.nbytes:
+            raise ChunkFormatError(f"zstd payload decompressed to {n} bytes, expected {dst.nbytes}")
+
+
+class Lz4Stage(LosslessStage):
+    """LZ4 block format: fastest to decode, weakest on quantized symbols (no entropy coding)."""
+
+    name = "lz4"
+    _lib = _load("lz4.block", "_block*.so", "lz4", "LZ4_decompress_safe")
+    if _lib is not None:
+        _lib.LZ4_decompress_safe.restype = ctypes.c_int
+        _lib.LZ4_decompress_safe.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    native = _lib is not None
+
+    def compress(self, data: Any) -> bytes:
+        import lz4.block
+
+        mode = "high_compression" if self.level > 0 else "default"
+        return lz4.block.compress(as_u8(data), mode=mode, compression=self.level, store_size=False)
+
+    def decompress_into(self, src: Any, dst: np.ndarray) -> None:
+        s = as_u8(src)
+        if dst.nbytes >= 2**31 or s.nbytes >= 2**31:
+            raise ChunkFormatError("lz4 blocks are limited to 2 GiB")
+        if self._lib is None:
+            import lz4.block
+
+            try:
+                out = lz4.block.decompress(s, uncompressed_size=dst.nbytes)
+            except lz4.block.LZ4BlockError as exc:
+                raise ChunkFormatError(f"lz4 payload is corrupt: {exc}") from None
+            if len(out) != dst.nbytes:
+                raise ChunkFormatError(f"lz4 payload decompressed to {len(out)} bytes, expected {dst.nbytes}")
+            np.copyto(dst, np.frombuffer(out, np.uint8))
+            return
+        n = self._lib.LZ4_decompress_safe(_addr(s), _addr(dst), s.nbytes, dst.nbytes)
+        if n != dst.nbytes:
+            raise ChunkFormatError(f"lz4 payload is corrupt (decoder returned {n}, expected {dst.nbytes} bytes)")
+
+
+_STAGES: dict[str, type[LosslessStage]] = {
+    "none": LosslessStage,
+    "deflate": DeflateStage,
+    "zstd": ZstdStage,
+    "lz4": Lz4Stage,
+}
+
+
+def make_stage(name: str, level: int = 0) -> LosslessStage:
+    """Build the lossless stage called ``name`` (see ``LOSSLESS_STAGES``)."""
+    if name not in _STAGES:
+        raise ConfigError(f"unknown lossless stage {name!r}: choose one of {', '.join(LOSSLESS_STAGES)}")
+    return _STAGES[name](level)

@@ -1,0 +1,199 @@
+"""Fetching cached prefixes end to end on tiny-random, in every fetch mode, and through failures.
+
+Every test compares against ``recompute``: with a lossless codec the greedy tokens must be identical,
+whatever happened to the store, the chunks or the data plane on the way.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
+from shadowserve.engine.engine import LLMEngine
+from shadowserve.engine.sequence import RequestStatus, SamplingParams
+
+LOSSLESS = CodecConfig(quant="none", lossless="zstd")
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+CHUNK = 32
+
+
+def prompts(n: int, seed: int, shared_prefix: int = 200, suffix: int = 9) -> list[list[int]]:
+    rng = random.Random(seed)
+    doc = [rng.randrange(3, 259) for _ in range(shared_prefix)]
+    return [doc + [rng.randrange(3, 259) for _ in range(suffix)] for _ in range(n)]
+
+
+def engine(tiny, store_url: str | None, mode: str, **plane) -> LLMEngine:
+    cfg = DataPlaneConfig(fetch_mode=mode, chunk_size=CHUNK, heartbeat_interval=0.2, heartbeat_timeout=3.0, **plane)
+    return LLMEngine(EngineConfig(model="tiny-random", kv_cache_memory="16MiB"), loaded=tiny,
+                     dataplane=cfg, store_url=store_url, codec=LOSSLESS)
+
+
+def run(eng: LLMEngine, ps, params=GREEDY):
+    reqs = [eng.add_request(p, params) for p in ps]
+    deadline = time.monotonic() + 120
+    while eng.has_unfinished():
+        assert time.monotonic() < deadline, "requests hung"
+        eng.step()
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Greedy outputs without any remote cache, keyed by prompt."""
+    eng = engine(tiny, None, "recompute")
+    cache: dict[tuple, list[int]] = {}
+
+    def outputs(ps):
+        todo = [p for p in ps if tuple(p) not in cache]
+        for p, r in zip(todo, run(eng, todo)):
+            cache[tuple(p)] = r.output_token_ids
+        return [cache[tuple(p)] for p in ps]
+
+    return outputs
+
+
+def warm_store(tiny, url: str, ps) -> None:
+    cold = engine(tiny, url, "thread")
+    run(cold, ps)
+    cold.flush()
+    assert cold.kv_manager.stats.saved_chunks >= len(ps[0]) // CHUNK
+    cold.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread", "offload"])
+def test_fetched_prefix_gives_identical_tokens(tiny, reference, tmp_path, mode):
+    url = f"file://{tmp_path}/store"
+    ps = prompts(3, seed=1)
+    warm_store(tiny, url, ps[:1])
+    eng = engine(tiny, url, mode)
+    reqs = run(eng, ps)
+    assert [r.output_token_ids for r in reqs] == reference(ps)
+    # Six whole chunks of the 200-token document, fetched once by whichever lookup answered first.
+    assert sorted(r.num_fetched_tokens for r in reqs) == [0, 0, 192], eng.kv_manager.stats
+    stats = eng.kv_manager.stats
+    assert stats.fetches == 1  # the other two reuse the landed blocks instead of fetching again
+    assert stats.fetch_failures == 0 and stats.prefix_hit_tokens >= 192
+    eng.flush()
+    occupancy = eng.kv_manager.backend.stats().get("buffer_in_use", {})
+    assert all(v == 0 for v in occupancy.values())
+    eng.close()
+
+
+def test_corrupt_chunk_falls_back_to_recompute(tiny, reference, tmp_path):
+    url = f"file://{tmp_path}/store"
+    ps = prompts(1, seed=2)
+    warm_store(tiny, url, ps)
+    files = sorted((tmp_path / "store").rglob("*"), key=lambda p: p.stat().st_mtime)
+    victims = [f for f in files if f.is_file()]
+    assert victims
+    for f in victims:  # flip a byte in the middle of every stored chunk
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    eng = engine(tiny, url, "thread")
+    reqs = run(eng, ps)
+    assert [r.output_token_ids for r in reqs] == reference(ps)
+    assert reqs[0].num_fetched_tokens == 0 and eng.kv_manager.stats.fetch_failures == 1
+    eng.close()
+
+
+def test_chunk_deleted_between_lookup_and_fetch(tiny, reference, tmp_path):
+    url = f"file://{tmp_path}/store"
+    ps = prompts(1, seed=3)
+    warm_store(tiny, url, ps)
+    eng = engine(tiny, url, "offload")
+
+    class Liar:
+        """Answers lookups as if everything were stored, like a store that evicts right after."""
+
+        def longest_prefix(self, keys):
+            return len(keys)
+
+    real_keys = eng.kv_manager.key_fn
+    eng.kv_manager.store = Liar()
+    # Chunk 3 onwards never existed under these keys: the fetch lands chunks 0-2 only.
+    eng.kv_manager.key_fn = lambda ids: real_keys(ids)[:3] + [b"gone-%d" % i + b"\0" * 9 for i in range(3)]
+    reqs = run(eng, ps)
+    assert [r.output_token_ids for r in reqs] == reference(ps)
+    assert reqs[0].num_fetched_tokens == 3 * CHUNK
+    assert eng.kv_manager.stats.fetch_failures == 1
+    eng.close()
+
+
+def test_kill_dataplane_mid_fetch(tiny, reference, tmp_path):
+    url = f"file://{tmp_path}/store"
+    ps = prompts(1, seed=4, shared_prefix=900)
+    warm_store(tiny, url, ps)
+    eng = engine(tiny, url + "?bandwidth=5mbit", "offload")  # slow link: the fetch takes over a second
+    backend = eng.kv_manager.backend
+    old_pid = backend.process.pid
+    req = eng.add_request(ps[0], GREEDY)
+    while req.status != RequestStatus.FETCHING:
+        eng.step()
+    time.sleep(0.2)
+    os.kill(old_pid, signal.SIGKILL)
+    while eng.has_unfinished():
+        eng.step()
+    assert req.output_token_ids == reference(ps)[0]
+    assert eng.kv_manager.stats.dataplane_restarts == 1
+    assert backend.healthy() and backend.process.pid != old_pid
+    # The engine keeps serving, and the new data plane fetches again.
+    again = run(eng, prompts(1, seed=4, shared_prefix=900, suffix=5))
+    assert again[0].output_token_ids == reference(prompts(1, seed=4, shared_prefix=900, suffix=5))[0]
+    eng.flush()
+    time.sleep(0.5)
+    backend.poll()
+    assert all(v == 0 for v in backend.stats().get("buffer_in_use", {}).values())
+    eng.close()
+
+
+def test_store_server_stopped_mid_fetch(tiny, reference):
+    from shadowserve.store.launch import start_store_server
+
+    server = start_store_server()
+    try:
+        ps = prompts(1, seed=5, shared_prefix=900)
+        warm_store(tiny, server.url, ps)
+        eng = engine(tiny, server.url + "?bandwidth=5mbit", "thread")
+        req = eng.add_request(ps[0], GREEDY)
+        while req.status != RequestStatus.FETCHING:
+            eng.step()
+        time.sleep(0.2)
+        server.stop()
+        while eng.has_unfinished():
+            eng.step()
+        assert req.output_token_ids == reference(ps)[0]
+        # With the store gone, new requests still complete (lookups answer 0, saves fail quietly).
+        other = prompts(1, seed=6)
+        assert run(eng, other)[0].output_token_ids == reference(other)[0]
+        eng.close()
+    finally:
+        server.stop()
+
+
+def test_fetch_timeout_abandons_and_recomputes(tiny, reference, tmp_path):
+    url = f"file://{tmp_path}/store"
+    ps = prompts(1, seed=7, shared_prefix=900)
+    warm_store(tiny, url, ps)
+    eng = engine(tiny, url + "?bandwidth=5mbit", "thread", fetch_timeout=0.3)
+    reqs = run(eng, ps)
+    assert reqs[0].output_token_ids == reference(ps)[0]
+    assert eng.kv_manager.stats.fetch_failures == 1 and reqs[0].num_fetched_tokens == 0
+    eng.flush(timeout=30)
+    assert not eng.kv_manager.busy  # the late completion released the quarantined blocks
+    bm = eng.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    eng.close()
+
+
+def test_offload_refuses_an_in_process_store(tiny):
+    from shadowserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="memory://"):
+        engine(tiny, "memory://x", "offload")
