@@ -64,18 +64,36 @@ def writable_view(buffer: Any) -> memoryview:
     return view
 
 
+class _TooLarge(StoreError):
+    """A value does not fit its destination buffer (the store itself is fine)."""
+
+
 def too_large(key: bytes, size: int, capacity: int) -> StoreError:
-    return StoreError(f"value for key {key.hex()} is {size} bytes but the destination buffer holds {capacity}")
+    return _TooLarge(f"value for key {key.hex()} is {size} bytes but the destination buffer holds {capacity}")
 
 
 class StoreBase:
     """Shared behaviour: batched calls fall back to single ones, context-manager support."""
 
     def get_many_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[int | None]:
-        """Fetch each key into its buffer; backends that can pipeline override this."""
+        """Fetch each key into its buffer; backends that can pipeline override this.
+
+        A value too large for its buffer does not stop the others: all are fetched, then the
+        first such error is raised (the same behaviour as the pipelined backends).
+        """
         if len(keys) != len(buffers):
             raise StoreError(f"{len(keys)} keys but {len(buffers)} buffers")
-        return [self.get_into(k, b) for k, b in zip(keys, buffers, strict=True)]  # type: ignore[attr-defined]
+        out: list[int | None] = []
+        error: StoreError | None = None
+        for key, buffer in zip(keys, buffers, strict=True):
+            try:
+                out.append(self.get_into(key, buffer))  # type: ignore[attr-defined]
+            except _TooLarge as exc:
+                out.append(None)
+                error = error or exc
+        if error is not None:
+            raise error
+        return out
 
     def longest_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading chained keys are present (a gap ends the usable prefix)."""
