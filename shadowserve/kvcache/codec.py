@@ -131,15 +131,17 @@ class KVCodec:
         foreign or mis-versioned chunk. Allocates nothing of the chunk's size.
         """
         header, payload = fmt.parse(blob, self.codec_id, self.model_fingerprint)
+        self._decompress(header, payload, as_u8(staging, writable=True))
+        return header
+
+    def _decompress(self, header: fmt.ChunkHeader, payload: np.ndarray, dst: np.ndarray) -> None:
         expected = self.staging_nbytes(header.shape, header.dtype)
         if header.staging_nbytes != expected:
             raise ChunkFormatError(
                 f"chunk claims {header.staging_nbytes} staging bytes, its shape implies {expected}")
-        dst = as_u8(staging, writable=True)
         if dst.nbytes < expected:
             raise ValueError(f"staging buffer holds {dst.nbytes} bytes, this chunk needs {expected}")
         self.lossless.decompress_into(payload, dst[:expected])
-        return header
 
     def dequantize_into(self, header: fmt.ChunkHeader, staging: Any, out: torch.Tensor) -> torch.Tensor:
         """Hot path, stage 2: write the KV held in ``staging`` into ``out`` and return ``out``.
@@ -169,21 +171,17 @@ class KVCodec:
 
     def decode(self, blob: Any, out: torch.Tensor) -> torch.Tensor:
         """Verify and decode a chunk into ``out`` (see the two halves); reuses a per-thread staging buffer."""
-        header = self.decompress_into(blob, self._staging_for(out))
-        return self.dequantize_into(header, self._staging, out)
+        header, payload = fmt.parse(blob, self.codec_id, self.model_fingerprint)
+        if tuple(out.shape) != header.shape:
+            raise ChunkFormatError(
+                f"chunk holds KV of shape {list(header.shape)}, destination tensor has shape {list(out.shape)}")
+        staging = getattr(self._tls, "staging", None)
+        if staging is None or staging.nbytes < header.staging_nbytes:
+            staging = self._tls.staging = np.empty(max(header.staging_nbytes, 1), dtype=np.uint8)
+        self._decompress(header, payload, staging)
+        return self.dequantize_into(header, staging, out)
 
     # ---- helpers -----------------------------------------------------------------------------
-
-    @property
-    def _staging(self) -> np.ndarray:
-        return self._tls.staging
-
-    def _staging_for(self, out: torch.Tensor) -> np.ndarray:
-        need = self.max_staging_nbytes(tuple(out.shape)) if out.dim() == 5 and out.shape[1] == 2 else 0
-        buf = getattr(self._tls, "staging", None)
-        if buf is None or buf.nbytes < need:
-            buf = self._tls.staging = np.empty(max(need, 1), dtype=np.uint8)
-        return buf
 
     def error_bound(self, header: fmt.ChunkHeader, staging: Any) -> torch.Tensor:
         """Per-value error bound ``s/2`` [layers, 2, tokens, channels] of a decompressed lossy chunk."""

@@ -1,0 +1,201 @@
+"""``shadowserve bench codec``: size, accuracy and speed of KV codecs on real SmolLM2 KV.
+
+The KV comes from HF transformers running the same GGUF our engine loads (so this suite does not
+depend on our engine): the first ``--context`` tokens of English text from ``pydoc_data.topics``
+are prefilled, the KV is cut into ``--chunk-size`` chunks, stored as fp16 (the chunk dtype), encoded
+and decoded by each codec, and the next ``--eval-tokens`` tokens are scored teacher-forced with the
+decoded KV against the exact fp32 KV. Timings are single-threaded (torch and the codec each on one
+thread) into buffers reused across chunks, best of ``--repeat`` passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from shadowserve.config import CodecConfig
+from shadowserve.errors import ConfigError, ModelError
+
+# name -> config; the first is the default codec.
+PRESETS: dict[str, CodecConfig] = {
+    "default": CodecConfig(),
+    "rms-deflate": CodecConfig(quant="rms", lossless="deflate"),
+    "cachegen-deflate": CodecConfig(quant="cachegen", lossless="deflate"),
+    "cachegen-zstd": CodecConfig(quant="cachegen", lossless="zstd"),
+    "int8-zstd": CodecConfig(quant="int8", lossless="zstd"),
+    "uniform16-zstd": CodecConfig(quant="uniform", bins=16, lossless="zstd"),
+    "kivi16-zstd": CodecConfig(quant="kivi", bins=16, lossless="zstd"),
+    "rms-fine-zstd": CodecConfig(quant="rms", key_step=0.35, value_step=0.7, lossless="zstd"),
+    "rms-lz4": CodecConfig(quant="rms", lossless="lz4"),
+    "fp16-zstd": CodecConfig(quant="none", lossless="zstd"),
+    "fp16-raw": CodecConfig(quant="none", lossless="none"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m"], help="model whose KV is coded")
+    parser.add_argument("--context", type=int, default=2048, help="tokens of context whose KV is coded")
+    parser.add_argument("--eval-tokens", type=int, default=256, help="tokens scored teacher-forced after it")
+    parser.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk")
+    parser.add_argument("--codecs", default=",".join(PRESETS), help=f"comma-separated presets: {', '.join(PRESETS)}")
+    parser.add_argument("--repeat", type=int, default=3, help="timing passes over all chunks (best is reported)")
+    parser.add_argument("--model-threads", type=int, default=2, help="torch threads for the model forward passes")
+
+
+def _load(model_name: str):
+    try:
+        from transformers import AutoTokenizer, LlamaForCausalLM
+    except ImportError as exc:  # a bench/test extra, not a core dependency
+        raise ModelError("bench codec needs transformers and accelerate (pip install shadowserve[bench])") from exc
+    from shadowserve.model.fetch import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    model.eval()
+    return tok, model
+
+
+def _text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _prefill(model, ids: torch.Tensor) -> torch.Tensor:
+    """Exact KV of ``ids`` as [layers, 2, tokens, kv_heads, head_dim] fp32."""
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # [2, H, T, D]
+    return torch.stack(layers).permute(0, 1, 3, 2, 4).contiguous()
+
+
+def _score(model, kv: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the eval tokens given ``kv`` as the cached context (teacher-forced)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer in range(kv.shape[0]):
+        k = kv[layer, 0].permute(1, 0, 2).unsqueeze(0).float().contiguous()
+        v = kv[layer, 1].permute(1, 0, 2).unsqueeze(0).float().contiguous()
+        cache.update(k, v, layer)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, :-1]
+    return torch.log_softmax(logits.float(), -1)
+
+
+def _metrics(logp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    nll = -logp.gather(1, targets[:, None]).mean().item()
+    nll_ref = -ref.gather(1, targets[:, None]).mean().item()
+    return {
+        "ppl": math.exp(nll),
+        "ppl_increase_pct": (math.exp(nll - nll_ref) - 1.0) * 100.0,
+        "argmax_agreement": (logp.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        "kl": (ref.exp() * (ref - logp)).sum(-1).mean().item(),
+    }
+
+
+def _time_codec(codec, chunks: list[torch.Tensor], repeat: int) -> dict[str, Any]:
+    """Encode every chunk, then time decode halves into one reused staging buffer and out tensor."""
+    shape = tuple(chunks[0].shape)
+    fp16_bytes = sum(c.numel() * 2 for c in chunks)
+    best_enc = math.inf
+    blobs: list[bytes] = []
+    for _ in range(max(1, repeat if repeat < 3 else 2)):
+        t0 = time.perf_counter()
+        blobs = [codec.encode(c) for c in chunks]
+        best_enc = min(best_enc, time.perf_counter() - t0)
+    staging = np.empty(codec.max_staging_nbytes(shape), dtype=np.uint8)
+    out = torch.empty(shape, dtype=chunks[0].dtype)
+    decoded = []
+    for blob in blobs:  # warm-up pass, also keeps the decoded KV for the accuracy check
+        header = codec.decompress_into(blob, staging)
+        decoded.append(codec.dequantize_into(header, staging, out).clone())
+    best_dec = best_dz = best_dq = math.inf
+    for _ in range(repeat):
+        dz = dq = 0.0
+        for blob in blobs:
+            t0 = time.perf_counter()
+            header = codec.decompress_into(blob, staging)
+            t1 = time.perf_counter()
+            codec.dequantize_into(header, staging, out)
+            t2 = time.perf_counter()
+            dz += t1 - t0
+            dq += t2 - t1
+        best_dec, best_dz, best_dq = min(best_dec, dz + dq), min(best_dz, dz), min(best_dq, dq)
+    encoded = sum(len(b) for b in blobs)
+    return {
+        "ratio_vs_fp16": fp16_bytes / encoded,
+        "encoded_bytes": encoded,
+        "encode_gbps": fp16_bytes / best_enc / 1e9,
+        "decode_gbps_per_core": fp16_bytes / best_dec / 1e9,
+        "decompress_gbps": fp16_bytes / best_dz / 1e9,
+        "dequantize_gbps": fp16_bytes / best_dq / 1e9,
+        "decoded": decoded,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from shadowserve.kvcache import KVCodec
+
+    names = [n.strip() for n in args.codecs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise ConfigError(f"unknown codec preset(s) {', '.join(unknown)}: choose from {', '.join(PRESETS)}")
+    if args.context < args.chunk_size or args.context % args.chunk_size:
+        raise ConfigError("--context must be a positive multiple of --chunk-size")
+
+    torch.set_num_threads(max(1, args.model_threads))
+    tok, model = _load(args.model)
+    ids = tok(_text()[:400_000], return_tensors="pt").input_ids
+    need = args.context + args.eval_tokens + 1
+    if ids.shape[1] < need:
+        raise ConfigError(f"the text yields only {ids.shape[1]} tokens, {need} needed")
+    ctx, ev = ids[:, : args.context], ids[:, args.context: need]
+    targets = ev[0, 1:]
+    kv = _prefill(model, ctx)
+    ref = _score(model, kv, ev)
+    fingerprint = f"bench:{args.model}:gguf-q4_1:float32"
+    chunks = [kv[:, :, i: i + args.chunk_size].half().contiguous() for i in range(0, args.context, args.chunk_size)]
+
+    rows: list[dict[str, Any]] = []
+    print(f"model {args.model}, context {args.context} tokens in {len(chunks)} chunks of {args.chunk_size}, "
+          f"fp16 KV {sum(c.numel() * 2 for c in chunks) / 1e6:.1f} MB, eval {args.eval_tokens} tokens "
+          f"(exact ppl {math.exp(-ref.gather(1, targets[:, None]).mean().item()):.3f})")
+    for name in names:
+        codec = KVCodec(PRESETS[name], fingerprint)
+        torch.set_num_threads(1)
+        timing = _time_codec(codec, chunks, args.repeat)
+        torch.set_num_threads(max(1, args.model_threads))
+        decoded = torch.cat(timing.pop("decoded"), dim=2)
+        acc = _metrics(_score(model, decoded, ev), ref, targets)
+        row = {"name": name, "codec": codec.codec_id, **{k: v for k, v in timing.items()}, **acc}
+        rows.append(row)
+        print(f"  measured {name}", flush=True)
+
+    header = (f"{'preset':18s} {'codec':28s} {'ratio':>6s} {'ppl+%':>7s} {'argmax':>7s} {'KL':>7s} "
+              f"{'enc GB/s':>8s} {'dec GB/s':>8s} {'(inflate':>8s} {'dequant)':>8s}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['name']:18s} {r['codec']:28s} {r['ratio_vs_fp16']:6.2f} {r['ppl_increase_pct']:7.2f} "
+              f"{r['argmax_agreement']:7.3f} {r['kl']:7.4f} {r['encode_gbps']:8.3f} {r['decode_gbps_per_core']:8.2f} "
+              f"{r['decompress_gbps']:8.2f} {r['dequantize_gbps']:8.2f}")
+    print("decode GB/s = fp16 bytes produced per second on one thread (inflate + dequantize into reused buffers)")
+    if args.json_path:
+        keys = ("codec", "name", "ratio_vs_fp16", "ppl_increase_pct", "argmax_agreement", "encode_gbps",
+                "decode_gbps_per_core", "decompress_gbps", "dequantize_gbps", "kl", "encoded_bytes")
+        payload = {
+            "model": args.model, "context": args.context, "eval_tokens": args.eval_tokens,
+            "chunk_size": args.chunk_size,
+            "results": [{k: r[k] for k in keys} for r in rows],
+        }
+        with open(args.json_path, "w") as f:
+            json.dump(payload, f, indent=2)
+    return 0
