@@ -13,6 +13,8 @@ SUITES: dict[str, str] = {
     "engine": "prefill and decode throughput of the engine vs HF transformers",
     "codec": "KV codec size, accuracy and speed on real SmolLM2 KV",
     "store": "store GET throughput vs Redis vs raw sockets; shaped links",
+    "interference": "decode TPOT of a running batch while other requests fetch, per fetch mode",
+    "ttft": "TTFT of a cached long prefix vs link bandwidth, per fetch mode, unloaded and loaded",
 }
 
 

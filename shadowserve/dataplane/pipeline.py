@@ -85,6 +85,7 @@ class Pipeline:
         self.chunk_shape = (layers, 2, config.chunk_size, kv_heads, head_dim)
         # [layers*2, blocks, block elems]: one index_copy_ along dim 1 scatters a whole chunk.
         self._pool_rows = kv_pool.view(layers * 2, num_blocks, -1)
+        self._pool = kv_pool
         self._on_thread_start = on_thread_start
         self.receive = SlotPool("receive", config.receive_slots, layout.receive_bytes, layout.receive_shm)
         self.staging = SlotPool("staging", config.staging_slots, layout.staging_bytes, layout.staging_shm)
@@ -169,8 +170,17 @@ class Pipeline:
         c.recv = -1
         return "dequantize"
 
-    def _dequantize(self, c: _Chunk) -> str:
-        """Hot path: symbols -> KV values, into a kv slot of the pool's dtype."""
+    def _dequantize(self, c: _Chunk) -> str | None:
+        """Hot path: symbols -> KV values, straight into the destination blocks when they are one
+        contiguous run (the common case), otherwise into a kv slot for the scatter stage."""
+        first = int(c.blocks[0])
+        if int(c.blocks[-1]) - first == self.blocks_per_chunk - 1 and bool((c.blocks.diff() == 1).all()):
+            dest = self._pool[:, :, first : first + self.blocks_per_chunk].view(self.chunk_shape)
+            self.codec.dequantize_into(c.header, self.staging.slot(c.staging), dest)
+            self.staging.release(c.staging)
+            c.staging = -1
+            self._settle(c, True, None)
+            return None
         c.kv = self.kvslots.acquire(self.config.fetch_timeout)
         self.codec.dequantize_into(c.header, self.staging.slot(c.staging), self._kv_views[c.kv])
         self.staging.release(c.staging)
