@@ -39,6 +39,25 @@ class Harness:
             eng.close()
 
 
+def pin_to_dataplane_cores(pid: int) -> None:
+    """Keep a helper process (the store server: the "remote" machine) off the engine's cores."""
+    import os
+
+    _, plane = DataPlaneConfig().split_cores()
+    try:
+        os.sched_setaffinity(pid, plane)
+    except OSError:
+        pass
+
+
+def itl_median_ms(reqs: list[Request]) -> float:
+    """Median inter-token latency: the typical decode step, robust to the odd prefill-heavy step."""
+    import statistics
+
+    gaps = [b - a for r in reqs for a, b in zip(r.token_times, r.token_times[1:])]
+    return statistics.median(gaps) * 1e3
+
+
 def run_to_end(eng: LLMEngine, reqs: list[Request], timeout: float = 600.0) -> list[Request]:
     deadline = time.monotonic() + timeout
     while any(not r.is_finished for r in reqs):

@@ -36,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
     loaded = load_model(args.model, "float32")
+    from shadowserve.bench.harness import itl_median_ms, pin_to_dataplane_cores
+
     server = None if args.store else start_store_server("--capacity", "8GiB")
+    if server is not None:
+        pin_to_dataplane_cores(server.pid)
     h = Harness(loaded, args.store or server.url, CodecConfig(**overrides))
     tok = loaded.tokenizer
     n_docs = 6
@@ -46,13 +50,15 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     try:
         h.warm(docs)
-        print(f"{'mode':<10} {'TPOT idle ms':>13} {'TPOT loaded ms':>15} {'ratio':>7} {'fetches':>8}")
+        print(f"{'mode':<10} {'TPOT idle ms':>13} {'TPOT loaded ms':>15} {'ratio':>7} "
+              f"{'ITL p50 idle':>13} {'ITL p50 loaded':>15} {'ratio':>7} {'fetches':>8}")
         for mode in args.modes.split(","):
             eng = h.engine(mode)
             try:
                 # Warm-up, then the idle measurement: the batch decodes alone.
                 run_batch(eng, decoders[:2], SamplingParams(max_tokens=4, ignore_eos=True))
-                idle = _tpot(run_batch(eng, decoders, decode_params))
+                idle_reqs = run_batch(eng, decoders, decode_params)
+                idle, idle_itl = _tpot(idle_reqs), itl_median_ms(idle_reqs)
                 # Loaded: the same batch while fetching requests keep arriving.
                 reqs = [eng.add_request(p, decode_params) for p in decoders]
                 fetchers, i = [], 0
@@ -64,15 +70,17 @@ def run(args: argparse.Namespace) -> int:
                         live.append(f)
                         i += 1
                     eng.step()
-                loaded_tpot = _tpot(reqs)
+                loaded_tpot, loaded_itl = _tpot(reqs), itl_median_ms(reqs)
                 fetched = sum(1 for f in fetchers if f.num_fetched_tokens > 0)
             finally:
                 eng.close()
             results[mode] = {"tpot_idle_ms": idle * 1e3, "tpot_loaded_ms": loaded_tpot * 1e3,
-                             "ratio": loaded_tpot / idle, "fetches": fetched}
+                             "ratio": loaded_tpot / idle, "itl_p50_idle_ms": idle_itl,
+                             "itl_p50_loaded_ms": loaded_itl, "itl_ratio": loaded_itl / idle_itl,
+                             "fetches": fetched}
             r = results[mode]
             print(f"{mode:<10} {r['tpot_idle_ms']:>13.1f} {r['tpot_loaded_ms']:>15.1f} {r['ratio']:>7.2f} "
-                  f"{fetched:>8}", flush=True)
+                  f"{idle_itl:>13.1f} {loaded_itl:>15.1f} {r['itl_ratio']:>7.2f} {fetched:>8}", flush=True)
     finally:
         if server is not None:
             server.stop()

@@ -123,7 +123,12 @@ class OffloadBackend(FetchBackend):
         lay = BufferLayout(lay.receive_bytes, lay.staging_bytes, lay.kv_bytes, *names)
         self.spec = DataPlaneSpec(spec.config, spec.store_url, spec.codec_config, spec.fingerprint,
                                   spec.pool, lay, spec.cores)
-        self.process = DataPlaneProcess(self.spec)
+        try:
+            self.process = DataPlaneProcess(self.spec)
+        except BaseException:
+            for seg in self._segments:
+                seg.close()
+            raise
 
     def submit(self, cmd: FetchCommand | SaveCommand) -> None:
         self.process.submit(cmd)

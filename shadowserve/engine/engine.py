@@ -65,7 +65,11 @@ class LLMEngine:
         self._on_token: dict[str, Callable[[Request, int], None]] = {}
         self.kv_manager = None
         if remote:
-            self.kv_manager = self._build_control_plane(store_url, codec or CodecConfig())
+            try:
+                self.kv_manager = self._build_control_plane(store_url, codec or CodecConfig())
+            except BaseException:
+                self.pool.close()  # a shared pool would otherwise outlive us in /dev/shm
+                raise
             self.scheduler.kv_manager = self.kv_manager
 
     def _build_control_plane(self, store_url: str, codec_config: CodecConfig):

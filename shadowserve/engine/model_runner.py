@@ -53,7 +53,11 @@ class ModelRunner:
             if n > 1:
                 piece = PrefillSlice(row, row + n, start)
                 if start > 0:
-                    piece.block_table = torch.as_tensor(blocks[: -(-(start + n) // bs)], device=self.device)
+                    used = blocks[: -(-(start + n) // bs)]
+                    if used[-1] - used[0] == len(used) - 1 and (len(used) == 1 or (np.diff(used) == 1).all()):
+                        piece.first_block = int(used[0])
+                    else:
+                        piece.block_table = torch.as_tensor(used, device=self.device)
                     piece.mask = causal_mask_with_context(n, start, self.device)
                 meta.prefills.append(piece)
             row += n

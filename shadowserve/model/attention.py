@@ -22,6 +22,7 @@ class PrefillSlice:
     end: int  # one past its last row
     context_before: int  # tokens of this sequence already in the pool (cached prefix or earlier chunks)
     block_table: torch.Tensor | None = None  # blocks covering the whole context, when context_before > 0
+    first_block: int | None = None  # set instead of block_table when those blocks are one contiguous run
     mask: torch.Tensor | None = None  # [n, context] boolean, when context_before > 0
 
 
@@ -78,8 +79,15 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
         else:
             total = p.context_before + (p.end - p.start)
-            ks = k_cache.index_select(0, p.block_table).view(-1, kv_heads, head_dim)[:total].transpose(0, 1)[None]
-            vs = v_cache.index_select(0, p.block_table).view(-1, kv_heads, head_dim)[:total].transpose(0, 1)[None]
+            if p.first_block is not None:  # contiguous blocks: attend over a view, copy nothing
+                nb = -(-total // k_cache.shape[1])
+                ks = k_cache[p.first_block : p.first_block + nb].view(-1, kv_heads, head_dim)
+                vs = v_cache[p.first_block : p.first_block + nb].view(-1, kv_heads, head_dim)
+            else:
+                ks = k_cache.index_select(0, p.block_table).view(-1, kv_heads, head_dim)
+                vs = v_cache.index_select(0, p.block_table).view(-1, kv_heads, head_dim)
+            ks = ks[:total].transpose(0, 1)[None]
+            vs = vs[:total].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
         out[p.start : p.end] = o[0].transpose(0, 1)
     return out

@@ -8,13 +8,16 @@ from shadowserve.engine.kv_pool import KVPool
 from shadowserve.model.attention import AttentionMetadata, PrefillSlice, causal_mask_with_context
 
 
-def prefill_logits(model, pool: KVPool, token_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+def prefill_logits(model, pool: KVPool, token_ids: torch.Tensor, start: int = 0, as_view: bool = False) -> torch.Tensor:
     """Logits for tokens [start, len) when positions [0, start) are already in the pool (blocks 0, 1, ...)."""
     bs = pool.block_size
     n = token_ids.shape[0] - start
     meta = AttentionMetadata(slot_mapping=torch.arange(start, start + n), prefills=[PrefillSlice(0, n, start)])
     if start:
-        meta.prefills[0].block_table = torch.arange(-(-(start + n) // bs))
+        if as_view:  # blocks 0.. are contiguous: exercise the copy-free path
+            meta.prefills[0].first_block = 0
+        else:
+            meta.prefills[0].block_table = torch.arange(-(-(start + n) // bs))
         meta.prefills[0].mask = causal_mask_with_context(n, start, torch.device("cpu"))
     hidden = model(token_ids[start:], torch.arange(start, start + n), pool.tensor, meta)
     return model.compute_logits(hidden)

@@ -54,8 +54,9 @@ def test_logits_match_transformers(tmp_path, overrides):
     # Chunked: the first 40 tokens are already in the pool; prefill the rest against them.
     pool2 = KVPool(ours.arch, 8, 16, torch.float32)
     prefill_logits(ours.model, pool2, ids[:40])
-    rest = prefill_logits(ours.model, pool2, ids, start=40)
-    torch.testing.assert_close(rest[:-1], ref[40:-1], atol=1e-4, rtol=1e-4)
+    for as_view in (False, True):
+        rest = prefill_logits(ours.model, pool2, ids, start=40, as_view=as_view)
+        torch.testing.assert_close(rest[:-1], ref[40:-1], atol=1e-4, rtol=1e-4)
 
     # Decode path: the last token alone, attending over the pool.
     pool3 = KVPool(ours.arch, 8, 16, torch.float32)
