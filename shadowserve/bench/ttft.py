@@ -1,0 +1,139 @@
+"""``shadowserve bench ttft``: time to first token of a request whose long prefix is in the store,
+over emulated links of several bandwidths, for each fetch mode, unloaded and beside a decoding batch.
+
+Each row also carries ``bound_ms``: max(compressed bytes / link rate, the slowest pipeline stage run
+alone over the same chunks) + the suffix prefill, all measured in this run, so the gap between a
+mode and what the hardware allows is visible directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--modes", default="sync,thread,offload")
+    p.add_argument("--bandwidths", default="1,2,5,10,20", help="link rates in Gbit/s")
+    p.add_argument("--prefix-tokens", type=int, default=8192 - 256, help="cached prefix (a chunk multiple)")
+    p.add_argument("--batch", type=int, default=8, help="decoding requests in the loaded runs")
+    p.add_argument("--no-loaded", action="store_true", help="skip the runs beside a decoding batch")
+    p.add_argument("--quant", default=None)
+    p.add_argument("--lossless", default=None)
+
+
+def stage_times(h, prompt: list[int]) -> dict:
+    """Each pipeline stage alone over the prompt's stored chunks (seconds), and their compressed size."""
+    import numpy as np
+    import torch
+
+    from shadowserve.kvcache.chunking import chunk_keys, key_seed
+    from shadowserve.kvcache.codec import KVCodec
+    from shadowserve.store.base import open_store
+
+    codec = KVCodec(h.codec, h.loaded.fingerprint)
+    keys = chunk_keys(prompt, h.chunk_size, key_seed(h.loaded.fingerprint, codec.codec_id))
+    store = open_store(h.store_url)
+    arch = h.loaded.arch
+    shape = (arch.num_hidden_layers, 2, h.chunk_size, arch.num_key_value_heads, arch.head_dim)
+    recv = np.empty(codec.max_encoded_nbytes(shape), np.uint8)
+    t = time.perf_counter()
+    blobs = []
+    for k in keys:
+        n = store.get_into(k, recv)
+        if n is None:
+            raise RuntimeError("prefix chunk missing from the store after warming")
+        blobs.append(recv[:n].copy())
+    fetch = time.perf_counter() - t
+    staging = np.empty(codec.max_staging_nbytes(shape), np.uint8)
+    out = torch.empty(shape, dtype=h.loaded.model.dtype)
+    pool = torch.empty((shape[0] * 2, 256, shape[2] // 16, shape[3] * shape[4]), dtype=out.dtype)
+    dest = torch.arange(shape[2] // 16) * 7 % 256
+    headers, decomp, dequant, scatter = [], 0.0, 0.0, 0.0
+    for blob in blobs:
+        t = time.perf_counter()
+        header = codec.decompress_into(blob, staging)
+        decomp += time.perf_counter() - t
+        t = time.perf_counter()
+        codec.dequantize_into(header, staging, out)
+        dequant += time.perf_counter() - t
+        t = time.perf_counter()
+        pool.view(shape[0] * 2, 256, -1).index_copy_(1, dest, out.view(shape[0] * 2, len(dest), -1))
+        scatter += time.perf_counter() - t
+        headers.append(header)
+    store.close()
+    return {"fetch_loopback_s": fetch, "decompress_s": decomp, "dequantize_s": dequant, "scatter_s": scatter,
+            "compressed_bytes": int(sum(len(b) for b in blobs)), "chunks": len(blobs)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from shadowserve.bench.harness import Harness, doc_prompt, pin_to_dataplane_cores, run_to_end, write_json
+    from shadowserve.config import CodecConfig, EngineConfig
+    from shadowserve.engine.engine import LLMEngine
+    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.model.loader import load_model
+    from shadowserve.store.launch import start_store_server
+
+    overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
+    loaded = load_model(args.model, "float32")
+    server = start_store_server("--capacity", "8GiB")
+    pin_to_dataplane_cores(server.pid)
+    h = Harness(loaded, server.url, CodecConfig(**overrides), kv_cache_memory="3GiB")
+    tok = loaded.tokenizer
+    prompt = doc_prompt(tok, args.prefix_tokens, offset=0)
+    warmup = doc_prompt(tok, 4 * h.chunk_size, offset=300)  # fetched once per engine before timing
+    decoders = [doc_prompt(tok, 128, offset=400 + 3 * i) for i in range(args.batch)]
+    bandwidths = [float(b) for b in args.bandwidths.split(",")]
+    rows = []
+    try:
+        h.warm([prompt, warmup])
+        stages = stage_times(h, prompt)
+        # The suffix prefill alone: the prefix already in local blocks, nothing to fetch.
+        local = LLMEngine(EngineConfig(model=loaded.name, kv_cache_memory="3GiB", max_num_batched_tokens=8192),
+                          loaded=loaded, progress=False)
+        run_to_end(local, [local.add_request(prompt[:-1] + [prompt[-1]], SamplingParams(max_tokens=1))])
+        suffix_s = min(run_to_end(local, [local.add_request(prompt, SamplingParams(max_tokens=1))])[0].ttft
+                       for _ in range(2))
+        local.close()
+        slowest = max(stages["decompress_s"], stages["dequantize_s"], stages["scatter_s"])
+        print(f"prefix {args.prefix_tokens} tokens in {stages['chunks']} chunks, "
+              f"{stages['compressed_bytes'] / 1e6:.1f} MB compressed; stages alone: "
+              f"decompress {stages['decompress_s'] * 1e3:.0f} ms, dequantize {stages['dequantize_s'] * 1e3:.0f} ms, "
+              f"scatter {stages['scatter_s'] * 1e3:.0f} ms; suffix prefill {suffix_s * 1e3:.0f} ms")
+        print(f"{'mode':<10} {'Gbit/s':>7} {'loaded':>7} {'TTFT ms':>9} {'bound ms':>9} {'TTFT/bound':>11}")
+        for gbps in bandwidths:
+            url = f"{server.url}?bandwidth={gbps}gbit"
+            bound = max(stages["compressed_bytes"] * 8 / (gbps * 1e9), slowest) + suffix_s
+            for mode in args.modes.split(","):
+                eng = h.engine(mode, store_url=url)
+                try:
+                    run_to_end(eng, [eng.add_request(warmup, SamplingParams(max_tokens=1))])
+                    for loaded_run in ([False] if args.no_loaded else [False, True]):
+                        batch = []
+                        if loaded_run:
+                            batch = [eng.add_request(p, SamplingParams(max_tokens=10_000, ignore_eos=True))
+                                     for p in decoders]
+                            while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in batch):
+                                eng.step()
+                        req = eng.add_request(prompt, SamplingParams(max_tokens=1))
+                        while not req.is_finished:
+                            eng.step()
+                        for r in batch:
+                            eng.abort_request(r.request_id)
+                        if req.num_fetched_tokens < args.prefix_tokens:
+                            print(f"  warning: {mode} fetched only {req.num_fetched_tokens} tokens")
+                        row = {"mode": mode, "bandwidth_gbps": gbps, "loaded": loaded_run,
+                               "ttft_ms": req.ttft * 1e3, "bound_ms": bound * 1e3,
+                               "fetched_tokens": req.num_fetched_tokens}
+                        rows.append(row)
+                        print(f"{mode:<10} {gbps:>7g} {str(loaded_run):>7} {row['ttft_ms']:>9.0f} "
+                              f"{row['bound_ms']:>9.0f} {row['ttft_ms'] / row['bound_ms']:>11.2f}", flush=True)
+                finally:
+                    eng.close()
+    finally:
+        server.stop()
+    write_json(args.json_path, {"model": args.model, "prefix_tokens": args.prefix_tokens, "stages": stages,
+                                "suffix_prefill_ms": suffix_s * 1e3,
+                                "rows": rows})
+    return 0
