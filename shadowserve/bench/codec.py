@@ -14,12 +14,12 @@ import argparse
 import json
 import math
 import time
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from shadowserve.config import CodecConfig
+
+if TYPE_CHECKING:  # torch is imported inside functions: `shadowserve --help` must not pay for it
+    import torch
 from shadowserve.errors import ConfigError, ModelError
 
 # name -> config; the first is the default codec.
@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(model_name: str):
+    import torch
     try:
         from transformers import AutoTokenizer, LlamaForCausalLM
     except ImportError as exc:  # a bench/test extra, not a core dependency
@@ -70,6 +71,7 @@ def _text() -> str:
 
 def _prefill(model, ids: torch.Tensor) -> torch.Tensor:
     """Exact KV of ``ids`` as [layers, 2, tokens, kv_heads, head_dim] fp32."""
+    import torch
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
     layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # [2, H, T, D]
@@ -78,6 +80,7 @@ def _prefill(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _score(model, kv: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the eval tokens given ``kv`` as the cached context (teacher-forced)."""
+    import torch
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -103,6 +106,8 @@ def _metrics(logp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> di
 
 def _time_codec(codec, chunks: list[torch.Tensor], repeat: int) -> dict[str, Any]:
     """Encode every chunk, then time decode halves into one reused staging buffer and out tensor."""
+    import numpy as np
+    import torch
     shape = tuple(chunks[0].shape)
     fp16_bytes = sum(c.numel() * 2 for c in chunks)
     best_enc = math.inf
@@ -142,6 +147,8 @@ def _time_codec(codec, chunks: list[torch.Tensor], repeat: int) -> dict[str, Any
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from shadowserve.kvcache import KVCodec
 
     names = [n.strip() for n in args.codecs.split(",") if n.strip()]

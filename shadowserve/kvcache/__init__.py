@@ -1,7 +1,24 @@
-"""KV-cache chunks: chained chunk keys, the quantize + lossless codec, and the checked container."""
+"""KV-cache chunks: chained chunk keys, the quantize + lossless codec, and the checked container.
 
-from shadowserve.kvcache.chunking import chunk_keys, key_seed, num_full_chunks
-from shadowserve.kvcache.codec import KVCodec, codec_id_of
-from shadowserve.kvcache.format import ChunkHeader
+Names are loaded on first use so that importing a submodule (e.g. ``kvcache.lossless`` for config
+validation) does not pull in torch.
+"""
 
-__all__ = ["ChunkHeader", "KVCodec", "chunk_keys", "codec_id_of", "key_seed", "num_full_chunks"]
+from importlib import import_module
+
+_EXPORTS = {
+    "chunk_keys": "chunking",
+    "key_seed": "chunking",
+    "num_full_chunks": "chunking",
+    "KVCodec": "codec",
+    "codec_id_of": "codec",
+    "ChunkHeader": "format",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"shadowserve.kvcache.{_EXPORTS[name]}"), name)
+    raise AttributeError(name)
