@@ -25,12 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _text_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
     from pydoc_data.topics import topics
 
+    keys = sorted(topics)
     ids: list[int] = []
-    for key in sorted(topics)[offset:]:
-        ids.extend(tokenizer.encode(topics[key]))
+    for i in range(len(keys)):
+        ids.extend(tokenizer.encode(topics[keys[(offset + i) % len(keys)]]))
         if len(ids) >= n:
             return ids[:n]
-    raise ValueError("not enough text")
+    raise ValueError(f"pydoc topics hold fewer than {n} tokens")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,16 +72,24 @@ def run(args: argparse.Namespace) -> int:
         return time.perf_counter() - t
 
     def hf_decode(prompts: list[list[int]]) -> float:
-        x = torch.tensor(prompts)
-        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        """Seconds per decode step, from per-step timestamps (a stopping criterion that never stops)."""
+        import transformers
+
+        class Clock(transformers.StoppingCriteria):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+
+            def __call__(self, input_ids, scores, **kwargs):
+                self.times.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+        clock = Clock()
         with torch.inference_mode():
-            t = time.perf_counter()
-            hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
-            t1 = time.perf_counter() - t
-            t = time.perf_counter()
-            hf.generate(x, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, **kw)
-            tn = time.perf_counter() - t
-        return (tn - t1) / (args.decode_tokens - 1)
+            hf.generate(torch.tensor(prompts), max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
+                        do_sample=False, pad_token_id=0, eos_token_id=None,
+                        stopping_criteria=transformers.StoppingCriteriaList([clock]))
+        # times[0] is right after the prefill's token; the gaps after it are decode steps, as our TPOT.
+        return (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
 
     def best(fn, *a) -> float:
         return min(fn(*a) for _ in range(args.repeats))

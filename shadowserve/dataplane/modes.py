@@ -89,6 +89,7 @@ class ThreadBackend(FetchBackend):
 
     def close(self) -> None:
         self._pipeline.close()
+        self._kv = None  # the engine's pool must not outlive the engine through us
 
 
 class SyncBackend(ThreadBackend):

@@ -259,7 +259,10 @@ class Pipeline:
             for t in self._threads:
                 if t.name.startswith(f"dp-{stage}-"):
                     q.put(None)
-        for pool in (self.receive, self.staging, self.kvslots):
-            pool.close()
         for t in self._threads:
             t.join(timeout=2)
+        # Drop every view of the engine's KV pool and of the slots, so closing frees the memory.
+        self._pool = self._pool_rows = None
+        self._kv_views = []
+        for pool in (self.receive, self.staging, self.kvslots):
+            pool.close()

@@ -197,3 +197,14 @@ def test_offload_refuses_an_in_process_store(tiny):
 
     with pytest.raises(ConfigError, match="memory://"):
         engine(tiny, "memory://x", "offload")
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread", "offload"])
+def test_close_releases_the_kv_pool(tiny, tmp_path, mode):
+    """Closing an engine must free its KV pool at once, not whenever a reference cycle is collected."""
+    import weakref
+
+    eng = engine(tiny, f"file://{tmp_path}/store", mode)
+    pool = weakref.ref(eng.pool.tensor)
+    eng.close()
+    assert pool() is None
