@@ -40,3 +40,15 @@ def test_models_list():
     assert proc.returncode == 0
     for name in ("smollm2-135m", "tiny-random", "llama3-8b-shape", "mistral-7b-shape"):
         assert name in proc.stdout
+
+
+def test_demo_runs_end_to_end_on_tiny_random():
+    """The main job's code path (store server, cold pass, every fetch mode) on a fast model."""
+    proc = cli("demo", "--model", "tiny-random", "--documents", "1", "--questions", "2", "--doc-tokens", "600",
+               "--max-tokens", "4", "--quant", "none", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split("(")[0].strip(): line for line in proc.stdout.splitlines() if "%" in line}
+    for mode in ("sync", "thread", "offload"):
+        fields = rows[mode].split()
+        assert fields[-2] != "0%", rows[mode]  # something was fetched
+        assert fields[-1] == "100%", rows[mode]  # lossless codec: same answers as recompute
