@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-tokens", type=int, default=4096, help="cached prefix of each fetching request")
     p.add_argument("--fetchers", type=int, default=2, help="fetching requests kept in flight")
     p.add_argument("--store", default=None, help="store URL (default: a local store server)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, modes interleaved; medians are reported")
     p.add_argument("--quant", default=None)
     p.add_argument("--lossless", default=None)
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
     loaded = load_model(args.model, "float32")
-    from shadowserve.bench.harness import itl_median_ms, pin_to_dataplane_cores
+    from shadowserve.bench.harness import pin_to_dataplane_cores
 
     server = None if args.store else start_store_server("--capacity", "8GiB")
     if server is not None:
@@ -57,49 +58,65 @@ def run(args: argparse.Namespace) -> int:
         h.warm(docs)
         print(f"{'mode':<10} {'TPOT idle ms':>13} {'TPOT loaded ms':>15} {'ratio':>7} "
               f"{'TPOT replay ms':>15} {'replay ratio':>13} {'fetches':>8}")
-        for mode in args.modes.split(","):
-            eng = h.engine(mode)
-            try:
-                # Warm-up, then the idle measurement: the batch decodes alone.
-                run_batch(eng, decoders[:2], SamplingParams(max_tokens=4, ignore_eos=True))
-                idle_reqs = run_batch(eng, decoders, decode_params)
-                idle, idle_itl = _tpot(idle_reqs), itl_median_ms(idle_reqs)
-                # Loaded: the same batch while fetching requests keep arriving.
-                reqs = [eng.add_request(p, decode_params) for p in decoders]
-                fetchers, i, step = [], 0, 0
-                landed_at: dict[str, int] = {}
-                while any(not r.is_finished for r in reqs):
-                    live = [f for f in fetchers if not f.is_finished]
-                    while len(live) < args.fetchers:
-                        f = eng.add_request(docs[i % n_docs], SamplingParams(max_tokens=1))
-                        fetchers.append(f)
-                        live.append(f)
-                        i += 1
-                    eng.step()
-                    step += 1
-                    for f in live:
-                        if f.request_id not in landed_at and f.num_computed_tokens > 0:
-                            landed_at[f.request_id] = step
-                loaded_tpot, loaded_itl = _tpot(reqs), itl_median_ms(reqs)
-                fetched = sum(1 for f in fetchers if f.num_fetched_tokens > 0)
-            finally:
-                eng.close()
-            schedule = sorted((s, f.prompt_token_ids) for f in fetchers
-                              for rid, s in landed_at.items() if rid == f.request_id)
-            replay = _replay(h, decoders, decode_params, docs, schedule)
-            results[mode] = {"tpot_idle_ms": idle * 1e3, "tpot_loaded_ms": loaded_tpot * 1e3,
-                             "ratio": loaded_tpot / idle, "tpot_replay_ms": replay * 1e3,
-                             "replay_ratio": loaded_tpot / replay, "itl_p50_idle_ms": idle_itl,
-                             "itl_p50_loaded_ms": loaded_itl, "fetches": fetched}
-            r = results[mode]
-            print(f"{mode:<10} {r['tpot_idle_ms']:>13.1f} {r['tpot_loaded_ms']:>15.1f} {r['ratio']:>7.2f} "
-                  f"{r['tpot_replay_ms']:>15.1f} {r['replay_ratio']:>13.2f} {fetched:>8}", flush=True)
+        rounds: dict[str, list[dict]] = {m: [] for m in args.modes.split(",")}
+        for rnd in range(args.rounds):  # modes interleaved per round: slow drifts hit every mode alike
+            for mode in rounds:
+                r = _measure(h, mode, decoders, docs, decode_params, args.fetchers)
+                rounds[mode].append(r)
+                print(f"{mode:<10} {r['tpot_idle_ms']:>13.1f} {r['tpot_loaded_ms']:>15.1f} {r['ratio']:>7.2f} "
+                      f"{r['tpot_replay_ms']:>15.1f} {r['replay_ratio']:>13.2f} {r['fetches']:>8}"
+                      f"   (round {rnd + 1})", flush=True)
+        print("medians over rounds:")
+        for mode, rs in rounds.items():
+            med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            results[mode] = {**med, "rounds": rs}
+            print(f"{mode:<10} {med['tpot_idle_ms']:>13.1f} {med['tpot_loaded_ms']:>15.1f} {med['ratio']:>7.2f} "
+                  f"{med['tpot_replay_ms']:>15.1f} {med['replay_ratio']:>13.2f} {med['fetches']:>8.0f}")
     finally:
         if server is not None:
             server.stop()
     write_json(args.json_path, {"model": args.model, "batch": args.batch, "prefix_tokens": args.prefix_tokens,
                                 "modes": results})
     return 0
+
+
+def _measure(h, mode, decoders, docs, decode_params, n_fetchers) -> dict:
+    """Idle TPOT, loaded TPOT and the replayed baseline for one mode (one fresh engine)."""
+    from shadowserve.bench.harness import itl_median_ms
+    from shadowserve.engine.sequence import SamplingParams
+
+    eng = h.engine(mode)
+    try:
+        # Warm-up, then the idle measurement: the batch decodes alone.
+        run_batch(eng, decoders[:2], SamplingParams(max_tokens=4, ignore_eos=True))
+        idle_reqs = run_batch(eng, decoders, decode_params)
+        idle = _tpot(idle_reqs)
+        # Loaded: the same batch while fetching requests keep arriving.
+        reqs = [eng.add_request(p, decode_params) for p in decoders]
+        fetchers, i, step = [], 0, 0
+        landed_at: dict[str, int] = {}
+        while any(not r.is_finished for r in reqs):
+            live = [f for f in fetchers if not f.is_finished]
+            while len(live) < n_fetchers:
+                f = eng.add_request(docs[i % len(docs)], SamplingParams(max_tokens=1))
+                fetchers.append(f)
+                live.append(f)
+                i += 1
+            eng.step()
+            step += 1
+            for f in live:
+                if f.request_id not in landed_at and f.num_computed_tokens > 0:
+                    landed_at[f.request_id] = step
+        loaded = _tpot(reqs)
+        fetched = sum(1 for f in fetchers if f.num_fetched_tokens > 0)
+        itl_idle, itl_loaded = itl_median_ms(idle_reqs), itl_median_ms(reqs)
+    finally:
+        eng.close()
+    schedule = sorted((landed_at[f.request_id], f.prompt_token_ids) for f in fetchers if f.request_id in landed_at)
+    replay = _replay(h, decoders, decode_params, docs, schedule)
+    return {"tpot_idle_ms": idle * 1e3, "tpot_loaded_ms": loaded * 1e3, "ratio": loaded / idle,
+            "tpot_replay_ms": replay * 1e3, "replay_ratio": loaded / replay, "itl_p50_idle_ms": itl_idle,
+            "itl_p50_loaded_ms": itl_loaded, "fetches": fetched}
 
 
 def _replay(h, decoders, decode_params, docs, schedule) -> float:
