@@ -181,6 +181,8 @@ class KVCacheManager:
         req.num_fetched_tokens = c.ok_chunks * self.chunk_size
         self.stats.fetched_tokens += req.num_fetched_tokens
         req.num_computed_tokens = (f.first_chunk + c.ok_chunks) * self.chunk_size
+        # Chunks that failed (corrupt, vanished) get saved again after the prefill: the store heals.
+        req.remote_hit_tokens = req.num_computed_tokens
         req.status = RequestStatus.RUNNING
         self.bm.register_computed(req)  # fetched blocks become reusable by later local prefix matches
         return [req]
@@ -198,7 +200,7 @@ class KVCacheManager:
         self._abandoned[job] = f.blocks
         self._clear_inflight(f)
         self.stats.fetch_failures += 1
-        req.num_computed_tokens = f.first_chunk * self.chunk_size
+        req.num_computed_tokens = req.remote_hit_tokens = f.first_chunk * self.chunk_size
         req.status = RequestStatus.RUNNING
         return [req]
 
@@ -217,7 +219,7 @@ class KVCacheManager:
         for f in self._fetches.values():
             self._clear_inflight(f)
             self.stats.fetch_failures += 1
-            f.request.num_computed_tokens = f.first_chunk * self.chunk_size
+            f.request.num_computed_tokens = f.request.remote_hit_tokens = f.first_chunk * self.chunk_size
             f.request.status = RequestStatus.RUNNING
             ready.append(f.request)
         self._fetches.clear()

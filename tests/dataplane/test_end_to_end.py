@@ -100,7 +100,13 @@ def test_corrupt_chunk_falls_back_to_recompute(tiny, reference, tmp_path):
     reqs = run(eng, ps)
     assert [r.output_token_ids for r in reqs] == reference(ps)
     assert reqs[0].num_fetched_tokens == 0 and eng.kv_manager.stats.fetch_failures == 1
+    eng.flush()
     eng.close()
+    # The recompute saved good chunks over the corrupt ones: the next engine fetches them.
+    healed = engine(tiny, url, "thread")
+    again = run(healed, ps)
+    assert again[0].output_token_ids == reference(ps)[0] and again[0].num_fetched_tokens == 192
+    healed.close()
 
 
 def test_chunk_deleted_between_lookup_and_fetch(tiny, reference, tmp_path):
