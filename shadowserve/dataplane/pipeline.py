@@ -60,6 +60,7 @@ class _Chunk:
     index: int
     key: bytes
     blocks: torch.Tensor
+    run_start: int | None = None  # first block when the chunk's blocks are one contiguous run
     recv: int = -1
     nbytes: int = 0
     staging: int = -1
@@ -120,7 +121,8 @@ class Pipeline:
             self._finish(job)
             return
         for i, (key, blocks) in enumerate(zip(command.keys, command.block_ids)):
-            chunk = _Chunk(job, i, key, torch.tensor(blocks, dtype=torch.long))
+            contiguous = all(b - a == 1 for a, b in zip(blocks, blocks[1:]))
+            chunk = _Chunk(job, i, key, torch.tensor(blocks, dtype=torch.long), blocks[0] if contiguous else None)
             self._queues["fetch" if kind == "fetch" else "save"].put(chunk)
 
     # ---- stages -------------------------------------------------------------------------------
@@ -173,8 +175,8 @@ class Pipeline:
     def _dequantize(self, c: _Chunk) -> str | None:
         """Hot path: symbols -> KV values, straight into the destination blocks when they are one
         contiguous run (the common case), otherwise into a kv slot for the scatter stage."""
-        first = int(c.blocks[0])
-        if int(c.blocks[-1]) - first == self.blocks_per_chunk - 1 and bool((c.blocks.diff() == 1).all()):
+        if c.run_start is not None:  # decided at submit, off the hot path
+            first = c.run_start
             dest = self._pool[:, :, first : first + self.blocks_per_chunk].view(self.chunk_shape)
             self.codec.dequantize_into(c.header, self.staging.slot(c.staging), dest)
             self.staging.release(c.staging)
