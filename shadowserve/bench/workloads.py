@@ -1,7 +1,15 @@
-"""Workloads built from text Python ships with (``pydoc_data.topics``), so nothing is downloaded."""
+"""Workloads built from text Python ships with (``pydoc_data.topics``), so nothing is downloaded.
+
+The load-test workloads return :class:`Workload` (request specs + what to warm the store with);
+arrivals are added separately (:func:`with_arrivals`), and everything is deterministic for a seed.
+"""
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass, field
+
+from shadowserve.bench.drivers import RequestSpec
 from shadowserve.model.tokenizer import Tokenizer
 
 QUESTIONS = (
@@ -41,3 +49,122 @@ def long_document_qa(tokenizer: Tokenizer, num_documents: int, questions_per_doc
             messages = [{"role": "user", "content": f"{doc}\n\n{question}"}]
             prompts.append(tokenizer.apply_chat_template(messages))
     return prompts
+
+
+# ---- load-test workloads: request specs with arrivals, deterministic for a seed -------------------
+
+
+@dataclass
+class Workload:
+    """Request specs plus the prompts whose full chunks belong in the store before the run
+    (the shared prefixes a real deployment would have computed and saved earlier)."""
+
+    name: str
+    specs: list[RequestSpec]
+    warm_prompts: list[list[int]] = field(default_factory=list)
+
+
+def topic_tokens(tokenizer: Tokenizer) -> list[int]:
+    """Every help() topic, in a fixed order, as one token stream (~113K SmolLM2 tokens)."""
+    from pydoc_data.topics import topics
+
+    return tokenizer.encode("\n\n".join(topics[k].strip() for k in sorted(topics)))
+
+
+def _slice(stream: list[int], start: int, n: int) -> list[int]:
+    """``n`` tokens from ``start``, wrapping around the stream."""
+    start %= len(stream)
+    out = stream[start : start + n]
+    while len(out) < n:
+        out += stream[: n - len(out)]
+    return out
+
+
+def arrival_offsets(n: int, request_rate: float, seed: int) -> list[float]:
+    """Poisson arrivals: exponential gaps at ``request_rate`` req/s (inf: everything at t=0)."""
+    if request_rate <= 0:
+        raise ValueError("request_rate must be > 0 (use inf for all at once)")
+    if request_rate == float("inf"):
+        return [0.0] * n
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(request_rate)
+    return out
+
+
+def with_arrivals(specs: list[RequestSpec], request_rate: float, seed: int) -> list[RequestSpec]:
+    """The same requests, in the same order, arriving as a Poisson process."""
+    offsets = arrival_offsets(len(specs), request_rate, seed)
+    return [RequestSpec(s.prompt_ids, s.max_tokens, t) for s, t in zip(specs, offsets)]
+
+
+def long_doc_qa(tokenizer: Tokenizer, num_documents: int, questions_per_doc: int,
+                doc_tokens: tuple[int, int] = (2048, 16384), output_len: tuple[int, int] = (16, 256),
+                seed: int = 0, stream: list[int] | None = None) -> Workload:
+    """LongBench / LMCache long-doc-QA shape: each document asked several short questions.
+
+    Document lengths are drawn uniformly from ``doc_tokens`` and output lengths from ``output_len``;
+    requests go question-major (every document's first question, then every second one), so a
+    document's later questions find it in the store. The documents are the warm set.
+    """
+    rng = random.Random(seed)
+    stream = stream if stream is not None else topic_tokens(tokenizer)
+    sep = tokenizer.encode("\n\nQuestion: ")
+    questions = [tokenizer.encode(q) for q in QUESTIONS]
+    docs, pos = [], rng.randrange(len(stream))
+    for _ in range(num_documents):
+        n = rng.randint(*doc_tokens)
+        docs.append(_slice(stream, pos, n))
+        pos += n
+    specs = []
+    for q in range(questions_per_doc):
+        for doc in docs:
+            prompt = doc + sep + questions[(q + len(doc)) % len(questions)]
+            specs.append(RequestSpec(tuple(prompt), rng.randint(*output_len)))
+    return Workload("long-doc-qa", specs, docs)
+
+
+def multi_round_chat(tokenizer: Tokenizer, num_conversations: int, rounds: int, system_tokens: int = 1024,
+                     user_tokens: int = 64, answer_tokens: int = 128, output_len: tuple[int, int] = (16, 256),
+                     seed: int = 0, stream: list[int] | None = None) -> Workload:
+    """Multi-round chat: every conversation starts with one shared system prompt, and round k's
+    prompt is the system prompt + the k-1 earlier turns (user message + answer) + a new message.
+
+    Requests go round-major. The warm set is each request's context before its new message (what
+    earlier rounds computed and saved), so every round can fetch its whole history.
+    """
+    rng = random.Random(seed)
+    stream = stream if stream is not None else topic_tokens(tokenizer)
+    system = _slice(stream, rng.randrange(len(stream)), system_tokens)
+    convs = []
+    for _ in range(num_conversations):
+        turns = [(_slice(stream, rng.randrange(len(stream)), user_tokens),
+                  _slice(stream, rng.randrange(len(stream)), answer_tokens)) for _ in range(rounds)]
+        convs.append(turns)
+    specs, warm = [], [system]
+    for k in range(rounds):
+        for turns in convs:
+            history = list(system)
+            for user, answer in turns[:k]:
+                history += user + answer
+            if k:
+                warm.append(history)
+            specs.append(RequestSpec(tuple(history + turns[k][0]), rng.randint(*output_len)))
+    return Workload("chat", specs, warm)
+
+
+def prefix_repetition(tokenizer: Tokenizer, num_requests: int, prefix_len: int = 2048, suffix_len: int = 128,
+                      num_prefixes: int = 4, output_len: int = 64, seed: int = 0,
+                      stream: list[int] | None = None) -> Workload:
+    """vLLM's ``prefix_repetition`` shape: ``num_prefixes`` shared prefixes, each request one of
+    them (balanced, shuffled) plus its own ``suffix_len`` tokens; ``output_len`` tokens out."""
+    rng = random.Random(seed)
+    stream = stream if stream is not None else topic_tokens(tokenizer)
+    prefixes = [_slice(stream, rng.randrange(len(stream)), prefix_len) for _ in range(num_prefixes)]
+    which = [i % num_prefixes for i in range(num_requests)]
+    rng.shuffle(which)
+    specs = [RequestSpec(tuple(prefixes[i] + _slice(stream, rng.randrange(len(stream)), suffix_len)), output_len)
+             for i in which]
+    return Workload("prefix-repetition", specs, prefixes)

@@ -15,6 +15,9 @@ SUITES: dict[str, str] = {
     "store": "store GET throughput vs Redis vs raw sockets; shaped links",
     "interference": "decode TPOT of a running batch while other requests fetch, per fetch mode",
     "ttft": "TTFT of a cached long prefix vs link bandwidth, per fetch mode, unloaded and loaded",
+    "load": "serving load test (vllm bench serve's metrics) per fetch mode over long-doc QA, chat or prefix reuse",
+    "stages": "each data-plane stage's throughput alone and inside the pipeline; busy time and buffer occupancy",
+    "paper": "the paper's figures on this system: TTFT vs bandwidth, TPOT vs rate, throughput vs bandwidth, stages",
 }
 
 
