@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("shadowserve.commands.generate", "generate text from a prompt"),
     "models": ("shadowserve.commands.models", "list or download models"),
     "store": ("shadowserve.commands.store", "run or inspect a KV chunk store"),
+    "serve": ("shadowserve.commands.serve", "run the OpenAI-compatible HTTP server"),
+    "config": ("shadowserve.commands.config", "show the effective configuration"),
     "bench": ("shadowserve.commands.bench", "benchmarks (engine, codec, store, ...)"),
 }
 

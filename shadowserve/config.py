@@ -294,3 +294,26 @@ class CodecConfig:
         from shadowserve.kvcache.lossless import check_level
 
         check_level(self.lossless, self.level)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The OpenAI-compatible HTTP front end: where it listens and what it accepts."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    served_model_name: str | None = None  # the name clients send as "model" (default: the engine's model)
+    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
+    max_request_size: str | int = "8MiB"  # larger bodies get 413 before they are read
+    max_n: int = 8  # most completions one request may ask for ("n")
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if parse_size(self.max_request_size) < 1024:
+            raise ConfigError("max_request_size must be at least 1KiB")
+        if self.max_n < 1:
+            raise ConfigError("max_n must be >= 1")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug"):
+            raise ConfigError(f"unknown log_level {self.log_level!r}: use critical, error, warning, info or debug")

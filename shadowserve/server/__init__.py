@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: the engine on its own thread behind FastAPI handlers."""

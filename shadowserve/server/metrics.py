@@ -1,0 +1,110 @@
+"""Prometheus metrics with the names in DESIGN.md §3, on a registry owned by one server.
+
+Latency histograms are observed by the engine thread when a request finishes; everything the
+control and data planes already count (lookups, hits, fetch bytes, stage busy time, buffer
+occupancy, queue lengths) is read at scrape time, so serving pays nothing per step for it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+from shadowserve.engine.engine import LLMEngine
+from shadowserve.engine.sequence import RequestOutput
+
+PREFIX = "shadowserve_"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+class ServerMetrics:
+    """Everything ``/metrics`` shows for one engine."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram(PREFIX + "ttft_seconds", "Time to first token", registry=self.registry,
+                              buckets=TTFT_BUCKETS)
+        self.tpot = Histogram(PREFIX + "tpot_seconds", "Mean time per output token after the first, per request",
+                              registry=self.registry, buckets=TPOT_BUCKETS)
+        self.requests = Counter(PREFIX + "requests", "Requests by how they ended", ["state"],
+                                registry=self.registry)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests",
+                                     registry=self.registry)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Output tokens of finished requests",
+                                         registry=self.registry)
+        self.registry.register(_EngineCollector(engine))
+
+    def observe_finished(self, out: RequestOutput) -> None:
+        """Called on the engine thread for every request that finished (aborts included)."""
+        state = "aborted" if out.finish_reason == "abort" else "finished"
+        self.requests.labels(state).inc()
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.generation_tokens.inc(len(out.token_ids))
+        if out.ttft_ms is not None:
+            self.ttft.observe(out.ttft_ms / 1e3)
+        if out.tpot_ms is not None:
+            self.tpot.observe(out.tpot_ms / 1e3)
+
+    def observe_outcome(self, state: str) -> None:
+        """Requests that never finished in the engine: ``rejected`` (bad input), ``aborted``, ``failed``."""
+        self.requests.labels(state).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's, control plane's and data plane's own counters at scrape time."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        sched = self.engine.scheduler
+        states = GaugeMetricFamily(PREFIX + "requests_in_state", "Requests now in each scheduler state",
+                                   labels=["state"])
+        for state, q in (("waiting", sched.waiting), ("fetching", sched.fetching), ("running", sched.running)):
+            states.add_metric([state], len(q))
+        yield states
+        bm = self.engine.block_manager
+        yield GaugeMetricFamily(PREFIX + "kv_blocks_total", "KV blocks in the pool", value=bm.num_blocks)
+        yield GaugeMetricFamily(PREFIX + "kv_blocks_used", "KV blocks held by requests",
+                                value=bm.num_blocks - bm.num_free_blocks)
+        manager = self.engine.kv_manager
+        stats = getattr(manager, "stats", None)
+        counters = {
+            "prefix_lookup_tokens": ("Prompt tokens looked up in the remote store", "prefix_lookup_tokens"),
+            "prefix_hit_tokens": ("Prompt tokens the remote store held at lookup", "prefix_hit_tokens"),
+            "fetched_tokens": ("Prompt tokens whose KV landed from the store", "fetched_tokens"),
+            "fetch_bytes": ("Compressed bytes fetched from the store", "fetch_bytes"),
+            "fetch_failures": ("Fetches that failed or timed out and fell back to recompute", "fetch_failures"),
+            "saved_chunks": ("Chunks written to the store", "saved_chunks"),
+            "save_failures": ("Chunk saves that failed", "save_failures"),
+            "dataplane_restarts": ("Times a dead or hung data plane was restarted", "dataplane_restarts"),
+        }
+        for name, (doc, attr) in counters.items():
+            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(stats, attr, 0) if stats else 0)
+        fetch = SummaryMetricFamily(PREFIX + "fetch_seconds", "Seconds from fetch command to completion")
+        fetch.add_metric([], count_value=stats.fetches if stats else 0, sum_value=stats.fetch_seconds if stats else 0.0)
+        yield fetch
+        plane = {}
+        if manager is not None:
+            try:
+                plane = manager.backend.stats() or {}
+            except Exception:
+                plane = {}
+        busy = GaugeMetricFamily(PREFIX + "dataplane_stage_busy_ratio",
+                                 "Share of time each pipeline stage's workers were busy", labels=["stage"])
+        for stage, ratio in sorted(plane.get("stage_busy_ratio", {}).items()):
+            busy.add_metric([stage], ratio)
+        yield busy
+        occupancy = GaugeMetricFamily(PREFIX + "dataplane_buffer_occupancy",
+                                      "Share of each slot pool's slots in use", labels=["pool"])
+        for pool, value in sorted(plane.get("buffer_occupancy", {}).items()):
+            occupancy.add_metric([pool], value)
+        yield occupancy
+        up = 1.0 if manager is None or manager.backend.healthy() else 0.0
+        yield GaugeMetricFamily(PREFIX + "dataplane_up", "1 when the data plane answers heartbeats", value=up)
