@@ -4,8 +4,9 @@ and engines for each fetch mode built over one loaded model with the same core s
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
@@ -20,6 +21,12 @@ class Harness:
     codec: CodecConfig
     chunk_size: int = 256
     kv_cache_memory: str = "2GiB"
+    # The cores this process may use before any engine pins it (an engine pins its whole process).
+    cores: tuple[int, ...] = field(default_factory=lambda: tuple(sorted(os.sched_getaffinity(0))))
+
+    def unpin(self) -> None:
+        """Give this process back every core it started with (before splitting cores again)."""
+        os.sched_setaffinity(0, self.cores)
 
     def engine(self, mode: str, store_url: str | None = None, save: bool = False, **plane) -> LLMEngine:
         """An engine in ``mode`` with the engine pinned to its cores and the data plane to the rest."""
@@ -41,8 +48,6 @@ class Harness:
 
 def pin_to_dataplane_cores(pid: int) -> None:
     """Keep a helper process (the store server: the "remote" machine) off the engine's cores."""
-    import os
-
     _, plane = DataPlaneConfig().split_cores()
     try:
         os.sched_setaffinity(pid, plane)

@@ -8,6 +8,7 @@ instead of allocating more.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from multiprocessing import shared_memory
 
@@ -48,20 +49,56 @@ class SlotPool:
         self._free = deque(range(num_slots))
         self._cond = threading.Condition()
         self._closed = False
+        # Occupancy over time (slot-seconds since the window opened) and the peak: two floats and an
+        # int updated under the lock we already hold, so the accounting costs no allocation.
+        self._window_start = self._mark = time.perf_counter()
+        self._slot_seconds = 0.0
+        self._wait_s = 0.0
+        self._peak = 0
 
     def acquire(self, timeout: float | None = None) -> int:
         """Take a free slot, waiting while all are busy; FetchError after ``timeout`` or on close."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._free or self._closed, timeout):
-                raise FetchError(f"no free {self.name} slot within {timeout:.1f}s")
+            if not self._free:  # back-pressure: count how long acquirers wait (stage busy time includes it)
+                t0 = time.perf_counter()
+                ok = self._cond.wait_for(lambda: self._free or self._closed, timeout)
+                self._wait_s += time.perf_counter() - t0
+                if not ok:
+                    raise FetchError(f"no free {self.name} slot within {timeout:.1f}s")
             if self._closed:
                 raise FetchError(f"{self.name} pool is closed")
-            return self._free.popleft()
+            self._account()
+            slot = self._free.popleft()
+            self._peak = max(self._peak, self.num_slots - len(self._free))
+            return slot
 
     def release(self, slot: int) -> None:
         with self._cond:
+            self._account()
             self._free.append(slot)
             self._cond.notify()
+
+    def _account(self) -> None:
+        now = time.perf_counter()
+        self._slot_seconds += (self.num_slots - len(self._free)) * (now - self._mark)
+        self._mark = now
+
+    def window(self) -> dict:
+        """Mean occupancy (0-1, time-weighted), peak slots in use and seconds acquirers waited for a free
+        slot, since the window opened."""
+        with self._cond:
+            self._account()
+            elapsed = max(1e-9, self._mark - self._window_start)
+            return {"mean_occupancy": self._slot_seconds / (elapsed * self.num_slots), "peak_in_use": self._peak,
+                    "slots": self.num_slots, "wait_s": self._wait_s}
+
+    def reset_window(self) -> None:
+        """Start a new accounting window now (a benchmark measures one run at a time)."""
+        with self._cond:
+            self._window_start = self._mark = time.perf_counter()
+            self._slot_seconds = 0.0
+            self._wait_s = 0.0
+            self._peak = self.num_slots - len(self._free)
 
     def slot(self, index: int) -> np.ndarray:
         """The slot's bytes as a writable uint8 array (a view: no copy)."""

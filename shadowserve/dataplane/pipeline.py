@@ -23,6 +23,7 @@ import torch
 
 from shadowserve.config import DataPlaneConfig
 from shadowserve.dataplane.buffers import SlotPool
+from shadowserve.dataplane.kv_targets import ChunkPlan, kv_target
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.errors import ShadowServeError
 
@@ -59,8 +60,7 @@ class _Chunk:
     job: _Job
     index: int
     key: bytes
-    blocks: torch.Tensor
-    run_start: int | None = None  # first block when the chunk's blocks are one contiguous run
+    plan: ChunkPlan  # destination blocks, prepared at submit by the KV target
     recv: int = -1
     nbytes: int = 0
     staging: int = -1
@@ -79,14 +79,13 @@ class Pipeline:
         kv_pool: torch.Tensor,
         layout: BufferLayout,
         on_thread_start: Callable[[], None] | None = None,
+        kv_layout: str = "engine",
     ) -> None:
         self.config, self.store, self.codec = config, store, codec
-        layers, _, num_blocks, block_size, kv_heads, head_dim = kv_pool.shape
-        self.blocks_per_chunk = config.chunk_size // block_size
-        self.chunk_shape = (layers, 2, config.chunk_size, kv_heads, head_dim)
-        # [layers*2, blocks, block elems]: one index_copy_ along dim 1 scatters a whole chunk.
-        self._pool_rows = kv_pool.view(layers * 2, num_blocks, -1)
-        self._pool = kv_pool
+        # The layout adapter: our engine's pool, or another engine's (kv_targets.py).
+        self._target = kv_target(kv_pool, config.chunk_size, kv_layout)
+        self.blocks_per_chunk = self._target.blocks_per_chunk
+        self.chunk_shape = self._target.chunk_shape
         self._on_thread_start = on_thread_start
         self.receive = SlotPool("receive", config.receive_slots, layout.receive_bytes, layout.receive_shm)
         self.staging = SlotPool("staging", config.staging_slots, layout.staging_bytes, layout.staging_shm)
@@ -94,10 +93,12 @@ class Pipeline:
         numel = int(np.prod(self.chunk_shape))
         # Tensor views over the kv slots, made once: the hot path never creates tensors for buffers.
         self._kv_views = [
-            torch.from_numpy(self.kvslots.slot(i)).view(kv_pool.dtype)[:numel].view(self.chunk_shape)
+            torch.from_numpy(self.kvslots.slot(i)).view(self._target.dtype)[:numel].view(self.chunk_shape)
             for i in range(self.kvslots.num_slots)
         ]
         self._busy = dict.fromkeys(STAGES, 0.0)
+        self._chunks = dict.fromkeys(STAGES, 0)  # chunks each stage finished (ok or not)
+        self._fetched_bytes = 0
         self._busy_lock = threading.Lock()
         self._started = time.perf_counter()
         self._queues = {s: queue.Queue() for s in STAGES}
@@ -121,8 +122,7 @@ class Pipeline:
             self._finish(job)
             return
         for i, (key, blocks) in enumerate(zip(command.keys, command.block_ids)):
-            contiguous = all(b - a == 1 for a, b in zip(blocks, blocks[1:]))
-            chunk = _Chunk(job, i, key, torch.tensor(blocks, dtype=torch.long), blocks[0] if contiguous else None)
+            chunk = _Chunk(job, i, key, self._target.plan(blocks))  # decided here, off the hot path
             self._queues["fetch" if kind == "fetch" else "save"].put(chunk)
 
     # ---- stages -------------------------------------------------------------------------------
@@ -151,6 +151,9 @@ class Pipeline:
             finally:
                 with self._busy_lock:
                     self._busy[stage] += time.perf_counter() - t0
+                    self._chunks[stage] += 1
+                    if stage == "fetch":
+                        self._fetched_bytes += chunk.nbytes
             if nxt is not None:
                 self._queues[nxt].put(chunk)
 
@@ -174,10 +177,10 @@ class Pipeline:
 
     def _dequantize(self, c: _Chunk) -> str | None:
         """Hot path: symbols -> KV values, straight into the destination blocks when they are one
-        contiguous run (the common case), otherwise into a kv slot for the scatter stage."""
-        if c.run_start is not None:  # decided at submit, off the hot path
-            first = c.run_start
-            dest = self._pool[:, :, first : first + self.blocks_per_chunk].view(self.chunk_shape)
+        contiguous run the layout can view as a chunk (the common case), otherwise into a kv slot
+        for the scatter stage."""
+        dest = self._target.direct_view(c.plan)
+        if dest is not None:
             self.codec.dequantize_into(c.header, self.staging.slot(c.staging), dest)
             self.staging.release(c.staging)
             c.staging = -1
@@ -191,8 +194,7 @@ class Pipeline:
 
     def _scatter(self, c: _Chunk) -> None:
         """Hot path: one copy of the chunk into its destination KV blocks."""
-        src = self._kv_views[c.kv].view(self._pool_rows.shape[0], self.blocks_per_chunk, -1)
-        self._pool_rows.index_copy_(1, c.blocks, src)
+        self._target.scatter(c.plan, self._kv_views[c.kv])
         self.kvslots.release(c.kv)
         c.kv = -1
         self._settle(c, True, None)
@@ -201,7 +203,7 @@ class Pipeline:
         """Gather a computed chunk from its blocks, encode it and put it in the store."""
         c.kv = self.kvslots.acquire(self.config.fetch_timeout)
         view = self._kv_views[c.kv]
-        torch.index_select(self._pool_rows, 1, c.blocks, out=view.view(self._pool_rows.shape[0], self.blocks_per_chunk, -1))
+        self._target.gather(c.plan, view)
         blob = self.codec.encode(view)
         self.kvslots.release(c.kv)
         c.kv = -1
@@ -243,15 +245,34 @@ class Pipeline:
         ))
 
     def stats(self) -> dict:
-        """Per-stage busy ratio since start and buffer occupancy now (for metrics and benches)."""
+        """Per-stage busy ratio, busy seconds and chunks since start (or ``reset_stats``), buffer
+        occupancy now and over the window (mean, peak), for metrics and the stage benchmark."""
         elapsed = max(1e-9, time.perf_counter() - self._started)
         with self._busy_lock:
-            busy = {s: v / elapsed for s, v in self._busy.items()}
+            busy_s = dict(self._busy)
+            chunks = dict(self._chunks)
+            fetched = self._fetched_bytes
+        pools = (self.receive, self.staging, self.kvslots)
         return {
-            "stage_busy_ratio": busy,
-            "buffer_occupancy": {p.name: p.occupancy for p in (self.receive, self.staging, self.kvslots)},
-            "buffer_in_use": {p.name: p.in_use for p in (self.receive, self.staging, self.kvslots)},
+            "elapsed_s": elapsed,
+            "stage_busy_ratio": {s: v / elapsed for s, v in busy_s.items()},
+            "stage_busy_seconds": busy_s,
+            "stage_chunks": chunks,
+            "fetched_bytes": fetched,
+            "buffer_occupancy": {p.name: p.occupancy for p in pools},
+            "buffer_in_use": {p.name: p.in_use for p in pools},
+            "buffer_window": {p.name: p.window() for p in pools},
         }
+
+    def reset_stats(self) -> None:
+        """Open a new accounting window: busy time, chunk counts and buffer occupancy start from zero."""
+        with self._busy_lock:
+            self._busy = dict.fromkeys(STAGES, 0.0)
+            self._chunks = dict.fromkeys(STAGES, 0)
+            self._fetched_bytes = 0
+            self._started = time.perf_counter()
+        for p in (self.receive, self.staging, self.kvslots):
+            p.reset_window()
 
     def close(self) -> None:
         if self._closed:
@@ -264,7 +285,7 @@ class Pipeline:
         for t in self._threads:
             t.join(timeout=2)
         # Drop every view of the engine's KV pool and of the slots, so closing frees the memory.
-        self._pool = self._pool_rows = None
+        self._target.close()
         self._kv_views = []
         for pool in (self.receive, self.staging, self.kvslots):
             pool.close()
