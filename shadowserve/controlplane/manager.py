@@ -80,6 +80,7 @@ class KVCacheManager:
         self._abandoned: dict[int, list[int]] = {}  # job -> blocks the data plane may still write
         self._saved_requests: set[str] = set()
         self._counted: set[str] = set()
+        self._last_restart = time.monotonic()
 
     # ---- lookup -------------------------------------------------------------------------------
 
@@ -152,8 +153,11 @@ class KVCacheManager:
         for job, f in list(self._fetches.items()):
             if now > f.deadline:
                 ready.extend(self._abandon(job, "timed out"))
-        if (self._fetches or self._saves or self._abandoned) and not self.backend.healthy():
-            ready.extend(self._fail_over())
+        if not self.backend.healthy():
+            if self._fetches or self._saves or self._abandoned:
+                ready.extend(self._fail_over())
+            elif now - self._last_restart > self.config.heartbeat_timeout:
+                self._fail_over()  # idle but dead: be ready before the next request, not after it fails
         return ready
 
     def _complete(self, c: Completion) -> list[Request]:
@@ -208,6 +212,7 @@ class KVCacheManager:
         """The data plane died or hung: restart it (so nothing old can write) and recompute."""
         self.backend.restart()
         self.stats.dataplane_restarts += 1
+        self._last_restart = time.monotonic()
         for blocks in self._abandoned.values():
             self.bm.release(blocks)
         self._abandoned.clear()

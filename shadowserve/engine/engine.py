@@ -166,6 +166,11 @@ class LLMEngine:
             self._forget(r.request_id)
         return outputs
 
+    def check_liveness(self) -> None:
+        """Let the control plane notice (and restart) a dead data plane while no request is running."""
+        if self.kv_manager is not None:
+            self.scheduler.collect_fetched()
+
     def output_of(self, req: Request) -> RequestOutput:
         ttft, tpot = req.ttft, req.tpot
         return RequestOutput(

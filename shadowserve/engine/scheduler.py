@@ -65,7 +65,7 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledChunk]:
         if self.kv_manager is not None:
-            self._collect_fetched()
+            self.collect_fetched()
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted = False
@@ -133,13 +133,13 @@ class Scheduler:
         if remote > local and self.kv_manager.start_fetch(req, local, remote):
             self.fetching.append(req)
             if self.kv_manager.backend.synchronous:
-                self._collect_fetched()
+                self.collect_fetched()
             return "ok"
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         return "ok"
 
-    def _collect_fetched(self) -> None:
+    def collect_fetched(self) -> None:
         """Requests whose fetch ended (landed, partly landed, or failed) join the running batch."""
         for req in self.kv_manager.poll():
             if req in self.fetching:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from shadowserve.engine.sequence import Request, RequestOutput, SamplingParams
 from shadowserve.errors import ShadowServeError
 
 log = logging.getLogger("shadowserve.server")
+LIVENESS_INTERVAL = 0.5  # seconds between data-plane checks while the engine is idle
 
 
 @dataclass
@@ -88,10 +90,14 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            last_check = time.monotonic()
             while not self._stop.is_set():
                 self._drain(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     self._step()
+                elif time.monotonic() - last_check > LIVENESS_INTERVAL:
+                    self.engine.check_liveness()
+                    last_check = time.monotonic()
         except BaseException as exc:  # the loop itself broke: report it and fail every open request
             self.fatal = f"engine loop stopped: {exc!r}"
             log.error("%s\n%s", self.fatal, traceback.format_exc())

@@ -260,19 +260,19 @@ class OpenAIServer:
             raise APIError(500, ev.error or "request failed", "server_error")
 
     async def _complete(self, job: _Job, request: Request, chat: bool) -> JSONResponse:
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
             while not all(c.finished for c in job.choices):
-                try:
-                    index, ev = await asyncio.wait_for(job.next_event(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        self._abort(job)
-                        return JSONResponse({}, status_code=499)
-                    continue
+                index, ev = await job.next_event()
+                if index < 0:  # the client is gone: stop generating for it
+                    self._abort(job)
+                    return JSONResponse({}, status_code=499)
                 self._apply(job, index, ev)
         except BaseException:
             self._abort(job)
             raise
+        finally:
+            watcher.cancel()
         choices = []
         for c in job.choices:
             if chat:
@@ -331,6 +331,15 @@ class OpenAIServer:
         finally:
             if not done:
                 self._abort(job)  # the client went away (or the stream failed): free the KV blocks
+
+
+async def _watch_disconnect(request: Request, job: _Job) -> None:
+    """Wake the handler the moment the client hangs up (the body is already read, so receive() waits)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.events.put_nowait((-1, Event("disconnected")))
+            return
 
 
 def _sse(gen: AsyncIterator[str]) -> StreamingResponse:

@@ -1,0 +1,91 @@
+"""A request whose prefix KV comes from the store, over HTTP, through the offload data plane."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from shadowserve.server.launch import start_api_server
+from shadowserve.store.launch import start_store_server
+from tests.server.conftest import scrape
+
+CHUNK = 64
+
+
+@pytest.fixture(scope="module")
+def store():
+    s = start_store_server("--capacity", "256MiB")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def fetching_server(store):
+    # Local prefix caching off: a repeated prompt must come back from the store, not from local blocks.
+    s = start_api_server(
+        "--model", "tiny-random", "--store", store.url, "--fetch-mode", "offload", "--quant", "none",
+        "--lossless", "zstd", "--set", f"dataplane.chunk_size={CHUNK}", "--set", "engine.enable_prefix_caching=false",
+        "--set", "dataplane.heartbeat_timeout=2",
+    )
+    yield s
+    s.stop()
+
+
+def _wait(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_second_request_fetches_its_prefix_and_answers_the_same(fetching_server):
+    url = fetching_server.url
+    prompt = "A shared document prefix that many requests repeat. " * 12  # ~600 byte tokens: 9 chunks
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0}
+    first = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    assert first["shadowserve"]["fetched_tokens"] == 0
+    _wait(lambda: scrape(url)["shadowserve_saved_chunks_total"] >= len(prompt) // CHUNK - 1, what="saves")
+    before = scrape(url)
+    second = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    after = scrape(url)
+    fetched = second["shadowserve"]["fetched_tokens"]
+    assert fetched >= CHUNK and fetched % CHUNK == 0
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == fetched
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]  # lossless codec: same answer
+    assert after["shadowserve_prefix_hit_tokens_total"] - before["shadowserve_prefix_hit_tokens_total"] >= fetched
+    assert after["shadowserve_fetch_bytes_total"] > before["shadowserve_fetch_bytes_total"]
+    assert after["shadowserve_fetch_seconds_count"] == before["shadowserve_fetch_seconds_count"] + 1
+    assert "shadowserve_dataplane_stage_busy_ratio{stage=\"fetch\"}" in after
+
+
+def _dataplane_pid(server_pid: int) -> int:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == server_pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"spawn_main" in f.read():  # not the resource tracker
+                        return int(entry)
+    raise AssertionError("no data-plane child process found")
+
+
+def test_dead_data_plane_is_reported_and_replaced(fetching_server):
+    url = fetching_server.url
+    before = scrape(url)["shadowserve_dataplane_restarts_total"]
+    os.kill(_dataplane_pid(fetching_server.pid), signal.SIGKILL)
+    # Idle, the server notices within a heartbeat timeout: /health says 503, then it restarts the plane.
+    _wait(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=10, what="/health to report the dead plane")
+    _wait(lambda: scrape(url)["shadowserve_dataplane_restarts_total"] > before, timeout=15, what="a restart")
+    _wait(lambda: httpx.get(f"{url}/health").status_code == 200, timeout=15, what="/health to recover")
+    prompt = "A shared document prefix that many requests repeat. " * 12
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.json()["shadowserve"]["fetched_tokens"] > 0  # the new plane fetches
