@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections import deque
@@ -122,8 +123,7 @@ class OffloadBackend(FetchBackend):
         ]
         names = [s.shm_name for s in self._segments]
         lay = BufferLayout(lay.receive_bytes, lay.staging_bytes, lay.kv_bytes, *names)
-        self.spec = DataPlaneSpec(spec.config, spec.store_url, spec.codec_config, spec.fingerprint,
-                                  spec.pool, lay, spec.cores)
+        self.spec = dataclasses.replace(spec, layout=lay)
         try:
             self.process = DataPlaneProcess(self.spec)
         except BaseException:

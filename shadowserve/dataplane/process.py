@@ -30,9 +30,10 @@ class DataPlaneSpec:
     store_url: str
     codec_config: object
     fingerprint: str
-    pool: KVPoolHandle
+    pool: KVPoolHandle  # or any handle with attach() -> object with .tensor and .close()
     layout: BufferLayout
     cores: tuple[int, ...]
+    kv_layout: str = "engine"  # how the pool pages KV (dataplane/kv_targets.py)
 
 
 def build_pipeline(spec: DataPlaneSpec, kv_tensor, on_thread_start=None) -> Pipeline:
@@ -41,14 +42,12 @@ def build_pipeline(spec: DataPlaneSpec, kv_tensor, on_thread_start=None) -> Pipe
 
     store = open_store(spec.store_url)
     codec = KVCodec(spec.codec_config, spec.fingerprint)
-    return Pipeline(spec.config, store, codec, kv_tensor, spec.layout, on_thread_start)
+    return Pipeline(spec.config, store, codec, kv_tensor, spec.layout, on_thread_start, spec.kv_layout)
 
 
 def _child_main(spec: DataPlaneSpec, commands, events) -> None:
     """Entry point of the data-plane process."""
     import torch
-
-    from shadowserve.engine.kv_pool import AttachedKVPool
 
     if spec.cores:
         os.sched_setaffinity(0, spec.cores)
@@ -63,7 +62,7 @@ def _child_main(spec: DataPlaneSpec, commands, events) -> None:
                 os._exit(0)  # the engine is gone; nothing left to serve
 
     try:
-        pool = AttachedKVPool(spec.pool)
+        pool = spec.pool.attach()
         pipeline = build_pipeline(spec, pool.tensor)
     except Exception as exc:
         send(("failed", f"{type(exc).__name__}: {exc}"))

@@ -27,6 +27,10 @@ class KVPoolHandle:
     shape: tuple[int, ...]
     dtype: str
 
+    def attach(self) -> AttachedKVPool:
+        """Map the pool in this (data-plane) process."""
+        return AttachedKVPool(self)
+
 
 def pool_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int, ...]:
     return (arch.num_hidden_layers, 2, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)

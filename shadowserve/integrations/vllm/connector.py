@@ -1,0 +1,175 @@
+"""ShadowServeConnector: vLLM's v1 KV connector API over our control plane, data plane and store.
+
+vLLM builds one instance per role: the SCHEDULER one answers prefix lookups and plans loads and
+saves (scheduler_side.py); each WORKER one owns a data plane writing straight into vLLM's KV blocks
+(worker_side.py). Loads are asynchronous (``load_async=True``): vLLM keeps scheduling other
+requests while a prefix lands, and a failed chunk is reported as failed blocks, which vLLM
+recomputes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from shadowserve.errors import ConfigError
+from shadowserve.integrations.vllm.config import ConnectorConfig, model_fingerprint, parse_extra_config
+from shadowserve.integrations.vllm.metadata import ShadowServeMetadata
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+    from shadowserve.integrations.vllm.scheduler_side import SchedulerSide
+    from shadowserve.integrations.vllm.worker_side import WorkerSide
+
+log = logging.getLogger(__name__)
+
+
+class ShadowServeConnector(KVConnectorBase_V1):
+    """Prefix KV from a ShadowServe store, loaded asynchronously by our isolated data plane."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
+            raise ConfigError("ShadowServeConnector supports tensor/pipeline parallel size 1 for now")
+        self.block_size = vllm_config.cache_config.block_size
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self.config: ConnectorConfig = parse_extra_config(extra, self.block_size)
+        self.fingerprint = model_fingerprint(vllm_config, self.config.model_fingerprint)
+        self.scheduler: SchedulerSide | None = None
+        self.worker: WorkerSide | None = None
+        self._head_dim = vllm_config.model_config.get_head_size()
+        if role == KVConnectorRole.SCHEDULER:
+            self._init_scheduler(vllm_config)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def _key_fn(self):
+        from shadowserve.kvcache.chunking import chunk_keys, key_seed
+        from shadowserve.kvcache.codec import codec_id_of
+
+        seed = key_seed(self.fingerprint, codec_id_of(self.config.codec))
+        chunk = self.config.dataplane.chunk_size
+        return lambda ids: chunk_keys(list(ids), chunk, seed)
+
+    def _init_scheduler(self, vllm_config: VllmConfig) -> None:
+        from shadowserve.integrations.vllm.scheduler_side import SchedulerSide
+        from shadowserve.store.base import open_store
+
+        kvt = vllm_config.kv_transfer_config
+        if self.config.load_failure == "recompute" and kvt.kv_load_failure_policy != "recompute":
+            # A failed fetch is a cache miss by design: vLLM must recompute, not fail the request.
+            log.info("shadowserve: setting kv_load_failure_policy=recompute (load_failure in extra config)")
+            kvt.kv_load_failure_policy = "recompute"
+        store = open_store(self.config.store_url) if self.config.enabled else None
+        self.scheduler = SchedulerSide(self.config, self.block_size, self._key_fn(), store)
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Hand vLLM's KV buffer to our data plane (in shared memory for the offload process)."""
+        if not self.config.enabled:
+            return
+        from shadowserve.controlplane.manager import KVCacheManager
+        from shadowserve.dataplane.modes import buffer_layout, create_backend
+        from shadowserve.dataplane.process import DataPlaneSpec
+        from shadowserve.integrations.vllm.kv_view import SharedTensorHandle, pool_view, share
+        from shadowserve.integrations.vllm.worker_side import BlockLedger, TrackedBackend, WorkerSide
+        from shadowserve.kvcache.codec import KVCodec
+
+        dp = self.config.dataplane
+        pool = pool_view(kv_caches, self._head_dim)
+        layers, _, kv_heads, _, _, head_dim = pool.shape
+        handle = None
+        if dp.fetch_mode == "offload":
+            share(pool)
+            handle = SharedTensorHandle(pool)
+        codec = KVCodec(self.config.codec, self.fingerprint)
+        layout = buffer_layout((layers, 2, dp.chunk_size, kv_heads, head_dim), pool.element_size(), codec)
+        _, plane_cores = dp.split_cores()
+        spec = DataPlaneSpec(dp, self.config.store_url, self.config.codec, self.fingerprint, handle, layout,
+                             tuple(plane_cores), kv_layout="head_major")
+        backend = TrackedBackend(create_backend(spec, pool))
+        manager = KVCacheManager(dp, BlockLedger(self.block_size), backend, None, self._key_fn())
+        self.worker = WorkerSide(manager, backend, self.block_size, dp.fetch_timeout)
+        log.info("shadowserve: %s data plane on cores %s writing into vLLM's KV %s", dp.fetch_mode,
+                 plane_cores, tuple(pool.shape))
+
+    # ---- scheduler side -----------------------------------------------------------------------
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped save is a future miss, never a wrong answer
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)
+
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        if self.scheduler is not None:
+            self.scheduler.kv_cache_manager = kv_cache_manager
+
+    # ---- worker side --------------------------------------------------------------------------
+
+    def _meta(self) -> ShadowServeMetadata | None:
+        meta = self._connector_metadata
+        return meta if isinstance(meta, ShadowServeMetadata) else None
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if self.worker is not None and isinstance(kv_connector_metadata, ShadowServeMetadata):
+            self.worker.wait_for_preempted(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._meta()
+        if self.worker is not None and meta is not None and meta.loads:
+            self.worker.start_loads(meta.loads)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads are whole-request and asynchronous: a loading request is not in the batch."""
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        """Saves take whole chunks across all layers after the forward (``wait_for_save``)."""
+
+    def wait_for_save(self) -> None:
+        """Submit this step's saves and return: the data plane reads the blocks off the critical path."""
+        meta = self._meta()
+        if self.worker is not None and meta is not None and meta.saves:
+            self.worker.start_saves(meta.saves)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.worker is None:
+            return None, None
+        sending, recving = self.worker.take_finished(finished_req_ids)
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.take_errors() if self.worker is not None else set()
+
+    # ---- both ---------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Hit and fetch counters of this instance's KVCacheManager (for tests, benches, logs)."""
+        side = self.scheduler or self.worker
+        return dict(vars(side.manager.stats)) if side is not None else {}
+
+    def shutdown(self) -> None:
+        for side in (self.scheduler, self.worker):
+            if side is not None:
+                side.close()
+        self.scheduler = self.worker = None

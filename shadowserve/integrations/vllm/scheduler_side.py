@@ -1,0 +1,94 @@
+"""The connector inside vLLM's scheduler: prefix lookups, load plans and save plans.
+
+Lookups go through our KVCacheManager (the same one our own scheduler drives), so they run on its
+thread pool and never block vLLM's scheduling loop: while one is out, vLLM is told "ask again"
+(``None``) and schedules other requests. A hit becomes an asynchronous load (vLLM parks the request
+in WAITING_FOR_REMOTE_KVS and keeps running the rest), and once a prompt is computed its new full
+chunks are handed to the worker to save.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shadowserve.controlplane.manager import PENDING, KVCacheManager
+from shadowserve.dataplane.modes import FetchBackend
+from shadowserve.integrations.vllm.config import ConnectorConfig
+from shadowserve.integrations.vllm.metadata import LoadSpec, SaveSpec, ShadowServeMetadata
+
+
+class _NoBlocks:
+    """The scheduler side only looks up; vLLM's own KV cache manager owns every block."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+
+
+class SchedulerSide:
+    def __init__(self, config: ConnectorConfig, block_size: int, key_fn, lookup_store) -> None:
+        self.config = config
+        self.block_size = block_size
+        # A backend that never runs anything: lookups only (fetches and saves run on the worker).
+        self.manager = KVCacheManager(config.dataplane, _NoBlocks(block_size), FetchBackend(), lookup_store, key_fn)
+        self._requests: dict[str, Any] = {}  # request id -> vLLM Request, until it finishes
+        self._matched: dict[str, tuple[int, int]] = {}  # request id -> (local tokens, hit tokens)
+        self._hits: dict[str, int] = {}  # request id -> prompt tokens known to be in the store
+        self._loads: list[LoadSpec] = []
+        self._saved: set[str] = set()  # save handed to the worker (its blocks are freed late)
+        self.kv_cache_manager = None  # vLLM's, bound after construction (for block ids at save time)
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens beyond vLLM's local hit that the store holds; ``None`` while the lookup is out."""
+        self._requests[request.request_id] = request
+        if not self.config.enabled:
+            return 0, False
+        hit = self.manager.lookup(request)
+        if hit == PENDING:
+            return None, False
+        self._hits[request.request_id] = hit
+        if hit <= num_computed_tokens:
+            return 0, False
+        self._matched[request.request_id] = (num_computed_tokens, hit)
+        return hit - num_computed_tokens, True
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        """Blocks are allocated: plan the load of [hit - num_external_tokens, hit) into them."""
+        matched = self._matched.pop(request.request_id, None)
+        if num_external_tokens == 0 or matched is None:
+            return
+        hit = matched[1]
+        block_ids = blocks.get_block_ids()[0][: hit // self.block_size]
+        self._loads.append(LoadSpec(request.request_id, tuple(request.prompt_token_ids), tuple(block_ids),
+                                    hit - num_external_tokens, hit))
+
+    def build_connector_meta(self, scheduler_output: Any) -> ShadowServeMetadata:
+        """This step's loads, plus saves for prompts whose computation completes in this step."""
+        saves = []
+        if self.config.enabled and self.config.dataplane.save and self.kv_cache_manager is not None:
+            for rid, n in scheduler_output.num_scheduled_tokens.items():
+                req = self._requests.get(rid)
+                if req is None or rid in self._saved or req.prompt_token_ids is None:
+                    continue
+                prompt_len = len(req.prompt_token_ids)
+                if req.num_computed_tokens + n < prompt_len or prompt_len < self.config.dataplane.chunk_size:
+                    continue
+                self._saved.add(rid)
+                block_ids = self.kv_cache_manager.get_block_ids(rid)[0]
+                saves.append(SaveSpec(rid, tuple(req.prompt_token_ids), tuple(block_ids), self._hits.get(rid, 0)))
+        meta = ShadowServeMetadata(self._loads, saves, frozenset(scheduler_output.preempted_req_ids or ()))
+        self._loads = []
+        return meta
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Keep the blocks while the worker may still be reading them for a save."""
+        rid = request.request_id
+        self._requests.pop(rid, None)
+        self._matched.pop(rid, None)
+        self._hits.pop(rid, None)
+        self.manager.forget(request)
+        delay = rid in self._saved
+        self._saved.discard(rid)
+        return delay, None
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,198 @@
+"""The connector inside vLLM's worker: starts loads and saves on our data plane, reports their ends.
+
+The KVCacheManager (the same class our scheduler drives) issues FetchCommands and SaveCommands for
+vLLM's block ids and turns completions into "this request's load ended with N good tokens"; this
+side translates that into vLLM's words: finished receives, failed block ids (vLLM recomputes them),
+and finished sends (vLLM may free a finished request's blocks once its save has read them).
+Nothing here waits on the data plane during a forward pass, except that a preempted request's
+blocks are not given back while a save still reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from shadowserve.controlplane.manager import KVCacheManager
+from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
+from shadowserve.dataplane.modes import FetchBackend
+from shadowserve.engine.sequence import RequestStatus
+from shadowserve.integrations.vllm.metadata import LoadSpec, SaveSpec, ShadowServeMetadata
+
+log = logging.getLogger(__name__)
+
+SKIP = -1  # a block id the data plane must leave alone (vLLM already holds it)
+
+
+@dataclass
+class WorkerRequest:
+    """The fields of a request the KVCacheManager reads and writes, for one vLLM request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    block_ids: list[int]
+    hit_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_fetched_tokens: int = 0
+    remote_hit_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+class BlockLedger:
+    """Counts the manager's holds on vLLM blocks; vLLM allocates and frees them, never we."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.held: Counter[int] = Counter()
+
+    def hold(self, block_ids) -> None:
+        for b in block_ids:
+            if b >= 0:
+                self.held[b] += 1
+
+    def release(self, block_ids) -> None:
+        for b in block_ids:
+            if b >= 0:
+                self.held[b] -= 1
+                if self.held[b] <= 0:
+                    del self.held[b]
+
+    def register_computed(self, request) -> None:
+        """vLLM caches loaded blocks itself once the load is reported finished."""
+
+    def replace_blocks(self, request, first: int, last: int) -> bool:
+        """vLLM's blocks cannot be swapped from here: a late fetch is waited for, not abandoned."""
+        return False
+
+
+class TrackedBackend(FetchBackend):
+    """Our data-plane backend, counting each request's saves in flight (to free blocks only after)."""
+
+    def __init__(self, inner: FetchBackend) -> None:
+        self.inner = inner
+        self.synchronous = inner.synchronous
+        self._save_jobs: dict[int, str] = {}
+        self.saving: Counter[str] = Counter()
+
+    def submit(self, cmd: FetchCommand | SaveCommand) -> None:
+        if isinstance(cmd, SaveCommand):
+            self._save_jobs[cmd.job_id] = cmd.request_id
+            self.saving[cmd.request_id] += 1
+        self.inner.submit(cmd)
+
+    def poll(self) -> list[Completion]:
+        out = self.inner.poll()
+        for c in out:
+            if c.kind == "save":
+                self._settled(c.job_id)
+        return out
+
+    def _settled(self, job_id: int) -> None:
+        rid = self._save_jobs.pop(job_id, None)
+        if rid is not None:
+            self.saving[rid] -= 1
+            if self.saving[rid] <= 0:
+                del self.saving[rid]
+
+    def healthy(self) -> bool:
+        return self.inner.healthy()
+
+    def restart(self) -> None:
+        self.inner.restart()  # nothing old can read or write after this: every save is over
+        self._save_jobs.clear()
+        self.saving.clear()
+
+    def stats(self) -> dict:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class WorkerSide:
+    def __init__(self, manager: KVCacheManager, backend: TrackedBackend, block_size: int,
+                 preemption_timeout: float) -> None:
+        self.manager = manager
+        self.backend = backend
+        self.block_size = block_size
+        self.preemption_timeout = preemption_timeout
+        self._loading: dict[str, WorkerRequest] = {}
+        self._loaded_ok: dict[str, int] = {}  # request id -> prompt tokens that really landed
+        self._ready: list[WorkerRequest] = []  # loads ended, not yet reported to vLLM
+        self._save_requests: set[str] = set()  # vLLM delays freeing these until we report them
+        self._finished: set[str] = set()
+        self._errors: set[int] = set()
+
+    # ---- loads --------------------------------------------------------------------------------
+
+    def start_loads(self, loads: list[LoadSpec]) -> None:
+        """Submit one fetch per request; never waits for the data plane."""
+        bs = self.block_size
+        for spec in loads:
+            local_blocks = spec.local_tokens // bs
+            blocks = [SKIP] * local_blocks + list(spec.block_ids[local_blocks:])
+            req = WorkerRequest(spec.request_id, list(spec.prompt_token_ids), blocks, spec.hit_tokens)
+            self._loading[spec.request_id] = req
+            if not self.manager.start_fetch(req, spec.local_tokens, spec.hit_tokens):
+                req.num_computed_tokens = spec.hit_tokens  # nothing to fetch (cannot happen: hits are chunks)
+                self._ready.append(req)
+
+    def _collect(self) -> None:
+        self._ready.extend(self.manager.poll())
+
+    def take_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """(finished sends, finished receives) since the last call; failed blocks go to ``take_errors``."""
+        self._collect()
+        recving = set()
+        for req in self._ready:
+            rid = req.request_id
+            self._loading.pop(rid, None)
+            recving.add(rid)
+            landed = max(req.num_computed_tokens, 0)
+            self._loaded_ok[rid] = landed
+            if landed < req.hit_tokens:
+                failed = req.block_ids[landed // self.block_size : req.hit_tokens // self.block_size]
+                self._errors.update(b for b in failed if b >= 0)
+                log.info("shadowserve: load of %s ended at %d of %d tokens; vLLM recomputes the rest",
+                         rid, landed, req.hit_tokens)
+        self._ready = []
+        self._finished |= finished_req_ids
+        sending = set()
+        for rid in list(self._finished):
+            if rid in self.backend.saving:
+                continue  # its save still reads the blocks
+            self._finished.discard(rid)
+            self._loaded_ok.pop(rid, None)
+            self.manager.forget(WorkerRequest(rid, [], []))
+            if rid in self._save_requests:
+                self._save_requests.discard(rid)
+                sending.add(rid)
+        return sending, recving
+
+    def take_errors(self) -> set[int]:
+        errors, self._errors = self._errors, set()
+        return errors
+
+    # ---- saves --------------------------------------------------------------------------------
+
+    def start_saves(self, saves: list[SaveSpec]) -> None:
+        """Hand computed chunks to the data plane; returns at once (the blocks stay held until done)."""
+        for spec in saves:
+            self._save_requests.add(spec.request_id)
+            # Chunks whose load failed are saved again: the store heals from corrupt or lost chunks.
+            stored = min(spec.stored_tokens, self._loaded_ok.get(spec.request_id, spec.stored_tokens))
+            req = WorkerRequest(spec.request_id, list(spec.prompt_token_ids), list(spec.block_ids))
+            self.manager.save(req, stored)
+
+    def wait_for_preempted(self, meta: ShadowServeMetadata) -> None:
+        """vLLM is about to reuse preempted requests' blocks: let their saves finish reading first."""
+        deadline = time.monotonic() + self.preemption_timeout
+        while any(rid in self.backend.saving for rid in meta.preempted) and time.monotonic() < deadline:
+            self._collect()
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        self.manager.close()
