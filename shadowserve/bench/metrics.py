@@ -148,3 +148,23 @@ def format_table(m: dict, title: str = "Serving Benchmark Result") -> str:
                          f"{m[key]:>12.2f}")
     lines.append("=" * (38 + len(title)))
     return "\n".join(lines)
+
+
+def max_rate_meeting_slo(rates: Sequence[float], attainment: Sequence[float], target: float = 0.9) -> float:
+    """The highest request rate whose SLO attainment is still >= ``target``, interpolating linearly
+    between the measured rates where attainment crosses the target (0 if even the lowest misses).
+
+    Attainment normally falls as the rate rises; past the first crossing nothing counts, so one lucky
+    point at a high rate cannot raise the answer.
+    """
+    pts = sorted(zip(rates, attainment))
+    if not pts or pts[0][1] < target:
+        return 0.0
+    best = pts[0][0]
+    for (r0, a0), (r1, a1) in zip(pts, pts[1:]):
+        if a1 >= target:
+            best = r1
+            continue
+        best = r0 + (r1 - r0) * (a0 - target) / (a0 - a1)
+        break
+    return best

@@ -45,7 +45,7 @@ def _on_cores(cores: list[int], fn):
 
 
 def measure(h, prompt: list[int], repeats: int, dataplane_cores: str = "auto", scattered: bool = False,
-            store_url: str | None = None, decompress_workers: int = 1, sample_s: float = 0.02) -> dict:
+            store_url: str | None = None, decompress_workers: int = 1, sample_s: float = 0.005) -> dict:
     """Stages alone, then the pipeline, over the prompt's stored chunks (the store must hold them)."""
     import numpy as np
     import torch

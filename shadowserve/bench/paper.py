@@ -1,0 +1,225 @@
+"""``shadowserve bench paper``: the ShadowServe paper's figures, measured on this system in one run.
+
+One grid of load runs (long-doc QA, Poisson arrivals, the store warmed with the documents) over
+fetch modes x link bandwidths x request rates feeds three figures: mean TTFT vs bandwidth at a light
+rate, loaded TPOT vs request rate at a reference bandwidth, and throughput (the highest rate at which
+``--target`` of requests meet the SLOs) vs bandwidth. ``bench stages`` adds the stage chart. Every
+figure is a PNG plus the JSON it was drawn from; ``summary.json`` holds the ratios the report quotes.
+Modes run one after another inside each bandwidth, so their numbers are side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from shadowserve.bench.load import add_workload_arguments
+
+# name: (quick, full). Flags given on the command line win over both.
+PRESETS = {
+    "num_documents": (3, 4),
+    "questions_per_doc": (2, 3),
+    "doc_tokens": ((1024, 2048), (2048, 6144)),
+    "output_len": ((8, 24), (16, 128)),
+    "ttft_bandwidths": ("1,5,20,40", "1,2,5,10,20,40"),
+    "load_bandwidths": ("5,20", "2,5,10,20,40"),
+    "rates": ("0.5,1,2", "0.25,0.5,1,1.5,2,3"),
+    "ref_bandwidth": (5.0, 10.0),
+    "stage_tokens": (2048, 4096),
+    "goodput": (["ttft:4000", "tpot:600"], ["ttft:6000", "tpot:800"]),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory for the PNGs and JSON files")
+    p.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--modes", default="recompute,sync,thread,offload")
+    add_workload_arguments(p)
+    for name in ("num_documents", "questions_per_doc", "doc_tokens", "output_len"):
+        p.set_defaults(**{name: None})
+    p.add_argument("--ttft-bandwidths", default=None, help="Gbit/s for the TTFT figure")
+    p.add_argument("--load-bandwidths", default=None, help="Gbit/s for the throughput figure")
+    p.add_argument("--rates", default=None, help="request rates (req/s)")
+    p.add_argument("--ref-bandwidth", type=float, default=None, help="Gbit/s of the TPOT-vs-rate figure")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS", help="SLOs, e.g. ttft:4000 tpot:600")
+    p.add_argument("--target", type=float, default=0.9, help="SLO attainment that counts as meeting the SLOs")
+    p.add_argument("--stage-tokens", type=int, default=None, help="stored tokens for the stage chart")
+    p.add_argument("--no-stages", action="store_true")
+    p.add_argument("--kv-cache-memory", default="3GiB")
+
+
+def _apply_presets(args: argparse.Namespace) -> None:
+    for name, (quick, full) in PRESETS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def plan_runs(modes: list[str], ttft_bws: list[float], load_bws: list[float], rates: list[float],
+              ref_bw: float) -> dict[tuple[str, float | None], list[float]]:
+    """(mode, bandwidth) -> the rates to run there. ``recompute`` ignores the link: bandwidth None."""
+    want: dict[tuple[str, float | None], set[float]] = {}
+    for mode in modes:
+        points = {(b, rates[0]) for b in ttft_bws} | {(ref_bw, r) for r in rates} | {(b, r) for b in load_bws
+                                                                                      for r in rates}
+        for b, r in points:
+            want.setdefault((mode, None if mode == "recompute" else b), set()).add(r)
+    return {k: sorted(v) for k, v in sorted(want.items(), key=lambda kv: (kv[0][1] or 0, modes.index(kv[0][0])))}
+
+
+def _lookup(runs: dict, mode: str, bw: float, rate: float) -> dict | None:
+    return runs.get((mode, None if mode == "recompute" else bw, rate))
+
+
+def build_figures(runs: dict, modes: list[str], ttft_bws, load_bws, rates, ref_bw, slos_ms, target) -> dict:
+    """The three load figures' data from the grid's metrics."""
+    from shadowserve.bench.metrics import max_rate_meeting_slo
+
+    def pick(m: dict, keys) -> dict:
+        return {k: m.get(k) for k in keys}
+
+    ttft = {"request_rate": rates[0], "modes": {}}
+    tpot = {"bandwidth_gbps": ref_bw, "modes": {}}
+    thr = {"slos_ms": slos_ms, "target_attainment": target, "rates": rates, "modes": {}}
+    for mode in modes:
+        ttft["modes"][mode] = [
+            {"bandwidth_gbps": b, **pick(m, ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms"))}
+            for b in ttft_bws if (m := _lookup(runs, mode, b, rates[0]))]
+        tpot["modes"][mode] = [
+            {"request_rate": r, **pick(m, ("mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_ttft_ms",
+                                          "request_throughput", "slo_attainment"))}
+            for r in rates if (m := _lookup(runs, mode, ref_bw, r))]
+        pts = []
+        for b in load_bws:
+            att = {r: m["slo_attainment"] for r in rates if (m := _lookup(runs, mode, b, r))}
+            pts.append({"bandwidth_gbps": b, "max_rate_meeting_slo": max_rate_meeting_slo(list(att), list(att.values()),
+                                                                                          target),
+                        "attainment_by_rate": att})
+        thr["modes"][mode] = pts
+    return {"ttft_vs_bandwidth": ttft, "tpot_vs_rate": tpot, "throughput_vs_bandwidth": thr}
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def summarize(figs: dict, target: float, paper_low_bw: float = 20.0) -> dict:
+    """Our ratios in the paper's terms (``thread`` plays CacheGen-Async, ``offload`` ShadowServe)."""
+    out: dict = {}
+    tp = {m: {p["request_rate"]: p for p in pts} for m, pts in figs["tpot_vs_rate"]["modes"].items()}
+    if "thread" in tp and "offload" in tp:
+        both = sorted(set(tp["thread"]) & set(tp["offload"]))
+        out["tpot_thread_over_offload_by_rate"] = {r: _ratio(tp["thread"][r]["mean_tpot_ms"], tp["offload"][r]["mean_tpot_ms"])
+                                                   for r in both}
+        sustained = [r for r in both if min(tp["thread"][r]["slo_attainment"], tp["offload"][r]["slo_attainment"]) >= target]
+        r = max(sustained) if sustained else (both[0] if both else None)
+        out["tpot_compare_rate"] = r
+        out["tpot_compare_rate_sustained"] = bool(sustained)
+        out["tpot_thread_over_offload"] = out["tpot_thread_over_offload_by_rate"].get(r)
+    tt = {m: {p["bandwidth_gbps"]: p["mean_ttft_ms"] for p in pts} for m, pts in figs["ttft_vs_bandwidth"]["modes"].items()}
+    if "thread" in tt and "offload" in tt:
+        out["ttft_thread_over_offload_by_bw"] = {b: _ratio(tt["thread"][b], tt["offload"].get(b)) for b in tt["thread"]}
+    th = {m: {p["bandwidth_gbps"]: p["max_rate_meeting_slo"] for p in pts}
+          for m, pts in figs["throughput_vs_bandwidth"]["modes"].items()}
+    for other in ("thread", "recompute", "sync"):
+        if other in th and "offload" in th:
+            out[f"throughput_offload_over_{other}_by_bw"] = {b: _ratio(th["offload"][b], th[other].get(b))
+                                                              for b in th["offload"]}
+    out["low_bandwidth_limit_gbps"] = paper_low_bw
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shadowserve.bench import plots, stages
+    from shadowserve.bench.engine_driver import EngineDriver
+    from shadowserve.bench.harness import Harness, doc_prompt, pin_to_dataplane_cores, write_json
+    from shadowserve.bench.load import build_workload, drive, store_url
+    from shadowserve.bench.machine import machine_info
+    from shadowserve.bench.metrics import compute_metrics, parse_goodput
+    from shadowserve.bench.workloads import with_arrivals
+    from shadowserve.config import CodecConfig
+    from shadowserve.model.loader import load_model
+    from shadowserve.store.launch import start_store_server
+
+    _apply_presets(args)
+    args.workload = "long-doc-qa"
+    started = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    modes = args.modes.split(",")
+    ttft_bws, load_bws = _floats(args.ttft_bandwidths), _floats(args.load_bandwidths)
+    rates, ref_bw = sorted(_floats(args.rates)), args.ref_bandwidth
+    slos = parse_goodput(args.goodput)
+    slos_ms = {k: v * 1e3 for k, v in slos.items()}
+    machine_before = machine_info()
+    loaded = load_model(args.model, "float32", progress=False)
+    workload = build_workload(args, loaded.tokenizer, loaded.arch.max_position_embeddings)
+    plan = plan_runs(modes, ttft_bws, load_bws, rates, ref_bw)
+    server = start_store_server("--capacity", "8GiB")
+    pin_to_dataplane_cores(server.pid)
+    h = Harness(loaded, server.url, CodecConfig(), kv_cache_memory=args.kv_cache_memory)
+    runs: dict[tuple[str, float | None, float], dict] = {}
+    figures: dict[str, dict] = {}
+    try:
+        print(f"warming the store with {len(workload.warm_prompts)} documents "
+              f"({sum(map(len, workload.warm_prompts))} tokens)", flush=True)
+        h.warm(workload.warm_prompts)
+        total = sum(len(v) for v in plan.values())
+        with tqdm(total=total, desc="load grid", unit="run", file=sys.stdout) as bar:
+            for (mode, bw), mode_rates in plan.items():
+                eng = h.engine(mode, store_url=store_url(server.url, bw))
+                driver = EngineDriver(eng, timeout=600)
+                try:
+                    for rate in mode_rates:
+                        bar.set_postfix_str(f"{mode} {'-' if bw is None else f'{bw:g}G'} {rate:g}/s")
+                        specs = with_arrivals(workload.specs, rate, args.seed)
+                        m = compute_metrics(drive(driver, specs, None), (50, 99), slos)
+                        runs[(mode, bw, rate)] = m
+                        bar.update()
+                        tqdm.write(f"  {mode:<9} {'-' if bw is None else f'{bw:g}':>5} Gbit/s {rate:>5g} req/s: "
+                                   f"TTFT {m['mean_ttft_ms']:8.0f} ms  TPOT {m['mean_tpot_ms']:6.0f} ms  "
+                                   f"attain {m['slo_attainment']:.2f}", file=sys.stdout)
+                        if m["slo_attainment"] == 0 and bw != ref_bw and bw is not None:
+                            bar.update(len(mode_rates) - mode_rates.index(rate) - 1)  # only worse from here
+                            break
+                finally:
+                    eng.close()
+        figures = build_figures(runs, modes, ttft_bws, load_bws, rates, ref_bw, slos_ms, args.target)
+        if not args.no_stages:
+            print("stage analysis ...", flush=True)
+            prompt = doc_prompt(loaded.tokenizer, args.stage_tokens, offset=0)
+            h.warm([prompt])
+            figures["stages"] = stages.measure(h, prompt, repeats=3)
+            stages.print_report(figures["stages"])
+    finally:
+        server.stop()
+    summary = {
+        "command": "shadowserve bench " + " ".join(sys.argv[sys.argv.index("paper"):]) if "paper" in sys.argv else None,
+        "model": args.model, "quick": args.quick, "modes": modes, "workload": {
+            "name": workload.name, "requests": len(workload.specs), "num_documents": args.num_documents,
+            "questions_per_doc": args.questions_per_doc, "doc_tokens": args.doc_tokens, "output_len": args.output_len,
+            "seed": args.seed},
+        "slos_ms": slos_ms, "target_attainment": args.target,
+        "machine_before": machine_before, "machine_after": machine_info(),
+        "elapsed_s": time.time() - started,
+        "ratios": summarize(figures, args.target),
+    }
+    for name, fig in figures.items():
+        write_json(os.path.join(args.out, f"{name}.json"), fig)
+    write_json(os.path.join(args.out, "runs.json"), {
+        "runs": [{"mode": m, "bandwidth_gbps": b, "request_rate": r, **met} for (m, b, r), met in runs.items()]})
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    if args.json_path:
+        write_json(args.json_path, summary)
+    written = plots.draw_all(figures, args.out)
+    print(json.dumps(summary["ratios"], indent=1))
+    print(f"wrote {len(written)} figures and their JSON to {args.out} in {summary['elapsed_s']:.0f} s")
+    return 0
