@@ -77,7 +77,7 @@ class EngineDriver(Driver):
 def _settle(req: Request, rec: RequestRecord) -> RequestRecord:
     rec.token_times = list(req.token_times)
     rec.first_token = req.first_token_time
-    rec.end = req.finish_time
+    rec.end = req.token_times[-1] if req.token_times else req.finish_time  # the last token is the end of output
     rec.output_tokens = len(req.output_token_ids)
     rec.fetched_tokens = req.num_fetched_tokens
     if req.finish_reason == "abort":
