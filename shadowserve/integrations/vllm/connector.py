@@ -91,6 +91,7 @@ class ShadowServeConnector(KVConnectorBase_V1):
         if dp.fetch_mode == "offload":
             share(pool)
             handle = SharedTensorHandle(pool)
+            _allow_children()
         codec = KVCodec(self.config.codec, self.fingerprint)
         layout = buffer_layout((layers, 2, dp.chunk_size, kv_heads, head_dim), pool.element_size(), codec)
         _, plane_cores = dp.split_cores()
@@ -173,3 +174,17 @@ class ShadowServeConnector(KVConnectorBase_V1):
             if side is not None:
                 side.close()
         self.scheduler = self.worker = None
+
+
+def _allow_children() -> None:
+    """`vllm serve` runs workers as daemonic processes, which multiprocessing forbids to start children.
+
+    The data-plane process is safe to start from one: it exits by itself when its pipe to this
+    process breaks (process.py), so it can never outlive the worker. Restarts need it too, so the
+    flag stays off for the worker's life.
+    """
+    import multiprocessing as mp
+
+    proc = mp.current_process()
+    if proc._config.get("daemon"):
+        proc._config["daemon"] = False
