@@ -40,7 +40,7 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond vLLM's local hit that the store holds; ``None`` while the lookup is out."""
         self._requests[request.request_id] = request
-        if not self.config.enabled:
+        if not self.config.enabled or request.prompt_token_ids is None:  # None: prompt embeddings
             return 0, False
         hit = self.manager.lookup(request)
         if hit == PENDING:
