@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import signal
 import time
 
 import pytest
@@ -216,6 +217,23 @@ def test_corrupt_chunk_is_recomputed_and_healed(vllm_connector, reference, store
     _settle(llm, worker)
     tokens, cached = _tokens(llm, PROMPTS["corrupt"])
     assert tokens == reference["corrupt"] and cached == 2 * CHUNK
+
+
+def test_dead_data_plane_is_restarted_and_the_prefix_recomputed(vllm_connector, reference, store):
+    llm, sched, worker = vllm_connector
+    _settle(llm, worker)
+    process = worker.worker.backend.inner.process
+    old_pid = process.pid
+    os.kill(old_pid, signal.SIGKILL)
+    restarts = worker.stats()["dataplane_restarts"]
+    tokens, _ = _tokens(llm, PROMPTS["full"])  # its load goes to a dead process: recomputed
+    assert tokens == reference["full"]
+    assert worker.stats()["dataplane_restarts"] == restarts + 1 and process.pid != old_pid
+    _settle(llm, worker)
+    fetched = worker.stats()["fetched_tokens"]
+    tokens, cached = _tokens(llm, PROMPTS["full"])  # the new data plane loads again
+    assert tokens == reference["full"] and cached == 2 * CHUNK
+    assert worker.stats()["fetched_tokens"] - fetched == 2 * CHUNK
 
 
 def test_store_down_recomputes(vllm_connector, reference, store_server):
