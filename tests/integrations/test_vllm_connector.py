@@ -52,6 +52,10 @@ PROMPTS = {
     "poisoned": _prompt(4, 600),
     "store_down": _prompt(5, 600),
 }
+# Five requests sharing DOC's two cached chunks, decoding long enough to outgrow a small KV pool.
+PREEMPT = [DOC[: 2 * CHUNK] + _prompt(10 + i, 88) for i in range(5)]
+LONG = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+NUM_BLOCKS = 30  # 5 x 600 prompt tokens fit; 5 x 900 tokens do not: vLLM must preempt
 
 
 def _tokens(llm: LLM, prompt: list[int]):
@@ -70,6 +74,8 @@ def reference(model_dir):
     """vLLM's own greedy tokens, no connector. Built first: vLLM's KV connector is process-global."""
     llm = LLM(model_dir, enforce_eager=True, dtype="float32", enable_prefix_caching=False)
     ref = {name: _tokens(llm, p)[0] for name, p in PROMPTS.items()}
+    outs = llm.generate([{"prompt_token_ids": p} for p in PREEMPT], LONG, use_tqdm=False)
+    ref["preempt"] = [list(o.outputs[0].token_ids) for o in outs]
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
@@ -93,7 +99,8 @@ def vllm_connector(reference, model_dir, store_server):
         kv_connector_extra_config={"store_url": store_server.url, "quant": "none", "lossless": "zstd",
                                    "fetch_mode": "offload", "chunk_size": CHUNK, "heartbeat_timeout": 5.0},
     )
-    llm = LLM(model_dir, enforce_eager=True, dtype="float32", kv_transfer_config=kvt)
+    llm = LLM(model_dir, enforce_eager=True, dtype="float32", kv_transfer_config=kvt,
+              num_gpu_blocks_override=NUM_BLOCKS, max_model_len=2048)
     sched = llm.llm_engine.engine_core.engine_core.scheduler.connector
     worker = get_kv_transfer_group()
     yield llm, sched, worker
@@ -217,6 +224,31 @@ def test_corrupt_chunk_is_recomputed_and_healed(vllm_connector, reference, store
     _settle(llm, worker)
     tokens, cached = _tokens(llm, PROMPTS["corrupt"])
     assert tokens == reference["corrupt"] and cached == 2 * CHUNK
+
+
+def test_preempted_requests_reload_and_answer_correctly(vllm_connector, reference, store):
+    """A pool too small for five long decodes: vLLM preempts, the preempted requests' prefixes are
+    looked up and loaded again into new blocks, and every answer still equals vLLM's own."""
+    llm, sched, worker = vllm_connector
+    _settle(llm, worker)
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    preempted = []
+    preempt = scheduler._preempt_request
+
+    def spy(request, *args, **kwargs):  # calls through: records who was preempted
+        preempted.append(request.request_id)
+        return preempt(request, *args, **kwargs)
+
+    scheduler._preempt_request = spy
+    fetches, failures = worker.stats()["fetches"], worker.stats()["fetch_failures"]
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PREEMPT], LONG, use_tqdm=False)
+    finally:
+        del scheduler._preempt_request
+    assert preempted, "the test needs vLLM to preempt"
+    assert [list(o.outputs[0].token_ids) for o in outs] == reference["preempt"]
+    assert worker.stats()["fetches"] > fetches  # DOC came from the store (later requests may hit locally)
+    assert worker.stats()["fetch_failures"] == failures
 
 
 def test_dead_data_plane_is_restarted_and_the_prefix_recomputed(vllm_connector, reference, store):
