@@ -32,6 +32,7 @@ class SchedulerSide:
         self.manager = KVCacheManager(config.dataplane, _NoBlocks(block_size), FetchBackend(), lookup_store, key_fn)
         self._requests: dict[str, Any] = {}  # request id -> vLLM Request, until it finishes
         self._matched: dict[str, tuple[int, int]] = {}  # request id -> (local tokens, hit tokens)
+        self._planned: dict[str, int] = {}  # request id -> its preemption count when its load was planned
         self._hits: dict[str, int] = {}  # request id -> prompt tokens known to be in the store
         self._loads: list[LoadSpec] = []
         self._saved: set[str] = set()  # save handed to the worker (its blocks are freed late)
@@ -41,6 +42,10 @@ class SchedulerSide:
         """Tokens beyond vLLM's local hit that the store holds; ``None`` while the lookup is out."""
         self._requests[request.request_id] = request
         if not self.config.enabled or request.prompt_token_ids is None:  # None: prompt embeddings
+            return 0, False
+        if self._planned.get(request.request_id) == request.num_preemptions:
+            # Asked again without a preemption: its load landed nothing (vLLM only asks requests with
+            # no computed tokens). Compute it; offering the same hit again could fail forever.
             return 0, False
         hit = self.manager.lookup(request)
         if hit == PENDING:
@@ -57,6 +62,7 @@ class SchedulerSide:
         if num_external_tokens == 0 or matched is None:
             return
         hit = matched[1]
+        self._planned[request.request_id] = request.num_preemptions
         block_ids = blocks.get_block_ids()[0][: hit // self.block_size]
         self._loads.append(LoadSpec(request.request_id, tuple(request.prompt_token_ids), tuple(block_ids),
                                     hit - num_external_tokens, hit))
@@ -84,6 +90,7 @@ class SchedulerSide:
         rid = request.request_id
         self._requests.pop(rid, None)
         self._matched.pop(rid, None)
+        self._planned.pop(rid, None)
         self._hits.pop(rid, None)
         self.manager.forget(request)
         delay = rid in self._saved
