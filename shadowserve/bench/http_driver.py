@@ -1,84 +1,114 @@
-"""The HTTP driver: sends specs to a running ``shadowserve serve`` (or any OpenAI-compatible server)
-as streaming ``/v1/completions`` requests and records when each token's event arrived."""
+"""The HTTP driver: sends request specs to an OpenAI-compatible server (``shadowserve serve``) as
+streaming ``/v1/completions`` calls, one thread per request in flight, and times every SSE chunk.
+
+As in ``vllm bench serve``, the ITL is the gap between streamed chunks; the output token count
+comes from the final usage chunk, so TPOT stays per token even when a chunk carries several.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import http.client
 import json
+import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 
 from shadowserve.bench.drivers import Driver, RequestRecord, RequestSpec
 
 
-class HttpDriver(Driver):
-    """Token ids in, SSE out; output lengths are exact (``ignore_eos``) like the in-process driver's."""
-
-    def __init__(self, base_url: str, model: str | None = None, timeout: float = 3600.0,
+class HTTPDriver(Driver):
+    def __init__(self, base_url: str, model: str | None = None, timeout: float = 600.0,
                  api_key: str | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.model = model
+        u = urllib.parse.urlsplit(base_url)
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError(f"expected http://host:port, got {base_url!r}")
+        self.host, self.port = u.hostname, u.port or 80
         self.timeout = timeout
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.model = model or self._first_model()
+
+    def _first_model(self) -> str:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request("GET", "/v1/models", headers=self.headers)
+            return json.loads(conn.getresponse().read())["data"][0]["id"]
+        finally:
+            conn.close()
 
     def run(self, specs: list[RequestSpec], max_concurrency: int | None = None,
             progress: Callable[[], None] | None = None) -> list[RequestRecord]:
-        return asyncio.run(self._run(specs, max_concurrency, progress))
+        """Each request is sent at its arrival time, or when the concurrency limit lets it go."""
+        slots = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
+        records: list[RequestRecord | None] = [None] * len(specs)
+        workers = []
+        t0 = time.perf_counter()
+        for i in sorted(range(len(specs)), key=lambda i: specs[i].arrival_s):
+            due = t0 + specs[i].arrival_s
+            time.sleep(max(0.0, due - time.perf_counter()))
+            if slots is not None:
+                slots.acquire()
+            start = max(due, time.perf_counter()) if slots is not None else due
 
-    async def _run(self, specs, max_concurrency, progress) -> list[RequestRecord]:
-        import httpx
+            def work(i: int = i, start: float = start) -> None:
+                try:
+                    records[i] = self._one(specs[i], start)
+                finally:
+                    if slots is not None:
+                        slots.release()
+                    if progress:
+                        progress()
 
-        limit = asyncio.Semaphore(max_concurrency or len(specs) or 1)
-        limits = httpx.Limits(max_connections=max_concurrency or len(specs) or 1, max_keepalive_connections=64)
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, limits=limits,
-                                     headers=self.headers) as client:
-            t0 = time.perf_counter()
+            t = threading.Thread(target=work, daemon=True)
+            t.start()
+            workers.append(t)
+        for t in workers:
+            t.join()
+        return [r for r in records if r is not None]
 
-            async def one(spec: RequestSpec) -> RequestRecord:
-                await asyncio.sleep(max(0.0, t0 + spec.arrival_s - time.perf_counter()))
-                async with limit:
-                    rec = RequestRecord(start=max(time.perf_counter(), t0 + spec.arrival_s),
-                                        prompt_tokens=len(spec.prompt_ids))
-                    try:
-                        await self._send(client, spec, rec)
-                    except Exception as exc:  # a failed request is a record, not a crashed run
-                        rec.ok, rec.error = False, f"{type(exc).__name__}: {exc}"
-                    rec.end = time.perf_counter()
-                if progress:
-                    progress()
+    def _one(self, spec: RequestSpec, start: float) -> RequestRecord:
+        rec = RequestRecord(start=start, prompt_tokens=len(spec.prompt_ids))
+        body = json.dumps({"model": self.model, "prompt": list(spec.prompt_ids), "max_tokens": spec.max_tokens,
+                           "temperature": 0.0, "ignore_eos": True, "stream": True,
+                           "stream_options": {"include_usage": True}})
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request("POST", "/v1/completions", body=body, headers=self.headers)
+            resp = conn.getresponse()
+            if resp.status != 200:
+                rec.ok, rec.error = False, f"HTTP {resp.status}: {resp.read()[:300]!r}"
                 return rec
-
-            return list(await asyncio.gather(*(one(s) for s in specs)))
-
-    async def _send(self, client, spec: RequestSpec, rec: RequestRecord) -> None:
-        body = {"prompt": list(spec.prompt_ids), "max_tokens": spec.max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        if self.model:
-            body["model"] = self.model
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
-                raise RuntimeError(f"HTTP {r.status_code}: {text[:200]}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
+            usage_tokens = None
+            for raw in resp:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
                     continue
-                data = line[6:]
-                if data == "[DONE]":
+                data = line[5:].strip()
+                if data == b"[DONE]":
                     break
                 event = json.loads(data)
                 now = time.perf_counter()
-                if "error" in event:
-                    raise RuntimeError(event["error"].get("message", "stream error"))
-                if event.get("choices"):
+                if event.get("error"):
+                    rec.ok, rec.error = False, str(event["error"])[:300]
+                    break
+                # A chunk carrying text is output arriving. The server streams only non-empty text, so
+                # tokens that decode to nothing (a random model's) show up only in the finish chunk.
+                choices = event.get("choices") or []
+                if any(c.get("text") for c in choices) or (choices and not rec.token_times):
                     rec.token_times.append(now)
-                    if rec.first_token is None:
-                        rec.first_token = now
-                usage = event.get("usage")
-                if usage:
-                    rec.output_tokens = usage["completion_tokens"]
-                    details = usage.get("prompt_tokens_details") or {}
-                    rec.fetched_tokens = details.get("cached_tokens") or 0
-        if rec.first_token is None:
-            raise RuntimeError("the stream ended without a token")
-        if not rec.output_tokens:
-            rec.output_tokens = len(rec.token_times)
+                if event.get("usage"):
+                    usage_tokens = event["usage"].get("completion_tokens")
+            rec.first_token = rec.token_times[0] if rec.token_times else None
+            rec.end = rec.token_times[-1] if rec.token_times else time.perf_counter()
+            rec.output_tokens = usage_tokens if usage_tokens is not None else len(rec.token_times)
+            if rec.ok and not rec.token_times:
+                rec.ok, rec.error = False, "no tokens streamed"
+        except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
+            rec.ok, rec.error = False, f"{type(exc).__name__}: {exc}"
+        finally:
+            conn.close()
+        if rec.end is None:
+            rec.end = time.perf_counter()
+        return rec

@@ -59,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", default="3GiB")
     p.add_argument("--quant", default=None)
     p.add_argument("--lossless", default=None)
+    p.add_argument("--url", default=None,
+                   help="benchmark a running server (http://host:port) instead of in-process engines; "
+                        "it is warmed by sending it the workload's prefixes first")
+    p.add_argument("--api-key", default=None, help="bearer token for --url")
 
 
 def build_workload(args: argparse.Namespace, tokenizer, max_model_len: int):
@@ -110,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
     slos = parse_goodput(args.goodput)
     percentiles = [float(q) for q in args.percentiles.split(",") if q]
+    if args.url:
+        return _run_http(args, slos, percentiles)
     loaded = load_model(args.model, "float32", progress=False)
     workload = build_workload(args, loaded.tokenizer, loaded.arch.max_position_embeddings)
     specs = with_arrivals(workload.specs, args.request_rate, args.seed)
@@ -149,5 +155,39 @@ def run(args: argparse.Namespace) -> int:
         "request_rate": args.request_rate, "max_concurrency": args.max_concurrency,
         "bandwidth_gbps": args.bandwidth, "goodput_slos_ms": {k: v * 1e3 for k, v in slos.items()},
         "machine": machine_info(), "modes": results,
+    })
+    return 0
+
+
+def _run_http(args: argparse.Namespace, slos: dict, percentiles: list[float]) -> int:
+    """The same workload and metrics against a running server; its fetch mode is the server's own."""
+    import time
+
+    from tqdm import tqdm
+
+    from shadowserve.bench.harness import write_json
+    from shadowserve.bench.http_driver import HTTPDriver
+    from shadowserve.bench.machine import machine_info
+    from shadowserve.bench.metrics import compute_metrics, format_table
+    from shadowserve.bench.workloads import with_arrivals
+    from shadowserve.model.loader import load_model
+
+    loaded = load_model(args.model, "float32", progress=False)  # for its tokenizer and context length
+    workload = build_workload(args, loaded.tokenizer, loaded.arch.max_position_embeddings)
+    specs = with_arrivals(workload.specs, args.request_rate, args.seed)
+    driver = HTTPDriver(args.url, api_key=args.api_key)
+    print(f"warming {args.url} with {len(workload.warm_prompts)} prefixes", flush=True)
+    warm = driver.run([RequestSpec(tuple(p), 1) for p in workload.warm_prompts], max_concurrency=1)
+    if not all(r.ok for r in warm):
+        print(f"warning: {sum(not r.ok for r in warm)} warm-up requests failed: {next(r.error for r in warm if not r.ok)}")
+    time.sleep(2.0)  # the server saves computed chunks after answering; let those land first
+    with tqdm(total=len(specs), desc="server", unit="req", leave=False) as bar:
+        records = drive(driver, specs, args.max_concurrency, lambda: bar.update())
+    m = compute_metrics(records, percentiles, slos)
+    print(format_table(m, f"{args.url} ({workload.name})"), flush=True)
+    write_json(args.json_path, {
+        "url": args.url, "model": driver.model, "workload": workload.name, "num_requests": len(specs),
+        "request_rate": args.request_rate, "max_concurrency": args.max_concurrency,
+        "goodput_slos_ms": {k: v * 1e3 for k, v in slos.items()}, "machine": machine_info(), "modes": {"server": m},
     })
     return 0

@@ -77,7 +77,7 @@ def stages(fig: dict, path: str) -> None:
                label=f"pipeline: {fig['efficiency']:.0%} of slowest alone")
     a1.set_xticks(list(xs), names)
     a1.set_ylabel("Gbit/s of compressed chunks")
-    a1.legend(fontsize=7, loc="lower left")
+    a1.legend(fontsize=7, loc="upper right")
     a1.set_title(f"Stage throughput (data-plane cores {fig['dataplane_cores']})", fontsize=9)
     tl = fig["timeline"]
     for pool, info in fig["buffers"].items():
