@@ -26,7 +26,7 @@ PRESETS = {
     "output_len": ((8, 24), (8, 32)),
     "ttft_bandwidths": ("1,10,40", "1,2,5,10,20,40"),
     "load_bandwidths": ("1,10", "1,10,40"),
-    "rates": ("1,2,4", "0.5,1,2"),
+    "rates": ("1,2,4", "0.25,0.5,1"),
     "ref_bandwidth": (10.0, 10.0),
     "stage_tokens": (2048, 4096),
     # Calibrated on the shared 2-core machine: at 1 req/s a fetched document's TTFT is ~0.8-2 s and
