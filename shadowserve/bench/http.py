@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from shadowserve.bench.engine_driver import EngineDriver
     from shadowserve.bench.harness import write_json
-    from shadowserve.bench.http_driver import HttpDriver
+    from shadowserve.bench.http_driver import HTTPDriver
     from shadowserve.bench.load import drive
     from shadowserve.bench.machine import machine_info
     from shadowserve.bench.metrics import compute_metrics
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     engine = LLMEngine(cfg, loaded=loaded, progress=False)
     server = start_api_server("--model", args.model, "--kv-cache-memory", args.kv_cache_memory,
                               "--set", "engine.enable_prefix_caching=false", "--set", "server.log_level=warning")
-    drivers = {"in-process": EngineDriver(engine), "http": HttpDriver(server.url)}
+    drivers = {"in-process": EngineDriver(engine), "http": HTTPDriver(server.url)}
     rows: dict[str, list[dict]] = {name: [] for name in drivers}
     try:
         for r in range(args.rounds):

@@ -7,13 +7,13 @@ import subprocess
 import sys
 
 from shadowserve.bench.drivers import RequestSpec
-from shadowserve.bench.http_driver import HttpDriver
+from shadowserve.bench.http_driver import HTTPDriver
 from shadowserve.bench.metrics import compute_metrics
 
 
 def test_http_driver_records_every_token(api_server):
     specs = [RequestSpec(tuple(range(5, 5 + 20 + i)), max_tokens=6 + i, arrival_s=0.05 * i) for i in range(6)]
-    records = HttpDriver(api_server.url, model="tiny-random").run(specs, max_concurrency=3)
+    records = HTTPDriver(api_server.url, model="tiny-random").run(specs, max_concurrency=3)
     assert [r.ok for r in records] == [True] * 6, [r.error for r in records]
     assert [r.output_tokens for r in records] == [6 + i for i in range(6)]  # exact lengths (ignore_eos)
     for spec, r in zip(specs, records):
@@ -25,7 +25,7 @@ def test_http_driver_records_every_token(api_server):
 
 def test_http_driver_reports_failures_as_records(api_server):
     specs = [RequestSpec((1, 2, 3), max_tokens=10**6), RequestSpec((1, 2, 3), max_tokens=2)]
-    records = HttpDriver(api_server.url).run(specs)
+    records = HTTPDriver(api_server.url).run(specs)
     assert not records[0].ok and "400" in records[0].error
     assert records[1].ok and records[1].output_tokens == 2
 
