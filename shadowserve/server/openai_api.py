@@ -159,6 +159,8 @@ class OpenAIServer:
         manager = self.engine.kv_manager
         if manager is not None and not manager.backend.healthy():
             return "the data plane is down (restarting)"
+        if manager is not None and not manager.backend.stats():
+            return "the data plane is starting (no heartbeat yet)"
         return None
 
     # ---- request checks --------------------------------------------------------------------------
