@@ -246,7 +246,14 @@ def test_preempted_requests_reload_and_answer_correctly(vllm_connector, referenc
     finally:
         del scheduler._preempt_request
     assert preempted, "the test needs vLLM to preempt"
-    assert [list(o.outputs[0].token_ids) for o in outs] == reference["preempt"]
+    # Preempted requests are recomputed by vLLM as one prefill, in batches of other shapes than the
+    # reference run's: float32 GEMMs then round differently, and on this random-weight model (nearly
+    # flat logits) greedy decoding may drift hundreds of tokens later (seen once in CI). KV loaded
+    # wrongly breaks the answer from its first tokens (the poisoned-chunk test shows it), so those
+    # must match exactly; the tail only has to be complete.
+    head = 16
+    assert [list(o.outputs[0].token_ids)[:head] for o in outs] == [r[:head] for r in reference["preempt"]]
+    assert all(len(o.outputs[0].token_ids) == LONG.max_tokens for o in outs)
     assert worker.stats()["fetches"] > fetches  # DOC came from the store (later requests may hit locally)
     assert worker.stats()["fetch_failures"] == failures
 
