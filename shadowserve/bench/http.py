@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating in-process / HTTP rounds")
     p.add_argument("--kv-cache-memory", default="2GiB")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-threads", type=int, default=0,
+                   help="torch threads of both engines (0: torch's default, all cores); fewer leaves "
+                        "the HTTP front end and the client a core of their own")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,10 +43,12 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, "float32", progress=False)
     stream = topic_tokens(loaded.tokenizer)
-    cfg = EngineConfig(model=args.model, kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False)
+    cfg = EngineConfig(model=args.model, kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False,
+                       num_threads=args.engine_threads)
     engine = LLMEngine(cfg, loaded=loaded, progress=False)
     server = start_api_server("--model", args.model, "--kv-cache-memory", args.kv_cache_memory,
-                              "--set", "engine.enable_prefix_caching=false", "--set", "server.log_level=warning")
+                              "--set", "engine.enable_prefix_caching=false", "--set", "server.log_level=warning",
+                              "--set", f"engine.num_threads={args.engine_threads}")
     drivers = {"in-process": EngineDriver(engine), "http": HTTPDriver(server.url)}
     rows: dict[str, list[dict]] = {name: [] for name in drivers}
     try:
@@ -68,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         return statistics.median(m[key] for m in rows[name])
 
     print(f"{args.num_prompts} requests x {args.rounds} rounds, prompt {args.prompt_len}, output {args.output_len}, "
-          f"concurrency {args.max_concurrency} ({args.model}); medians over rounds")
+          f"concurrency {args.max_concurrency}, engine threads {args.engine_threads or 'default'} ({args.model}); "
+          "medians over rounds")
     print(f"{'driver':<11} {'req/s':>7} {'out tok/s':>10} {'mean TTFT ms':>13} {'mean TPOT ms':>13}")
     for name in drivers:
         print(f"{name:<11} {med(name, 'request_throughput'):>7.2f} {med(name, 'output_throughput'):>10.1f} "
@@ -78,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"HTTP / in-process request throughput: {ratio:.3f} (per round: {', '.join(f'{x:.3f}' for x in ratios)})")
     write_json(args.json_path, {
         "model": args.model, "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
-        "output_len": args.output_len, "max_concurrency": args.max_concurrency, "rounds": rows,
+        "output_len": args.output_len, "max_concurrency": args.max_concurrency,
+        "engine_threads": args.engine_threads, "rounds": rows,
         "http_over_in_process": ratio, "per_round_ratios": ratios, "machine": machine_info(),
     })
     return 0

@@ -44,19 +44,20 @@ def _wait(predicate, timeout: float = 30.0, what: str = "condition"):
 
 
 def test_second_request_fetches_its_prefix_and_answers_the_same(fetching_server):
+    openai = pytest.importorskip("openai", reason="the openai client is a test dependency")
     url = fetching_server.url
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
     prompt = "A shared document prefix that many requests repeat. " * 12  # ~600 byte tokens: 9 chunks
-    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0}
-    first = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
-    assert first["shadowserve"]["fetched_tokens"] == 0
+    first = client.completions.create(model="tiny-random", prompt=prompt, max_tokens=12, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
     _wait(lambda: scrape(url)["shadowserve_saved_chunks_total"] >= len(prompt) // CHUNK - 1, what="saves")
     before = scrape(url)
-    second = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    second = client.completions.create(model="tiny-random", prompt=prompt, max_tokens=12, temperature=0)
     after = scrape(url)
-    fetched = second["shadowserve"]["fetched_tokens"]
+    fetched = second.model_extra["shadowserve"]["fetched_tokens"]
     assert fetched >= CHUNK and fetched % CHUNK == 0
-    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == fetched
-    assert second["choices"][0]["text"] == first["choices"][0]["text"]  # lossless codec: same answer
+    assert second.usage.prompt_tokens_details.cached_tokens == fetched
+    assert second.choices[0].text == first.choices[0].text  # lossless codec: same answer
     assert after["shadowserve_prefix_hit_tokens_total"] - before["shadowserve_prefix_hit_tokens_total"] >= fetched
     assert after["shadowserve_fetch_bytes_total"] > before["shadowserve_fetch_bytes_total"]
     assert after["shadowserve_fetch_seconds_count"] == before["shadowserve_fetch_seconds_count"] + 1
