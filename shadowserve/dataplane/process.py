@@ -167,6 +167,7 @@ class DataPlaneProcess:
         """Kill (if needed) and start a fresh process; after this no old writes can land."""
         self._kill()
         self.restarts += 1
+        self.last_stats = {}  # not ready again until the new process's first heartbeat
         self._start()
 
     def _kill(self) -> None:
