@@ -75,18 +75,18 @@ class _EngineCollector(Collector):
                                 value=bm.num_blocks - bm.num_free_blocks)
         manager = self.engine.kv_manager
         stats = getattr(manager, "stats", None)
-        counters = {
-            "prefix_lookup_tokens": ("Prompt tokens looked up in the remote store", "prefix_lookup_tokens"),
-            "prefix_hit_tokens": ("Prompt tokens the remote store held at lookup", "prefix_hit_tokens"),
-            "fetched_tokens": ("Prompt tokens whose KV landed from the store", "fetched_tokens"),
-            "fetch_bytes": ("Compressed bytes fetched from the store", "fetch_bytes"),
-            "fetch_failures": ("Fetches that failed or timed out and fell back to recompute", "fetch_failures"),
-            "saved_chunks": ("Chunks written to the store", "saved_chunks"),
-            "save_failures": ("Chunk saves that failed", "save_failures"),
-            "dataplane_restarts": ("Times a dead or hung data plane was restarted", "dataplane_restarts"),
+        counters = {  # ManagerStats field -> help; exported as shadowserve_<field>_total
+            "prefix_lookup_tokens": "Prompt tokens looked up in the remote store",
+            "prefix_hit_tokens": "Prompt tokens the remote store held at lookup",
+            "fetched_tokens": "Prompt tokens whose KV landed from the store",
+            "fetch_bytes": "Compressed bytes fetched from the store",
+            "fetch_failures": "Fetches that failed or timed out and fell back to recompute",
+            "saved_chunks": "Chunks written to the store",
+            "save_failures": "Chunk saves that failed",
+            "dataplane_restarts": "Times a dead or hung data plane was restarted",
         }
-        for name, (doc, attr) in counters.items():
-            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(stats, attr, 0) if stats else 0)
+        for name, doc in counters.items():
+            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(stats, name, 0) if stats else 0)
         fetch = SummaryMetricFamily(PREFIX + "fetch_seconds", "Seconds from fetch command to completion")
         fetch.add_metric([], count_value=stats.fetches if stats else 0, sum_value=stats.fetch_seconds if stats else 0.0)
         yield fetch

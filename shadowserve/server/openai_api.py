@@ -212,9 +212,8 @@ class OpenAIServer:
     async def _start(self, prompts: list[list[int]], body, max_tokens: int | None, kind: str) -> _Job:
         if body.n > self.config.max_n:
             raise APIError(400, f"n may be at most {self.config.max_n}", param="n")
-        reason = self.unhealthy_reason()
-        if reason and not self.loop.alive:
-            raise APIError(503, reason, "server_error")
+        if not self.loop.alive:
+            raise APIError(503, self.loop.fatal or "the engine loop is not running", "server_error")
         response_id = f"{kind}-{uuid.uuid4().hex}"
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
