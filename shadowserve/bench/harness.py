@@ -21,6 +21,8 @@ class Harness:
     codec: CodecConfig
     chunk_size: int = 256
     kv_cache_memory: str = "2GiB"
+    device: str = "cpu"
+    workers: int = 1  # decompress and dequantize threads of the data plane (more on many-core machines)
     # The cores this process may use before any engine pins it (an engine pins its whole process).
     cores: tuple[int, ...] = field(default_factory=lambda: tuple(sorted(os.sched_getaffinity(0))))
 
@@ -28,13 +30,24 @@ class Harness:
         """Give this process back every core it started with (before splitting cores again)."""
         os.sched_setaffinity(0, self.cores)
 
+    def engine_config(self, **overrides) -> EngineConfig:
+        """The engine settings every run of a benchmark shares (model, dtype, device, memory)."""
+        settings = dict(model=self.loaded.name, dtype=dtype_name(self.loaded), device=self.device,
+                        kv_cache_memory=self.kv_cache_memory, enable_prefix_caching=False,
+                        max_num_batched_tokens=8192)
+        return EngineConfig(**{**settings, **overrides})
+
     def engine(self, mode: str, store_url: str | None = None, save: bool = False, **plane) -> LLMEngine:
         """An engine in ``mode`` with the engine pinned to its cores and the data plane to the rest."""
-        dp = DataPlaneConfig(fetch_mode=mode, pin_cores=True, chunk_size=self.chunk_size, save=save, **plane)
-        cfg = EngineConfig(model=self.loaded.name, kv_cache_memory=self.kv_cache_memory,
-                           enable_prefix_caching=False, max_num_batched_tokens=8192)
+        w = self.workers
+        sized = dict(fetch_workers=max(2, w), decompress_workers=w, dequantize_workers=w,
+                     receive_slots=max(8, 2 * w), staging_slots=max(4, 2 * w), kv_slots=max(4, 2 * w),
+                     save_workers=w)
+        dp = DataPlaneConfig(fetch_mode=mode, pin_cores=True, chunk_size=self.chunk_size, save=save,
+                             **{**sized, **plane})
         url = None if mode == "recompute" else (store_url or self.store_url)
-        return LLMEngine(cfg, loaded=self.loaded, progress=False, dataplane=dp, store_url=url, codec=self.codec)
+        return LLMEngine(self.engine_config(), loaded=self.loaded, progress=False, dataplane=dp, store_url=url,
+                         codec=self.codec)
 
     def warm(self, prompts: list[list[int]]) -> None:
         """Compute and save the prompts' full chunks in the store (the cold pass)."""
@@ -44,6 +57,27 @@ class Harness:
             eng.flush(timeout=600)
         finally:
             eng.close()
+
+
+def dtype_name(loaded: LoadedModel) -> str:
+    return str(loaded.model.dtype).removeprefix("torch.")
+
+
+def add_model_arguments(p, kv_cache_memory: str = "2GiB") -> None:
+    """--model/--dtype/--device/--kv-cache-memory, shared by the fetch benchmarks (GPU runs set all four)."""
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (bfloat16 on a GPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--kv-cache-memory", default=kv_cache_memory)
+    p.add_argument("--dataplane-workers", type=int, default=1,
+                   help="decompress and dequantize threads in every mode (up to the data-plane cores)")
+
+
+def load_for(args):
+    """The benchmark's model, loaded once for every engine it builds."""
+    from shadowserve.model.loader import load_model
+
+    return load_model(args.model, args.dtype, device=args.device, progress=False)
 
 
 def pin_to_dataplane_cores(pid: int) -> None:

@@ -17,7 +17,9 @@ import statistics
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m")
+    from shadowserve.bench.harness import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--modes", default="sync,thread,offload")
     p.add_argument("--batch", type=int, default=8, help="decoding requests")
     p.add_argument("--decode-tokens", type=int, default=48)
@@ -34,20 +36,18 @@ def _tpot(reqs) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shadowserve.bench.harness import Harness, doc_prompt, write_json
+    from shadowserve.bench.harness import Harness, doc_prompt, load_for, pin_to_dataplane_cores, write_json
     from shadowserve.config import CodecConfig
     from shadowserve.engine.sequence import SamplingParams
-    from shadowserve.model.loader import load_model
     from shadowserve.store.launch import start_store_server
 
     overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
-    loaded = load_model(args.model, "float32")
-    from shadowserve.bench.harness import pin_to_dataplane_cores
-
-    server = None if args.store else start_store_server("--capacity", "8GiB")
+    loaded = load_for(args)
+    server = None if args.store else start_store_server("--capacity", "16GiB")
     if server is not None:
         pin_to_dataplane_cores(server.pid)
-    h = Harness(loaded, args.store or server.url, CodecConfig(**overrides))
+    h = Harness(loaded, args.store or server.url, CodecConfig(**overrides), kv_cache_memory=args.kv_cache_memory,
+                device=args.device, workers=args.dataplane_workers)
     tok = loaded.tokenizer
     n_docs = 6
     docs = [doc_prompt(tok, args.prefix_tokens, offset=40 * i) for i in range(n_docs)]
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
-    write_json(args.json_path, {"model": args.model, "batch": args.batch, "prefix_tokens": args.prefix_tokens,
+    write_json(args.json_path, {"model": args.model, "device": args.device, "dtype": args.dtype, "batch": args.batch, "prefix_tokens": args.prefix_tokens,
                                 "modes": results})
     return 0
 
@@ -121,12 +121,10 @@ def _measure(h, mode, decoders, docs, decode_params, n_fetchers) -> dict:
 
 def _replay(h, decoders, decode_params, docs, schedule) -> float:
     """The same batch with the same requests joining at the same steps, their prefix already local."""
-    from shadowserve.config import EngineConfig
     from shadowserve.engine.engine import LLMEngine
     from shadowserve.engine.sequence import SamplingParams
 
-    cfg = EngineConfig(model=h.loaded.name, kv_cache_memory=h.kv_cache_memory, max_num_batched_tokens=8192)
-    eng = LLMEngine(cfg, loaded=h.loaded, progress=False)
+    eng = LLMEngine(h.engine_config(enable_prefix_caching=True), loaded=h.loaded, progress=False)
     try:
         run_batch(eng, docs, SamplingParams(max_tokens=1))  # every document's KV now in local blocks
         reqs = [eng.add_request(p, decode_params) for p in decoders]

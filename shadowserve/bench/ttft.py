@@ -13,7 +13,9 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m")
+    from shadowserve.bench.harness import add_model_arguments
+
+    add_model_arguments(p, kv_cache_memory="3GiB")
     p.add_argument("--modes", default="sync,thread,offload")
     p.add_argument("--bandwidths", default="1,2,5,10,20", help="link rates in Gbit/s")
     p.add_argument("--prefix-tokens", type=int, default=8192 - 256, help="cached prefix (a chunk multiple)")
@@ -68,18 +70,25 @@ def stage_times(h, prompt: list[int]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shadowserve.bench.harness import Harness, doc_prompt, pin_to_dataplane_cores, run_to_end, write_json
-    from shadowserve.config import CodecConfig, EngineConfig
+    from shadowserve.bench.harness import (
+        Harness,
+        doc_prompt,
+        load_for,
+        pin_to_dataplane_cores,
+        run_to_end,
+        write_json,
+    )
+    from shadowserve.config import CodecConfig
     from shadowserve.engine.engine import LLMEngine
     from shadowserve.engine.sequence import SamplingParams
-    from shadowserve.model.loader import load_model
     from shadowserve.store.launch import start_store_server
 
     overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
-    loaded = load_model(args.model, "float32")
+    loaded = load_for(args)
     server = start_store_server("--capacity", "8GiB")
     pin_to_dataplane_cores(server.pid)
-    h = Harness(loaded, server.url, CodecConfig(**overrides), kv_cache_memory="3GiB")
+    h = Harness(loaded, server.url, CodecConfig(**overrides), kv_cache_memory=args.kv_cache_memory, device=args.device,
+                workers=args.dataplane_workers)
     tok = loaded.tokenizer
     prompt = doc_prompt(tok, args.prefix_tokens, offset=0)
     warmup = doc_prompt(tok, 4 * h.chunk_size, offset=300)  # fetched once per engine before timing
@@ -90,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
         h.warm([prompt, warmup])
         stages = stage_times(h, prompt)
         # The suffix prefill alone: the prefix already in local blocks, nothing to fetch.
-        local = LLMEngine(EngineConfig(model=loaded.name, kv_cache_memory="3GiB", max_num_batched_tokens=8192),
-                          loaded=loaded, progress=False)
+        local = LLMEngine(h.engine_config(enable_prefix_caching=True), loaded=loaded, progress=False)
         run_to_end(local, [local.add_request(prompt[:-1] + [prompt[-1]], SamplingParams(max_tokens=1))])
         suffix_s = min(run_to_end(local, [local.add_request(prompt, SamplingParams(max_tokens=1))])[0].ttft
                        for _ in range(2))
@@ -133,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
                     eng.close()
     finally:
         server.stop()
-    write_json(args.json_path, {"model": args.model, "prefix_tokens": args.prefix_tokens, "stages": stages,
+    write_json(args.json_path, {"model": args.model, "device": args.device, "dtype": args.dtype,
+                                "prefix_tokens": args.prefix_tokens, "stages": stages,
                                 "suffix_prefill_ms": suffix_s * 1e3,
                                 "rows": rows})
     return 0

@@ -17,6 +17,7 @@ SUITES: dict[str, str] = {
     "ttft": "TTFT of a cached long prefix vs link bandwidth, per fetch mode, unloaded and loaded",
     "load": "serving load test (vllm bench serve's metrics) per fetch mode over long-doc QA, chat or prefix reuse",
     "stages": "each data-plane stage's throughput alone and inside the pipeline; busy time and buffer occupancy",
+    "gpu_copy": "CUDA: the data plane's landing path (pinned slots -> GPU KV blocks) vs raw host-to-device copies",
     "http": "HTTP server throughput vs the same engine in-process (the server's overhead)",
     "paper": "the paper's figures on this system: TTFT vs bandwidth, TPOT vs rate, throughput vs bandwidth, stages",
 }

@@ -2,7 +2,8 @@
 
 Every byte the pipeline touches is allocated (and first-touched) once at start-up; a chunk holds a
 slot only while a stage works on it, and a stage that finds its pool empty waits (back-pressure)
-instead of allocating more.
+instead of allocating more. Slots that feed a GPU live in page-locked (pinned) host memory, so the
+copy engine reads them directly and a copy can run asynchronously on a stream.
 """
 
 from __future__ import annotations
@@ -32,16 +33,31 @@ def attach_shared_memory(name: str) -> shared_memory.SharedMemory:
 class SlotPool:
     """``num_slots`` slots of ``slot_bytes`` each, in one shared-memory segment."""
 
-    def __init__(self, name: str, num_slots: int, slot_bytes: int, shm_name: str | None = None) -> None:
-        """Create the segment, or attach to ``shm_name`` (made by a parent that outlives restarts)."""
+    def __init__(self, name: str, num_slots: int, slot_bytes: int, shm_name: str | None = None,
+                 pinned: bool = False) -> None:
+        """Create the segment, or attach to ``shm_name`` (made by a parent that outlives restarts).
+
+        ``pinned``: private page-locked memory instead (CUDA copies); freed with this process, so a
+        killed data plane leaks nothing, and made once per process start.
+        """
         self.name, self.num_slots = name, num_slots
         self.slot_bytes = (slot_bytes + 63) // 64 * 64  # keep every slot cache-line aligned
         self._owner = shm_name is None
-        if self._owner:
+        self._shm = None
+        self._pinned = None
+        if pinned:
+            import torch
+
+            if shm_name is not None:
+                raise ValueError("a pinned slot pool is private to its process; it cannot attach to shared memory")
+            self._pinned = torch.empty((self.num_slots, self.slot_bytes), dtype=torch.uint8, pin_memory=True)
+            self.array = self._pinned.numpy()
+        elif self._owner:
             self._shm = shared_memory.SharedMemory(create=True, size=self.num_slots * self.slot_bytes)
         else:
             self._shm = attach_shared_memory(shm_name)
-        self.array = np.ndarray((self.num_slots, self.slot_bytes), dtype=np.uint8, buffer=self._shm.buf)
+        if self._shm is not None:
+            self.array = np.ndarray((self.num_slots, self.slot_bytes), dtype=np.uint8, buffer=self._shm.buf)
         if self._owner:
             self.array.fill(0)  # first touch now, not on the hot path
         else:
@@ -104,9 +120,19 @@ class SlotPool:
         """The slot's bytes as a writable uint8 array (a view: no copy)."""
         return self.array[index]
 
+    def tensor(self, index: int):
+        """The slot's bytes as a uint8 torch tensor (a view; pinned when the pool is)."""
+        import torch
+
+        return self._pinned[index] if self._pinned is not None else torch.from_numpy(self.array[index])
+
     @property
-    def shm_name(self) -> str:
-        return self._shm.name
+    def pinned(self) -> bool:
+        return self._pinned is not None
+
+    @property
+    def shm_name(self) -> str | None:
+        return None if self._shm is None else self._shm.name
 
     @property
     def in_use(self) -> int:
@@ -121,6 +147,9 @@ class SlotPool:
             self._closed = True
             self._cond.notify_all()
         self.array = None
+        self._pinned = None
+        if self._shm is None:
+            return
         self._shm.close()
         if self._owner:
             try:

@@ -9,6 +9,8 @@ dequantize straight into it, and ``scatter``/``gather`` copy a chunk into / out 
 * ``engine``: ours, ``[layers, 2, blocks, block_size, kv_heads, head_dim]`` (engine/kv_pool.py).
 * ``head_major``: vLLM's CPU layout (LBHNC), ``[layers, blocks, kv_heads, 2, block_size, head_dim]``:
   each block of each head holds its ``block_size`` keys, then its ``block_size`` values.
+* ours in GPU memory (``CudaEngineKV``): chunks are dequantized on the host into pinned slots and
+  land by DMA copies on the data plane's own stream, so the serving GPU's SMs never run our code.
 
 A block id of ``-1`` in a plan means "already there, leave it alone" (a chunk that is partly held
 locally by the engine): only the other blocks are written.
@@ -16,6 +18,7 @@ locally by the engine): only the other blocks are written.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +31,20 @@ class ChunkPlan:
     blocks: torch.Tensor  # destination block ids, one per block of the chunk (-1: skip)
     run_start: int | None  # first block when all blocks are one contiguous run (none skipped)
     pairs: tuple[tuple[int, int], ...]  # (position in chunk, block id) of the blocks to write
+    runs: tuple[tuple[int, int, int], ...] = ()  # (position, first block, count): contiguous stretches
 
 
 def _plan(blocks: tuple[int, ...]) -> ChunkPlan:
     contiguous = blocks[0] >= 0 and all(b - a == 1 for a, b in zip(blocks, blocks[1:]))
     pairs = tuple((i, b) for i, b in enumerate(blocks) if b >= 0)
-    return ChunkPlan(torch.tensor(blocks, dtype=torch.long), blocks[0] if contiguous else None, pairs)
+    runs: list[list[int]] = []
+    for i, b in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == i and runs[-1][1] + runs[-1][2] == b:
+            runs[-1][2] += 1
+        else:
+            runs.append([i, b, 1])
+    return ChunkPlan(torch.tensor(blocks, dtype=torch.long), blocks[0] if contiguous else None, pairs,
+                     tuple(tuple(r) for r in runs))
 
 
 class EngineKV:
@@ -115,8 +126,89 @@ class HeadMajorKV:
         self._pool = None
 
 
-def kv_target(pool: torch.Tensor, chunk_size: int, layout: str = "engine") -> EngineKV | HeadMajorKV:
+class CudaEngineKV:
+    """Our engine's pool in GPU memory, written by the copy engines only.
+
+    A chunk arrives in a pinned host slot; ``scatter`` issues one pitched host-to-device copy per
+    contiguous run of destination blocks (cuda_copy.py; or one per (layer, K/V) plane without
+    cuda-bindings) on this thread's own lowest-priority stream, and returns only when it is done, so a completion always means "the KV is there".
+    No kernel runs on the serving GPU. ``gather`` is the same in reverse, for the save path.
+    """
+
+    needs_pinned = True
+
+    def __init__(self, pool: torch.Tensor, chunk_size: int) -> None:
+        layers, _, num_blocks, block_size, kv_heads, head_dim = pool.shape
+        self.blocks_per_chunk = chunk_size // block_size
+        self.chunk_shape = (layers, 2, chunk_size, kv_heads, head_dim)
+        self.dtype = pool.dtype
+        self.device = pool.device
+        self._pool = pool
+        self._rows = pool.view(layers * 2, num_blocks, -1)
+        self._tls = threading.local()
+        from shadowserve.dataplane.cuda_copy import load_copy_2d
+
+        self.copy_2d = load_copy_2d()  # one call per run of blocks; None: one torch copy per plane
+
+    plan = staticmethod(_plan)
+
+    def direct_view(self, plan: ChunkPlan) -> torch.Tensor | None:
+        return None  # the host never writes device memory directly: always through a pinned slot
+
+    def stream_and_event(self) -> tuple[torch.cuda.Stream, torch.cuda.Event]:
+        """This thread's copy stream (lowest priority) and its completion event, made once per thread."""
+        tls = self._tls
+        if getattr(tls, "stream", None) is None:
+            low = torch.cuda.Stream(device=self.device, priority=0)  # 0 is CUDA's lowest priority
+            tls.stream, tls.event = low, torch.cuda.Event()
+        return tls.stream, tls.event
+
+    def _copy_runs(self, plan: ChunkPlan, chunk: torch.Tensor, to_device: bool) -> None:
+        rows = chunk.view(self._rows.shape[0], self.blocks_per_chunk, -1)
+        stream, event = self.stream_and_event()
+        with torch.cuda.stream(stream):
+            for i, b, n in plan.runs:
+                if self.copy_2d is not None:
+                    dev, host = self._rows[:, b : b + n], rows[:, i : i + n]
+                    if to_device:
+                        self.copy_2d(dev, host, stream)
+                    else:
+                        self.copy_2d(host, dev, stream)
+                    continue
+                for r in range(rows.shape[0]):
+                    if to_device:
+                        self._rows[r, b : b + n].copy_(rows[r, i : i + n], non_blocking=True)
+                    else:
+                        rows[r, i : i + n].copy_(self._rows[r, b : b + n], non_blocking=True)
+            event.record(stream)
+        event.synchronize()
+
+    def scatter(self, plan: ChunkPlan, src: torch.Tensor) -> None:
+        """Hot path: DMA the chunk from its pinned slot into its destination blocks; returns when landed."""
+        self._copy_runs(plan, src, to_device=True)
+
+    def gather(self, plan: ChunkPlan, out: torch.Tensor) -> None:
+        """Copy the chunk's blocks into the pinned chunk ``out`` (the save path); returns when done."""
+        self._copy_runs(plan, out, to_device=False)
+
+    def pool_view(self, first_block: int) -> torch.Tensor:
+        """A chunk-shaped view of a contiguous run of blocks (the ``gpu`` mode's kernels write it)."""
+        return self._pool[:, :, first_block : first_block + self.blocks_per_chunk].view(self.chunk_shape)
+
+    def scatter_on_device(self, plan: ChunkPlan, src: torch.Tensor) -> None:
+        """Device-to-device copies of a chunk already on the GPU (``gpu`` mode), on the current stream."""
+        rows = src.view(self._rows.shape[0], self.blocks_per_chunk, -1)
+        for i, b, n in plan.runs:
+            self._rows[:, b : b + n].copy_(rows[:, i : i + n])
+
+    def close(self) -> None:
+        self._pool = self._rows = None
+
+
+def kv_target(pool: torch.Tensor, chunk_size: int, layout: str = "engine") -> EngineKV | HeadMajorKV | CudaEngineKV:
     """The adapter for ``pool`` in ``layout`` (one of ``KV_LAYOUTS``)."""
+    if layout == "engine" and pool.device.type == "cuda":
+        return CudaEngineKV(pool, chunk_size)
     if layout == "engine":
         return EngineKV(pool, chunk_size)
     if layout == "head_major":

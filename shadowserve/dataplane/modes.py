@@ -3,6 +3,7 @@
 - ``sync``: inside the engine step (the engine waits for the pipeline: CacheGen-Sync).
 - ``thread``: on background threads of the engine process, pinned to the data-plane cores.
 - ``offload``: in the isolated data-plane process on its reserved cores (ShadowServe).
+- ``gpu``: like ``thread``, but dequantization runs on the serving GPU (CacheGen-Async; CUDA only).
 - ``recompute`` has no backend at all.
 """
 
@@ -19,6 +20,7 @@ from shadowserve.dataplane.buffers import SlotPool
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.dataplane.pipeline import BufferLayout
 from shadowserve.dataplane.process import DataPlaneProcess, DataPlaneSpec, build_pipeline
+from shadowserve.engine.kv_pool import CudaKVPoolHandle
 from shadowserve.errors import ConfigError
 
 # Room for the container header and incompressible data on top of the raw chunk size.
@@ -115,13 +117,15 @@ class OffloadBackend(FetchBackend):
     def __init__(self, spec: DataPlaneSpec) -> None:
         cfg = spec.config
         lay = spec.layout
-        # Created (and first-touched) once here; restarts of the process reuse them.
+        # Created (and first-touched) once here; restarts of the process reuse them. A GPU pool is
+        # fed from pinned kv slots that the data-plane process makes itself (page-locking is per process).
         self._segments = [
             SlotPool("receive", cfg.receive_slots, lay.receive_bytes),
             SlotPool("staging", cfg.staging_slots, lay.staging_bytes),
-            SlotPool("kv", cfg.kv_slots, lay.kv_bytes),
         ]
-        names = [s.shm_name for s in self._segments]
+        if not isinstance(spec.pool, CudaKVPoolHandle):
+            self._segments.append(SlotPool("kv", cfg.kv_slots, lay.kv_bytes))
+        names = [s.shm_name for s in self._segments] + [None] * (3 - len(self._segments))
         lay = BufferLayout(lay.receive_bytes, lay.staging_bytes, lay.kv_bytes, *names)
         self.spec = dataclasses.replace(spec, layout=lay)
         try:
@@ -161,5 +165,7 @@ def create_backend(spec: DataPlaneSpec, kv_tensor) -> FetchBackend:
     if mode == "offload":
         return OffloadBackend(spec)
     if mode == "gpu":
-        raise ConfigError("the gpu fetch mode needs CUDA, which this build does not have yet")
+        if getattr(kv_tensor, "device", None) is None or kv_tensor.device.type != "cuda":
+            raise ConfigError("the gpu fetch mode decodes on the serving GPU: it needs --device cuda")
+        return ThreadBackend(spec, kv_tensor)  # the pipeline sees fetch_mode "gpu" and decodes on the device
     raise ConfigError(f"fetch mode {mode!r} has no data plane")

@@ -25,7 +25,7 @@ from shadowserve.config import DataPlaneConfig
 from shadowserve.dataplane.buffers import SlotPool
 from shadowserve.dataplane.kv_targets import ChunkPlan, kv_target
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
-from shadowserve.errors import ShadowServeError
+from shadowserve.errors import ConfigError, ShadowServeError
 
 STAGES = ("fetch", "decompress", "dequantize", "scatter", "save")
 
@@ -87,21 +87,36 @@ class Pipeline:
         self.blocks_per_chunk = self._target.blocks_per_chunk
         self.chunk_shape = self._target.chunk_shape
         self._on_thread_start = on_thread_start
+        # A GPU pool is fed by DMA from pinned slots (kv_targets.CudaEngineKV); the ``gpu`` mode also
+        # copies staging bytes to the device for its kernels (gpu_decode.py).
+        to_gpu = getattr(self._target, "needs_pinned", False)
+        gpu_decode = config.fetch_mode == "gpu"
+        if gpu_decode and not to_gpu:
+            raise ConfigError("the gpu fetch mode needs the KV pool in GPU memory (--device cuda)")
         self.receive = SlotPool("receive", config.receive_slots, layout.receive_bytes, layout.receive_shm)
-        self.staging = SlotPool("staging", config.staging_slots, layout.staging_bytes, layout.staging_shm)
-        self.kvslots = SlotPool("kv", config.kv_slots, layout.kv_bytes, layout.kv_shm)
+        self.staging = (SlotPool("staging", config.staging_slots, layout.staging_bytes, pinned=True) if gpu_decode
+                        else SlotPool("staging", config.staging_slots, layout.staging_bytes, layout.staging_shm))
+        self.kvslots = (SlotPool("kv", config.kv_slots, layout.kv_bytes, pinned=True) if to_gpu
+                        else SlotPool("kv", config.kv_slots, layout.kv_bytes, layout.kv_shm))
+        self._gpu = None
+        if gpu_decode:
+            from shadowserve.dataplane.gpu_decode import GpuDequantizer
+
+            self._gpu = GpuDequantizer(codec, self._target, self.staging.num_slots, self.staging.slot_bytes)
         numel = int(np.prod(self.chunk_shape))
         # Tensor views over the kv slots, made once: the hot path never creates tensors for buffers.
         self._kv_views = [
-            torch.from_numpy(self.kvslots.slot(i)).view(self._target.dtype)[:numel].view(self.chunk_shape)
+            self.kvslots.tensor(i).view(self._target.dtype)[:numel].view(self.chunk_shape)
             for i in range(self.kvslots.num_slots)
         ]
+        self._staging_tensors = [self.staging.tensor(i) for i in range(self.staging.num_slots)] if gpu_decode else []
         self._busy = dict.fromkeys(STAGES, 0.0)
         self._chunks = dict.fromkeys(STAGES, 0)  # chunks each stage finished (ok or not)
         self._fetched_bytes = 0
         self._busy_lock = threading.Lock()
         self._started = time.perf_counter()
         self._queues = {s: queue.Queue() for s in STAGES}
+        self._tls = threading.local()
         self._threads: list[threading.Thread] = []
         self._closed = False
         workers = {"fetch": config.fetch_workers, "decompress": config.decompress_workers,
@@ -132,30 +147,38 @@ class Pipeline:
             self._on_thread_start()
         step = getattr(self, f"_{stage}")
         inbox = self._queues[stage]
+        # Jobs this thread settled: their completion goes out only after the step's accounting, so
+        # whoever wakes on it reads stats that already include the chunk.
+        finished = self._tls.finished = []
         while True:
             chunk = inbox.get()
             if chunk is None:
                 return
-            if chunk.index > chunk.job.first_failure:
-                self._settle(chunk, False, None)  # a chunk before it failed: no point landing it
-                continue
-            t0 = time.perf_counter()
-            try:
-                nxt = step(chunk)
-            except ShadowServeError as exc:
-                self._settle(chunk, False, f"{stage}: {exc}")
-                continue
-            except Exception as exc:  # never let one bad chunk kill a stage thread
-                self._settle(chunk, False, f"{stage}: {type(exc).__name__}: {exc}")
-                continue
-            finally:
-                with self._busy_lock:
-                    self._busy[stage] += time.perf_counter() - t0
-                    self._chunks[stage] += 1
-                    if stage == "fetch":
-                        self._fetched_bytes += chunk.nbytes
+            nxt = self._run(stage, step, chunk)
+            for job in finished:
+                self._finish(job)
+            finished.clear()
             if nxt is not None:
                 self._queues[nxt].put(chunk)
+
+    def _run(self, stage: str, step, chunk: _Chunk) -> str | None:
+        if chunk.index > chunk.job.first_failure:
+            self._settle(chunk, False, None)  # a chunk before it failed: no point landing it
+            return None
+        t0 = time.perf_counter()
+        try:
+            return step(chunk)
+        except ShadowServeError as exc:
+            self._settle(chunk, False, f"{stage}: {exc}")
+        except Exception as exc:  # never let one bad chunk kill a stage thread
+            self._settle(chunk, False, f"{stage}: {type(exc).__name__}: {exc}")
+        finally:
+            with self._busy_lock:
+                self._busy[stage] += time.perf_counter() - t0
+                self._chunks[stage] += 1
+                if stage == "fetch":
+                    self._fetched_bytes += chunk.nbytes
+        return None
 
     def _fetch(self, c: _Chunk) -> str | None:
         """Hot path: receive the stored bytes straight into a receive slot (no allocation)."""
@@ -178,7 +201,13 @@ class Pipeline:
     def _dequantize(self, c: _Chunk) -> str | None:
         """Hot path: symbols -> KV values, straight into the destination blocks when they are one
         contiguous run the layout can view as a chunk (the common case), otherwise into a kv slot
-        for the scatter stage."""
+        for the scatter stage. In ``gpu`` mode, on the serving GPU, straight into the blocks."""
+        if self._gpu is not None:
+            self._gpu.dequantize(c.header, self._staging_tensors[c.staging], c.staging, c.plan)
+            self.staging.release(c.staging)
+            c.staging = -1
+            self._settle(c, True, None)
+            return None
         dest = self._target.direct_view(c.plan)
         if dest is not None:
             self.codec.dequantize_into(c.header, self.staging.slot(c.staging), dest)
@@ -229,7 +258,11 @@ class Pipeline:
                     job.errors.append(error)
             done = all(r is not None for r in job.results)
         if done:
-            self._finish(job)
+            pending = getattr(self._tls, "finished", None)
+            if pending is None:
+                self._finish(job)
+            else:
+                pending.append(job)
 
     def _finish(self, job: _Job) -> None:
         ok = 0
@@ -287,5 +320,8 @@ class Pipeline:
         # Drop every view of the engine's KV pool and of the slots, so closing frees the memory.
         self._target.close()
         self._kv_views = []
+        self._staging_tensors = []
+        if self._gpu is not None:
+            self._gpu.close()
         for pool in (self.receive, self.staging, self.kvslots):
             pool.close()

@@ -3,7 +3,8 @@
 Layout ``[layers, 2 (K,V), num_blocks, block_size, kv_heads, head_dim]``: each layer's K (or V)
 is one contiguous run of blocks, which is what attention gathers and what the data plane
 scatters a fetched chunk into. In shared memory, another process attaches by name and writes
-KV straight into the destination blocks with no copy through the engine.
+KV straight into the destination blocks with no copy through the engine. On CUDA the pool is
+shared by CUDA IPC instead: the data-plane process maps the very same device allocation.
 """
 
 from __future__ import annotations
@@ -41,6 +42,30 @@ def bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int
     return 2 * arch.num_hidden_layers * block_size * arch.num_key_value_heads * arch.head_dim * elem
 
 
+@dataclass(frozen=True)
+class CudaKVPoolHandle:
+    """A CUDA pool shared by IPC: pickling the tensor (spawned process arguments, pipes) sends an
+    IPC handle of its device allocation, and unpickling maps that allocation in the receiver.
+    The engine keeps the original alive for as long as any data plane may write into it."""
+
+    tensor: torch.Tensor
+
+    def attach(self) -> AttachedCudaKVPool:
+        return AttachedCudaKVPool(self.tensor)
+
+
+class AttachedCudaKVPool:
+    """The data plane's mapping of the engine's device pool (same memory, no copy)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != "cuda":
+            raise ConfigError("a CUDA KV pool handle must carry a CUDA tensor")
+        self.tensor = tensor
+
+    def close(self) -> None:
+        self.tensor = None
+
+
 class KVPool:
     """Owns the KV tensor (and its shared-memory segment when shared)."""
 
@@ -58,9 +83,8 @@ class KVPool:
         self.shape = pool_shape(arch, num_blocks, block_size)
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self._shm: shared_memory.SharedMemory | None = None
-        if shared:
-            if device != "cpu":
-                raise ConfigError("a shared-memory KV pool lives on the CPU; CUDA pools are shared by IPC")
+        self.shared = shared
+        if shared and device == "cpu":
             numel = 1
             for d in self.shape:
                 numel *= d
@@ -75,7 +99,10 @@ class KVPool:
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
 
-    def handle(self) -> KVPoolHandle:
+    def handle(self) -> KVPoolHandle | CudaKVPoolHandle:
+        """What a data-plane process needs to write into this pool (shared memory or CUDA IPC)."""
+        if self.tensor.device.type == "cuda":
+            return CudaKVPoolHandle(self.tensor)
         if self._shm is None:
             raise ConfigError("this KV pool is not in shared memory (set shared_kv_pool)")
         name = next(k for k, v in _DTYPES.items() if v == self.dtype)

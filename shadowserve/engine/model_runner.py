@@ -28,6 +28,7 @@ class ModelRunner:
         self.model, self.pool, self.sampler = model, pool, sampler
         self.block_size = pool.block_size
         self.device = model.device
+        self.on_gpu = self.device.type == "cuda"
 
     def run(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """Run one step; returns the sampled token of every request whose chunk completed it."""
@@ -58,7 +59,8 @@ class ModelRunner:
                         piece.first_block = int(used[0])
                     else:
                         piece.block_table = torch.as_tensor(used, device=self.device)
-                    piece.mask = causal_mask_with_context(n, start, self.device)
+                    if not self.on_gpu:  # the GPU kernels take a bottom-right causal bias instead
+                        piece.mask = causal_mask_with_context(n, start, self.device)
                 meta.prefills.append(piece)
             row += n
             if c.completes:
@@ -77,9 +79,14 @@ class ModelRunner:
         meta.slot_mapping = torch.as_tensor(np.concatenate(slots), device=self.device)
         input_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         pos_t = torch.as_tensor(np.concatenate(positions), device=self.device)
+        rows_t = torch.as_tensor(sample_rows, dtype=torch.long, device=self.device)  # uploaded before the forward
         hidden = self.model(input_ids, pos_t, self.pool.tensor, meta)
         if not sample_rows:
+            if self.on_gpu:
+                # Saves of this step's chunks are read by another process (or stream) next: the KV
+                # must be in the pool when the step returns, as it is on the CPU.
+                torch.cuda.current_stream(self.device).synchronize()
             return {}
-        logits = self.model.compute_logits(hidden[sample_rows])
+        logits = self.model.compute_logits(hidden[rows_t])
         tokens = self.sampler.sample(logits, sample_reqs)
         return {req.request_id: tok for req, tok in zip(sample_reqs, tokens)}

@@ -16,6 +16,7 @@ class Sampler:
         """One token per row of float32 ``logits`` [M, vocab], row i belonging to ``requests[i]``."""
         if all(r.sampling.greedy for r in requests):
             return logits.argmax(dim=-1).tolist()
+        logits = logits.cpu()  # per-request CPU generators: the same seed samples the same tokens anywhere
         out = []
         for row, req in zip(logits, requests):
             sp = req.sampling

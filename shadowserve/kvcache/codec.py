@@ -71,6 +71,10 @@ class KVCodec:
                 self._layouts[key] = layout
         return layout
 
+    def layout_of(self, shape: tuple[int, ...]) -> q.Layout:
+        """Where a lossy chunk's scales and symbols sit in its staging bytes (for device-side decoders)."""
+        return self._layout(_check_shape(tuple(shape)))
+
     def staging_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Exact staging size of one chunk of this shape and dtype."""
         shape = _check_shape(shape)

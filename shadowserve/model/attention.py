@@ -73,21 +73,50 @@ def paged_attention(
 
     for p in meta.prefills:
         qs = q[p.start : p.end].transpose(0, 1).unsqueeze(0)
-        if p.context_before == 0:
+        if q.is_cuda:
+            o = _prefill_cuda(qs, k, v, k_cache, v_cache, p)
+        elif p.context_before == 0:
             ks = k[p.start : p.end].transpose(0, 1).unsqueeze(0)
             vs = v[p.start : p.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
         else:
-            total = p.context_before + (p.end - p.start)
-            if p.first_block is not None:  # contiguous blocks: attend over a view, copy nothing
-                nb = -(-total // k_cache.shape[1])
-                ks = k_cache[p.first_block : p.first_block + nb].view(-1, kv_heads, head_dim)
-                vs = v_cache[p.first_block : p.first_block + nb].view(-1, kv_heads, head_dim)
-            else:
-                ks = k_cache.index_select(0, p.block_table).view(-1, kv_heads, head_dim)
-                vs = v_cache.index_select(0, p.block_table).view(-1, kv_heads, head_dim)
-            ks = ks[:total].transpose(0, 1)[None]
-            vs = vs[:total].transpose(0, 1)[None]
+            ks, vs = _context_kv(k_cache, v_cache, p, p.context_before + (p.end - p.start))
+            ks, vs = ks.transpose(0, 1)[None], vs.transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
         out[p.start : p.end] = o[0].transpose(0, 1)
     return out
+
+
+def _context_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillSlice, total: int):
+    """This sequence's first ``total`` cached K/V rows; a view, no copy, when its blocks are contiguous."""
+    kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
+    if p.first_block is not None:
+        nb = -(-total // k_cache.shape[1])
+        ks = k_cache[p.first_block : p.first_block + nb].view(-1, kv_heads, head_dim)
+        vs = v_cache[p.first_block : p.first_block + nb].view(-1, kv_heads, head_dim)
+    else:
+        ks = k_cache.index_select(0, p.block_table).view(-1, kv_heads, head_dim)
+        vs = v_cache.index_select(0, p.block_table).view(-1, kv_heads, head_dim)
+    return ks[:total], vs[:total]
+
+
+def _prefill_cuda(qs, k, v, k_cache, v_cache, p: PrefillSlice) -> torch.Tensor:
+    """A prefill chunk on the GPU through the fused (flash / memory-efficient) kernels.
+
+    Those kernels take neither grouped KV heads nor a dense mask at long context, so KV heads are
+    repeated and the causal mask is the bottom-right-aligned bias: new token i sees the whole
+    cached context plus new tokens up to itself, with no [n, context] mask ever materialized.
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
+    n = p.end - p.start
+    if p.context_before == 0:
+        ks, vs = k[p.start : p.end], v[p.start : p.end]
+    else:
+        ks, vs = _context_kv(k_cache, v_cache, p, p.context_before + n)
+    group = qs.shape[1] // ks.shape[1]
+    ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    if p.context_before == 0:
+        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal_lower_right(n, ks.shape[2]))

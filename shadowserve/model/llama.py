@@ -179,11 +179,18 @@ class LlamaForCausalLM(nn.Module):
             raise ModelError(f"unexpected tensors in weights: {', '.join(sorted(leftovers)[:5])}")
 
     def init_random(self, seed: int) -> None:
-        """Deterministic random weights (std 0.02, unit norms): same seed, same model, any process."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """Deterministic random weights (std 0.02, unit norms): same seed, same model, any process.
+
+        On a GPU they are drawn on the device (seconds for 8B shapes instead of minutes), so a GPU
+        model is reproducible across GPU processes but differs from the CPU one of the same seed.
+        """
+        on_gpu = self.device.type == "cuda"
+        gen = torch.Generator(device=self.device if on_gpu else "cpu").manual_seed(seed)
         for name, param in self.named_parameters():
             if name.endswith("norm"):
                 param.data.fill_(1.0)
+            elif on_gpu:
+                param.data.normal_(0.0, 0.02, generator=gen)
             else:
                 # Generate on CPU in float32 so every device and dtype sees the same values.
                 rows = param.shape[0]

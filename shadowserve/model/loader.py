@@ -90,7 +90,9 @@ def _file_digest(paths: list[Path]) -> str:
 def _load_random(name: str, arch: ModelArch, seed: int, tdtype: torch.dtype, dtype: str, device: str) -> LoadedModel:
     model = LlamaForCausalLM(arch, tdtype, device)
     model.init_random(seed)
-    return LoadedModel(name, model, byte_tokenizer(), arch, _fingerprint(arch, dtype, f"random:{name}:{seed}"))
+    # GPU draws differ from CPU ones (llama.init_random): their KV must never be mixed in a store.
+    origin = f"random:{name}:{seed}" + (":cuda" if model.device.type == "cuda" else "")
+    return LoadedModel(name, model, byte_tokenizer(), arch, _fingerprint(arch, dtype, origin))
 
 
 # ---- GGUF ---------------------------------------------------------------------------------------

@@ -48,3 +48,12 @@ def test_scatter_then_gather_round_trips(layout, blocks):
 def test_head_major_never_views_a_chunk_in_place():
     target = kv_target(pool("head_major"), CHUNK, "head_major")
     assert target.direct_view(target.plan((0, 1, 2))) is None
+
+
+def test_plan_groups_blocks_into_contiguous_runs():
+    from shadowserve.dataplane.kv_targets import _plan
+
+    assert _plan((4, 5, 6, 7)).runs == ((0, 4, 4),)
+    assert _plan((4, 5, 9, 10)).runs == ((0, 4, 2), (2, 9, 2))
+    assert _plan((-1, 5, 6, 3)).runs == ((1, 5, 2), (3, 3, 1))
+    assert _plan((7, 6)).runs == ((0, 7, 1), (1, 6, 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from shadowserve.config import CodecConfig, DataPlaneConfig
@@ -78,3 +79,13 @@ def test_save_then_fetch_round_trip():
         codec.decode(store.get(key), out)
         assert torch.equal(out, blocks_of(pool, list(blocks)))
     pipe.close()
+
+
+def test_gpu_mode_needs_a_device_pool():
+    from shadowserve.errors import ConfigError
+
+    pool = torch.zeros(LAYERS, 2, 8, BS, HEADS, DIM)
+    codec = KVCodec(CodecConfig(quant="none", lossless="lz4"), "fp")
+    cfg = DataPlaneConfig(fetch_mode="gpu", chunk_size=CHUNK)
+    with pytest.raises(ConfigError, match="GPU memory"):
+        Pipeline(cfg, MemoryStore(), codec, pool, buffer_layout((LAYERS, 2, CHUNK, HEADS, DIM), 4, codec))

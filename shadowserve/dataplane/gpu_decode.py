@@ -1,0 +1,83 @@
+"""The ``gpu`` fetch mode's decode stage (the CacheGen-Async baseline): dequantize on the serving GPU.
+
+Fetch and lossless decompression run on host threads as in every mode; then the chunk's symbols
+and scales are copied to the GPU and turned into KV by torch kernels on a side stream, writing
+straight into the destination blocks. Those kernels share the SMs with the engine's decode: that
+contention is what this baseline exists to show next to ``offload``, whose data plane only ever
+uses the copy engines.
+
+Device buffers (one per staging slot) and per-thread streams and scratch are made once; a chunk
+allocates nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from shadowserve.dataplane.kv_targets import ChunkPlan, CudaEngineKV
+from shadowserve.kvcache import format as fmt
+from shadowserve.kvcache.quant import TOKEN
+
+
+class GpuDequantizer:
+    def __init__(self, codec, target: CudaEngineKV, staging_slots: int, staging_bytes: int) -> None:
+        self.codec, self.target = codec, target
+        self.device = target.device
+        # Where the staging bytes land on the device: indexed by the host staging slot they came from.
+        self._dev_staging = torch.empty((staging_slots, staging_bytes), dtype=torch.uint8, device=self.device)
+        self._tls = threading.local()
+
+    def _thread_state(self) -> tuple[torch.cuda.Stream, torch.cuda.Event, torch.Tensor]:
+        tls = self._tls
+        if getattr(tls, "stream", None) is None:
+            tls.stream = torch.cuda.Stream(device=self.device)
+            tls.event = torch.cuda.Event()
+            # A chunk-shaped device scratch for destinations that are not one contiguous run.
+            tls.scratch = torch.empty(self.target.chunk_shape, dtype=self.target.dtype, device=self.device)
+        return tls.stream, tls.event, tls.scratch
+
+    def dequantize(self, header: fmt.ChunkHeader, staging: torch.Tensor, slot: int, plan: ChunkPlan) -> None:
+        """Hot path: pinned staging bytes -> device -> KV in the destination blocks; returns when landed."""
+        stream, event, scratch = self._thread_state()
+        n = header.staging_nbytes
+        dev = self._dev_staging[slot]
+        with torch.cuda.stream(stream):
+            dev[:n].copy_(staging[:n], non_blocking=True)
+            if plan.run_start is not None:
+                first = plan.run_start
+                out = self.target.pool_view(first)
+            else:
+                out = scratch
+            if not self.codec.lossy:
+                out.copy_(dev[:n].view(header.dtype).view(header.shape))
+            else:
+                layout = self.codec.layout_of(header.shape)
+                scales = dev[: layout.scales_nbytes].view(torch.float16)
+                symbols = dev[layout.symbols_offset : n].view(torch.int8)
+                _dequantize_on_device(layout, scales, symbols, out)
+            if out is scratch:
+                self.target.scatter_on_device(plan, scratch)
+            event.record(stream)
+        event.synchronize()
+
+    def close(self) -> None:
+        self._dev_staging = None
+
+
+def _dequantize_on_device(layout, scales16: torch.Tensor, symbols: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = symbols * scales`` with the same rounding as the host path (product in fp32, one cast)."""
+    layers = len(layout.rules)
+    t = layout.tokens
+    heads, head_dim = out.shape[3], out.shape[4]
+    sym = symbols.view(layers, 2, t, heads, head_dim)
+    out.copy_(sym)  # int8 values are exact in every float dtype
+    if layout.token_only:
+        out.mul_(scales16.view(layers, 2, t, 1, 1))
+        return
+    for layer in range(layers):
+        for kv in range(2):
+            s = layout.scale_view(scales16, layer, kv)
+            per_token = layout.rules[layer][kv].axis == TOKEN
+            out[layer, kv].mul_(s.view(t, 1, 1) if per_token else s.view(1, heads, head_dim))
