@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                 rounds[mode].append(r)
                 print(f"{mode:<10} {r['tpot_idle_ms']:>13.1f} {r['tpot_loaded_ms']:>15.1f} {r['ratio']:>7.2f} "
                       f"{r['tpot_replay_ms']:>15.1f} {r['replay_ratio']:>13.2f} {r['fetches']:>8}"
-                      f"   (round {rnd + 1})", flush=True)
+                      f"   (round {rnd + 1}; fetch job {r['fetch_job_ms_mean']:.0f} ms, failures "
+                      f"{r['fetch_failures']}, restarts {r['dataplane_restarts']})", flush=True)
         print("medians over rounds:")
         for mode, rs in rounds.items():
             med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
@@ -109,6 +110,9 @@ def _measure(h, mode, decoders, docs, decode_params, n_fetchers) -> dict:
                     landed_at[f.request_id] = step
         loaded = _tpot(reqs)
         fetched = sum(1 for f in fetchers if f.num_fetched_tokens > 0)
+        plane = eng.kv_manager.stats
+        health = {"fetch_failures": plane.fetch_failures, "dataplane_restarts": plane.dataplane_restarts,
+                  "fetch_job_ms_mean": plane.fetch_seconds / max(1, plane.fetches) * 1e3}
         itl_idle, itl_loaded = itl_median_ms(idle_reqs), itl_median_ms(reqs)
     finally:
         eng.close()
@@ -116,7 +120,7 @@ def _measure(h, mode, decoders, docs, decode_params, n_fetchers) -> dict:
     replay = _replay(h, decoders, decode_params, docs, schedule)
     return {"tpot_idle_ms": idle * 1e3, "tpot_loaded_ms": loaded * 1e3, "ratio": loaded / idle,
             "tpot_replay_ms": replay * 1e3, "replay_ratio": loaded / replay, "itl_p50_idle_ms": itl_idle,
-            "itl_p50_loaded_ms": itl_loaded, "fetches": fetched}
+            "itl_p50_loaded_ms": itl_loaded, "fetches": fetched, **health}
 
 
 def _replay(h, decoders, decode_params, docs, schedule) -> float:

@@ -9,6 +9,7 @@ mode and what the hardware allows is visible directly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 
@@ -69,6 +70,12 @@ def stage_times(h, prompt: list[int]) -> dict:
             "compressed_bytes": int(sum(len(b) for b in blobs)), "chunks": len(blobs)}
 
 
+def _plane_stats(eng):
+    from shadowserve.controlplane.manager import ManagerStats
+
+    return dataclasses.replace(eng.kv_manager.stats) if eng.kv_manager is not None else ManagerStats()
+
+
 def run(args: argparse.Namespace) -> int:
     from shadowserve.bench.harness import (
         Harness,
@@ -109,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
               f"{stages['compressed_bytes'] / 1e6:.1f} MB compressed; stages alone: "
               f"decompress {stages['decompress_s'] * 1e3:.0f} ms, dequantize {stages['dequantize_s'] * 1e3:.0f} ms, "
               f"scatter {stages['scatter_s'] * 1e3:.0f} ms; suffix prefill {suffix_s * 1e3:.0f} ms")
-        print(f"{'mode':<10} {'Gbit/s':>7} {'loaded':>7} {'TTFT ms':>9} {'bound ms':>9} {'TTFT/bound':>11}")
+        print(f"{'mode':<10} {'Gbit/s':>7} {'loaded':>7} {'TTFT ms':>9} {'bound ms':>9} {'TTFT/bound':>11} "
+              f"{'fetch job ms':>13}")
         for gbps in bandwidths:
             url = f"{server.url}?bandwidth={gbps}gbit"
             bound = max(stages["compressed_bytes"] * 8 / (gbps * 1e9), slowest) + suffix_s
@@ -124,19 +132,28 @@ def run(args: argparse.Namespace) -> int:
                                      for p in decoders]
                             while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in batch):
                                 eng.step()
+                        before = _plane_stats(eng)
                         req = eng.add_request(prompt, SamplingParams(max_tokens=1))
                         while not req.is_finished:
                             eng.step()
+                        after = _plane_stats(eng)
                         for r in batch:
                             eng.abort_request(r.request_id)
                         if req.num_fetched_tokens < args.prefix_tokens:
                             print(f"  warning: {mode} fetched only {req.num_fetched_tokens} tokens")
                         row = {"mode": mode, "bandwidth_gbps": gbps, "loaded": loaded_run,
                                "ttft_ms": req.ttft * 1e3, "bound_ms": bound * 1e3,
-                               "fetched_tokens": req.num_fetched_tokens}
+                               "fetched_tokens": req.num_fetched_tokens,
+                               # the data plane's own time for the job (submit -> last chunk landed)
+                               "fetch_job_ms": (after.fetch_seconds - before.fetch_seconds) * 1e3,
+                               "fetch_failures": after.fetch_failures - before.fetch_failures,
+                               "dataplane_restarts": after.dataplane_restarts - before.dataplane_restarts}
                         rows.append(row)
                         print(f"{mode:<10} {gbps:>7g} {str(loaded_run):>7} {row['ttft_ms']:>9.0f} "
-                              f"{row['bound_ms']:>9.0f} {row['ttft_ms'] / row['bound_ms']:>11.2f}", flush=True)
+                              f"{row['bound_ms']:>9.0f} {row['ttft_ms'] / row['bound_ms']:>11.2f} "
+                              f"{row['fetch_job_ms']:>13.0f}"
+                              + (f"  failures {row['fetch_failures']}, restarts {row['dataplane_restarts']}"
+                                 if row["fetch_failures"] or row["dataplane_restarts"] else ""), flush=True)
                 finally:
                     eng.close()
     finally:

@@ -51,7 +51,9 @@ def _child_main(spec: DataPlaneSpec, commands, events) -> None:
 
     if spec.cores:
         os.sched_setaffinity(0, spec.cores)
-        torch.set_num_threads(len(spec.cores))
+    # The pipeline's parallelism is its stage workers; torch's intra-op threads on top of them would
+    # oversubscribe the reserved cores (spinning OpenMP teams starve the decompress threads).
+    torch.set_num_threads(1)
     send_lock = threading.Lock()
 
     def send(msg) -> None:
