@@ -23,6 +23,7 @@ class Harness:
     kv_cache_memory: str = "2GiB"
     device: str = "cpu"
     workers: int = 1  # decompress and dequantize threads of the data plane (more on many-core machines)
+    dataplane_cores: str = "auto"
     # The cores this process may use before any engine pins it (an engine pins its whole process).
     cores: tuple[int, ...] = field(default_factory=lambda: tuple(sorted(os.sched_getaffinity(0))))
 
@@ -42,7 +43,7 @@ class Harness:
         w = self.workers
         sized = dict(fetch_workers=max(2, w), decompress_workers=w, dequantize_workers=w,
                      receive_slots=max(8, 2 * w), staging_slots=max(4, 2 * w), kv_slots=max(4, 2 * w),
-                     save_workers=w)
+                     save_workers=w, dataplane_cores=self.dataplane_cores)
         dp = DataPlaneConfig(fetch_mode=mode, pin_cores=True, chunk_size=self.chunk_size, save=save,
                              **{**sized, **plane})
         url = None if mode == "recompute" else (store_url or self.store_url)
@@ -71,6 +72,7 @@ def add_model_arguments(p, kv_cache_memory: str = "2GiB") -> None:
     p.add_argument("--kv-cache-memory", default=kv_cache_memory)
     p.add_argument("--dataplane-workers", type=int, default=1,
                    help="decompress and dequantize threads in every mode (up to the data-plane cores)")
+    p.add_argument("--dataplane-cores", default="auto", help="cores reserved for the data plane, e.g. 12-15")
 
 
 def load_for(args):

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if server is not None:
         pin_to_dataplane_cores(server.pid)
     h = Harness(loaded, args.store or server.url, CodecConfig(**overrides), kv_cache_memory=args.kv_cache_memory,
-                device=args.device, workers=args.dataplane_workers)
+                device=args.device, workers=args.dataplane_workers, dataplane_cores=args.dataplane_cores)
     tok = loaded.tokenizer
     n_docs = 6
     docs = [doc_prompt(tok, args.prefix_tokens, offset=40 * i) for i in range(n_docs)]

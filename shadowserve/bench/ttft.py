@@ -76,6 +76,17 @@ def _plane_stats(eng):
     return dataclasses.replace(eng.kv_manager.stats) if eng.kv_manager is not None else ManagerStats()
 
 
+def _stage_busy(eng) -> dict:
+    """Seconds each pipeline stage has been busy so far (fresh: waits for the offload plane's next beat)."""
+    if eng.kv_manager is None:
+        return {}
+    backend = eng.kv_manager.backend
+    if hasattr(backend, "process"):
+        time.sleep(1.5 * backend.spec.config.heartbeat_interval)
+        eng.kv_manager.poll()
+    return dict(backend.stats().get("stage_busy_seconds", {}))
+
+
 def run(args: argparse.Namespace) -> int:
     from shadowserve.bench.harness import (
         Harness,
@@ -95,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     server = start_store_server("--capacity", "8GiB")
     pin_to_dataplane_cores(server.pid)
     h = Harness(loaded, server.url, CodecConfig(**overrides), kv_cache_memory=args.kv_cache_memory, device=args.device,
-                workers=args.dataplane_workers)
+                workers=args.dataplane_workers, dataplane_cores=args.dataplane_cores)
     tok = loaded.tokenizer
     prompt = doc_prompt(tok, args.prefix_tokens, offset=0)
     warmup = doc_prompt(tok, 4 * h.chunk_size, offset=300)  # fetched once per engine before timing
@@ -132,11 +143,11 @@ def run(args: argparse.Namespace) -> int:
                                      for p in decoders]
                             while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in batch):
                                 eng.step()
-                        before = _plane_stats(eng)
+                        before, busy0 = _plane_stats(eng), _stage_busy(eng)
                         req = eng.add_request(prompt, SamplingParams(max_tokens=1))
                         while not req.is_finished:
                             eng.step()
-                        after = _plane_stats(eng)
+                        after, busy1 = _plane_stats(eng), _stage_busy(eng)
                         for r in batch:
                             eng.abort_request(r.request_id)
                         if req.num_fetched_tokens < args.prefix_tokens:
@@ -147,13 +158,17 @@ def run(args: argparse.Namespace) -> int:
                                # the data plane's own time for the job (submit -> last chunk landed)
                                "fetch_job_ms": (after.fetch_seconds - before.fetch_seconds) * 1e3,
                                "fetch_failures": after.fetch_failures - before.fetch_failures,
-                               "dataplane_restarts": after.dataplane_restarts - before.dataplane_restarts}
+                               "dataplane_restarts": after.dataplane_restarts - before.dataplane_restarts,
+                               "stage_busy_s": {k: busy1[k] - busy0.get(k, 0.0) for k in busy1}}
                         rows.append(row)
                         print(f"{mode:<10} {gbps:>7g} {str(loaded_run):>7} {row['ttft_ms']:>9.0f} "
                               f"{row['bound_ms']:>9.0f} {row['ttft_ms'] / row['bound_ms']:>11.2f} "
                               f"{row['fetch_job_ms']:>13.0f}"
                               + (f"  failures {row['fetch_failures']}, restarts {row['dataplane_restarts']}"
                                  if row["fetch_failures"] or row["dataplane_restarts"] else ""), flush=True)
+                        if row["stage_busy_s"]:
+                            print("    stage busy s: " + ", ".join(
+                                f"{k} {v:.2f}" for k, v in row["stage_busy_s"].items() if v), flush=True)
                 finally:
                     eng.close()
     finally:
