@@ -40,9 +40,13 @@ class LLMEngine:
         self.dataplane_config = dataplane or DataPlaneConfig(fetch_mode="recompute")
         remote = store_url is not None and self.dataplane_config.fetch_mode != "recompute"
         engine_cores, self.dataplane_cores = self.dataplane_config.split_cores()
+        self._unpinned: tuple[set[int], int] | None = None
         if remote and self.dataplane_config.pin_cores:
             # Fairness: the engine computes on the same cores in every mode; the data-plane cores
-            # play the SmartNIC. Pinned before torch starts its worker threads.
+            # play the SmartNIC. Pinned before torch starts its worker threads, and unpinned on
+            # close: otherwise the next engine of this process would split the engine's cores
+            # again and give its data plane fewer cores (or the engine's own).
+            self._unpinned = (os.sched_getaffinity(0), torch.get_num_threads())
             os.sched_setaffinity(0, engine_cores)
             torch.set_num_threads(len(engine_cores))
         if config.num_threads:
@@ -69,6 +73,7 @@ class LLMEngine:
                 self.kv_manager = self._build_control_plane(store_url, codec or CodecConfig())
             except BaseException:
                 self.pool.close()  # a shared pool would otherwise outlive us in /dev/shm
+                self._restore_affinity()
                 raise
             self.scheduler.kv_manager = self.kv_manager
 
@@ -203,3 +208,11 @@ class LLMEngine:
             self.kv_manager.close()
             self.kv_manager = None
         self.pool.close()
+        self._restore_affinity()
+
+    def _restore_affinity(self) -> None:
+        if self._unpinned is not None:
+            cores, threads = self._unpinned
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(threads)
+            self._unpinned = None

@@ -214,3 +214,20 @@ def test_close_releases_the_kv_pool(tiny, tmp_path, mode):
     pool = weakref.ref(eng.pool.tensor)
     eng.close()
     assert pool() is None
+
+
+def test_engines_built_one_after_another_get_the_same_core_split(tiny, tmp_path):
+    """A pinned engine unpins its process on close, so the next engine (another fetch mode in a
+    benchmark) splits the same cores: its data plane never lands on the engine's cores."""
+    url = f"file://{tmp_path}/store"
+    before = os.sched_getaffinity(0)
+    splits = []
+    for mode in ("thread", "offload", "thread"):
+        eng = engine(tiny, url, mode, pin_cores=True)
+        splits.append((sorted(os.sched_getaffinity(0)), list(eng.dataplane_cores)))
+        eng.close()
+        assert os.sched_getaffinity(0) == before
+    assert splits[0] == splits[1] == splits[2]
+    if len(before) > 1:
+        engine_cores, plane_cores = splits[0]
+        assert not set(engine_cores) & set(plane_cores)
