@@ -37,6 +37,6 @@ if [ "$what" = bench ]; then
     --modes sync,thread,offload,gpu --bandwidths 10 --prefix-tokens 16128 --batch 8 --dataplane-workers 3 \
     --json "$out/ttft.json"
   step interference 280 $ss bench interference --model llama3-8b-shape --dtype bfloat16 --device cuda \
-    --kv-cache-memory 16GiB --modes thread,offload,gpu --batch 8 --decode-tokens 256 --prefix-tokens 8192 \
+    --kv-cache-memory 16GiB --modes offload,gpu,thread --batch 8 --decode-tokens 256 --prefix-tokens 8192 \
     --rounds 2 --dataplane-workers 3 --json "$out/interference.json"
 fi
