@@ -44,14 +44,27 @@ def bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int
 
 @dataclass(frozen=True)
 class CudaKVPoolHandle:
-    """A CUDA pool shared by IPC: pickling the tensor (spawned process arguments, pipes) sends an
-    IPC handle of its device allocation, and unpickling maps that allocation in the receiver.
-    The engine keeps the original alive for as long as any data plane may write into it."""
+    """A CUDA pool shared by IPC: torch's CUDA-tensor reduction (an IPC handle of the device
+    allocation plus a shared reference count), kept as plain data until ``attach`` maps it.
 
-    tensor: torch.Tensor
+    Only the attached pool holds the mapped tensor, so a data plane that shuts down cleanly drops
+    its reference and the engine can reclaim the memory when it closes (``torch.cuda.ipc_collect``).
+    A data plane that is killed never drops it: that pool stays allocated until the engine's
+    process exits (torch keeps a block whose consumers have not released it).
+    """
+
+    rebuild: object
+    args: tuple
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> CudaKVPoolHandle:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        rebuild, args = reduce_tensor(tensor)
+        return cls(rebuild, args)
 
     def attach(self) -> AttachedCudaKVPool:
-        return AttachedCudaKVPool(self.tensor)
+        return AttachedCudaKVPool(self.rebuild(*self.args))
 
 
 class AttachedCudaKVPool:
@@ -102,7 +115,7 @@ class KVPool:
     def handle(self) -> KVPoolHandle | CudaKVPoolHandle:
         """What a data-plane process needs to write into this pool (shared memory or CUDA IPC)."""
         if self.tensor.device.type == "cuda":
-            return CudaKVPoolHandle(self.tensor)
+            return CudaKVPoolHandle.of(self.tensor)
         if self._shm is None:
             raise ConfigError("this KV pool is not in shared memory (set shared_kv_pool)")
         name = next(k for k, v in _DTYPES.items() if v == self.dtype)
@@ -110,7 +123,10 @@ class KVPool:
 
     def close(self) -> None:
         """Release the tensor and, if shared, unlink the segment (the engine owns it)."""
+        on_gpu = self.tensor is not None and self.tensor.device.type == "cuda"
         self.tensor = None  # drop the exported buffer before closing the mapping
+        if on_gpu and self.shared:
+            torch.cuda.ipc_collect()  # free it now if every data plane has let go of it
         if self._shm is not None:
             self._shm.close()
             try:
