@@ -50,6 +50,11 @@ class Harness:
         return LLMEngine(self.engine_config(), loaded=self.loaded, progress=False, dataplane=dp, store_url=url,
                          codec=self.codec)
 
+    def local_engine(self, **overrides) -> LLMEngine:
+        """An engine with no store (baselines with the KV already local), pinned like the others."""
+        dp = DataPlaneConfig(fetch_mode="recompute", pin_cores=True, dataplane_cores=self.dataplane_cores)
+        return LLMEngine(self.engine_config(**overrides), loaded=self.loaded, progress=False, dataplane=dp)
+
     def warm(self, prompts: list[list[int]]) -> None:
         """Compute and save the prompts' full chunks in the store (the cold pass)."""
         eng = self.engine("thread", save=True)

@@ -125,10 +125,9 @@ def _measure(h, mode, decoders, docs, decode_params, n_fetchers) -> dict:
 
 def _replay(h, decoders, decode_params, docs, schedule) -> float:
     """The same batch with the same requests joining at the same steps, their prefix already local."""
-    from shadowserve.engine.engine import LLMEngine
     from shadowserve.engine.sequence import SamplingParams
 
-    eng = LLMEngine(h.engine_config(enable_prefix_caching=True), loaded=h.loaded, progress=False)
+    eng = h.local_engine(enable_prefix_caching=True)
     try:
         run_batch(eng, docs, SamplingParams(max_tokens=1))  # every document's KV now in local blocks
         reqs = [eng.add_request(p, decode_params) for p in decoders]

@@ -97,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
         write_json,
     )
     from shadowserve.config import CodecConfig
-    from shadowserve.engine.engine import LLMEngine
     from shadowserve.engine.sequence import SamplingParams
     from shadowserve.store.launch import start_store_server
 
@@ -117,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         h.warm([prompt, warmup])
         stages = stage_times(h, prompt)
         # The suffix prefill alone: the prefix already in local blocks, nothing to fetch.
-        local = LLMEngine(h.engine_config(enable_prefix_caching=True), loaded=loaded, progress=False)
+        local = h.local_engine(enable_prefix_caching=True)
         run_to_end(local, [local.add_request(prompt[:-1] + [prompt[-1]], SamplingParams(max_tokens=1))])
         suffix_s = min(run_to_end(local, [local.add_request(prompt, SamplingParams(max_tokens=1))])[0].ttft
                        for _ in range(2))

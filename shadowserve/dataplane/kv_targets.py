@@ -212,5 +212,7 @@ def kv_target(pool: torch.Tensor, chunk_size: int, layout: str = "engine") -> En
     if layout == "engine":
         return EngineKV(pool, chunk_size)
     if layout == "head_major":
+        if pool.device.type != "cpu":
+            raise ValueError("the head_major layout (vLLM's CPU KV cache) is supported on the CPU only")
         return HeadMajorKV(pool, chunk_size)
     raise ValueError(f"unknown KV layout {layout!r}: choose one of {', '.join(KV_LAYOUTS)}")

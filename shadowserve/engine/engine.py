@@ -41,9 +41,9 @@ class LLMEngine:
         remote = store_url is not None and self.dataplane_config.fetch_mode != "recompute"
         engine_cores, self.dataplane_cores = self.dataplane_config.split_cores()
         self._unpinned: tuple[set[int], int] | None = None
-        if remote and self.dataplane_config.pin_cores:
-            # Fairness: the engine computes on the same cores in every mode; the data-plane cores
-            # play the SmartNIC. Pinned before torch starts its worker threads, and unpinned on
+        if self.dataplane_config.pin_cores:
+            # Fairness: the engine computes on the same cores in every mode (recompute too); the
+            # data-plane cores play the SmartNIC. Pinned before torch starts its worker threads, and unpinned on
             # close: otherwise the next engine of this process would split the engine's cores
             # again and give its data plane fewer cores (or the engine's own).
             self._unpinned = (os.sched_getaffinity(0), torch.get_num_threads())
