@@ -43,9 +43,9 @@ class LLMEngine:
         self._unpinned: tuple[set[int], int] | None = None
         if self.dataplane_config.pin_cores:
             # Fairness: the engine computes on the same cores in every mode (recompute too); the
-            # data-plane cores play the SmartNIC. Pinned before torch starts its worker threads, and unpinned on
-            # close: otherwise the next engine of this process would split the engine's cores
-            # again and give its data plane fewer cores (or the engine's own).
+            # data-plane cores play the SmartNIC. Pinned before torch starts its worker threads,
+            # unpinned on close: otherwise the next engine of this process would split the engine's
+            # cores again and give its data plane fewer cores (or the engine's own).
             self._unpinned = (os.sched_getaffinity(0), torch.get_num_threads())
             os.sched_setaffinity(0, engine_cores)
             torch.set_num_threads(len(engine_cores))
