@@ -7,7 +7,6 @@ recompute gives; the pipeline-level tests check bytes in the device pool directl
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
 import time
@@ -23,6 +22,7 @@ from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.sequence import RequestStatus, SamplingParams
 from shadowserve.kvcache.codec import KVCodec
 from shadowserve.store.memory import MemoryStore
+from tests.dataplane.test_end_to_end import prompts, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
@@ -39,25 +39,10 @@ def tiny_gpu():
     return load_model("tiny-random", "float32", device="cuda", progress=False)
 
 
-def prompts(n: int, seed: int, shared_prefix: int = 200, suffix: int = 9) -> list[list[int]]:
-    rng = random.Random(seed)
-    doc = [rng.randrange(3, 259) for _ in range(shared_prefix)]
-    return [doc + [rng.randrange(3, 259) for _ in range(suffix)] for _ in range(n)]
-
-
 def engine(loaded, url: str | None, mode: str, codec: CodecConfig = LOSSLESS, **plane) -> LLMEngine:
     cfg = DataPlaneConfig(fetch_mode=mode, chunk_size=CHUNK, heartbeat_interval=0.2, heartbeat_timeout=5.0, **plane)
     return LLMEngine(EngineConfig(model="tiny-random", device="cuda", kv_cache_memory="16MiB"), loaded=loaded,
                      dataplane=cfg, store_url=url, codec=codec)
-
-
-def run(eng: LLMEngine, ps, params=GREEDY):
-    reqs = [eng.add_request(p, params) for p in ps]
-    deadline = time.monotonic() + 120
-    while eng.has_unfinished():
-        assert time.monotonic() < deadline, "requests hung"
-        eng.step()
-    return reqs
 
 
 def reference(loaded, ps):
