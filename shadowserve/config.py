@@ -85,6 +85,7 @@ def parse_rate(value: str | int | float) -> float:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+LINEAR_KERNELS = ("auto", "dense", "fp16")  # see model/linear_kernels.py
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class EngineConfig:
     # Allocate the KV pool in named shared memory so a data-plane process can write into it.
     shared_kv_pool: bool = False
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    # Weight matmuls: "auto" (fbgemm's packed fp16 GEMM for float32 on CPU, else dense), "dense", "fp16".
+    linear_kernel: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -123,6 +126,10 @@ class EngineConfig:
             raise ConfigError("max_model_len must be >= 0")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"unknown device {self.device!r}: use cpu or cuda[:N]")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ConfigError(
+                f"unknown linear_kernel {self.linear_kernel!r}: choose one of {', '.join(LINEAR_KERNELS)}"
+            )
 
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9, "m": 60.0, "min": 60.0}

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--kernels", default="auto,dense",
+                   help="our weight-matmul kernels to measure side by side (auto, dense, fp16)")
 
 
 def _text_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
@@ -49,7 +51,20 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, "float32")
     engine = LLMEngine(EngineConfig(model=args.model, kv_cache_memory="2GiB", enable_prefix_caching=False,
                                     max_num_batched_tokens=8192), loaded=loaded)
+    kernels = []
+    for k in (x for x in args.kernels.split(",") if x):
+        loaded.model.use_linear_kernel(k)
+        kernels.append(loaded.model.linear_kernel)
+    kernels = list(dict.fromkeys(kernels))  # "auto" may resolve to one already listed
     hf = None if args.no_hf else _hf_model(args.model)
+
+    def ours(fn, *a) -> dict[str, float]:
+        """Seconds per measurement for each of our kernels, run one after another on the same engine."""
+        out = {}
+        for k in kernels:
+            loaded.model.use_linear_kernel(k)
+            out[k] = best(fn, *a)
+        return out
 
     def ours_prefill(ids: list[int]) -> float:
         req = engine.add_request(ids, SamplingParams(max_tokens=1))
@@ -97,32 +112,38 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for n in lengths:
         ids = _text_ids(loaded.tokenizer, n)
-        ours = n / best(ours_prefill, ids)
+        secs = ours(ours_prefill, ids)
         theirs = n / best(hf_prefill, ids) if hf else None
-        rows.append({"phase": "prefill", "size": n, "ours_tok_s": ours, "hf_tok_s": theirs})
+        rows.append({"phase": "prefill", "size": n, "ours_tok_s": {k: n / s for k, s in secs.items()},
+                     "hf_tok_s": theirs})
         _print_row(rows[-1])
     for b in batches:
         prompts = [_text_ids(loaded.tokenizer, args.decode_prompt, offset=7 * i) for i in range(b)]
-        ours = b / best(ours_decode, prompts)
+        secs = ours(ours_decode, prompts)
         theirs = b / best(hf_decode, prompts) if hf else None
-        rows.append({"phase": "decode", "size": b, "ours_tok_s": ours, "hf_tok_s": theirs})
+        rows.append({"phase": "decode", "size": b, "ours_tok_s": {k: b / s for k, s in secs.items()},
+                     "hf_tok_s": theirs})
         _print_row(rows[-1])
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"model": args.model, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+            json.dump({"model": args.model, "threads": torch.get_num_threads(), "kernels": kernels,
+                       "cpu": torch.backends.cpu.get_cpu_capability(), "rows": rows}, f, indent=2)
     engine.close()
     return 0
 
 
 def _print_row(row: dict) -> None:
+    """One line per measurement: each of our kernels, HF, and ours/HF per kernel (header on first call)."""
     what = f"{row['phase']} {'prompt' if row['phase'] == 'prefill' else 'batch'} {row['size']}"
     hf = row["hf_tok_s"]
-    ratio = f"{row['ours_tok_s'] / hf:6.2f}x" if hf else "     -"
-    hf_txt = f"{hf:10.1f}" if hf else "         -"
-    if row is not None and not getattr(_print_row, "header", False):
-        print(f"{'measurement':<24} {'ours tok/s':>10} {'HF tok/s':>10} {'ours/HF':>8}")
+    ours = row["ours_tok_s"]
+    if not getattr(_print_row, "header", False):
+        cells = [f"{'ours ' + k:>12}" for k in ours] + [f"{'HF':>10}"] + [f"{k + '/HF':>10}" for k in ours]
+        print(f"{'tokens/s':<24} " + " ".join(cells))
         _print_row.header = True
-    print(f"{what:<24} {row['ours_tok_s']:10.1f} {hf_txt} {ratio:>8}", flush=True)
+    cells = [f"{v:12.1f}" for v in ours.values()] + [f"{hf:10.1f}" if hf else f"{'-':>10}"]
+    cells += [f"{v / hf:9.2f}x" if hf else f"{'-':>10}" for v in ours.values()]
+    print(f"{what:<24} " + " ".join(cells), flush=True)
 
 
 def _hf_model(name: str):

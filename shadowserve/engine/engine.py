@@ -52,6 +52,7 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.loaded = loaded or load_model(config.model, config.dtype, config.device, progress=progress)
+        self.loaded.model.use_linear_kernel(config.linear_kernel)
         arch = self.loaded.arch
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)

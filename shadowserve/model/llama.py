@@ -15,6 +15,7 @@ from torch import nn
 from shadowserve.errors import ModelError
 from shadowserve.model.arch import ModelArch
 from shadowserve.model.attention import AttentionMetadata, paged_attention
+from shadowserve.model.linear_kernels import make_linear, resolve_linear_kernel
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,6 +68,14 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = p(h)
         self.gate_up_proj = p(2 * arch.intermediate_size, h)
         self.down_proj = p(h, arch.intermediate_size)
+        self.use_linear_kernel("dense")
+
+    def use_linear_kernel(self, kind: str) -> None:
+        """(Re)build the four weight matmuls with the given kernel from the current weights."""
+        self.qkv = make_linear(self.qkv_proj, kind)
+        self.o = make_linear(self.o_proj, kind)
+        self.gate_up = make_linear(self.gate_up_proj, kind)
+        self.down = make_linear(self.down_proj, kind)
 
     def forward(
         self,
@@ -77,16 +86,16 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         n = x.shape[0]
-        qkv = F.linear(rms_norm(x, self.input_norm, self.eps), self.qkv_proj)
+        qkv = self.qkv(rms_norm(x, self.input_norm, self.eps))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(n, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(n, self.n_kv, self.head_dim), cos, sin)
         v = v.reshape(n, self.n_kv, self.head_dim)
         attn = torch.empty_like(q)
         paged_attention(q, k, v, kv_layer, meta, attn)
-        x = x + F.linear(attn.view(n, self.q_size), self.o_proj)
-        gate, up = F.linear(rms_norm(x, self.post_attn_norm, self.eps), self.gate_up_proj).split(self.inter, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_proj)
+        x = x + self.o(attn.view(n, self.q_size))
+        gate, up = self.gate_up(rms_norm(x, self.post_attn_norm, self.eps)).split(self.inter, dim=-1)
+        return x + self.down(F.silu(gate) * up)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -120,6 +129,20 @@ class LlamaForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("rope_cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("rope_sin", emb.sin().to(dtype), persistent=False)
+        self.linear_kernel = "dense"
+        self.head = make_linear(self.lm_head, "dense")
+
+    def use_linear_kernel(self, kind: str) -> None:
+        """Run every weight matmul (LM head included) with ``kind`` (see model/linear_kernels.py).
+
+        The dense parameters stay: embedding lookups read them, and another engine sharing this
+        model may switch back.
+        """
+        kind = resolve_linear_kernel(kind, self.dtype, self.device)
+        for layer in self.layers:
+            layer.use_linear_kernel(kind)
+        self.head = make_linear(self.lm_head, kind)
+        self.linear_kernel = kind
 
     @torch.inference_mode()
     def forward(
@@ -136,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given rows of final hidden states."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.head(hidden).float()
 
     # ---- weights -------------------------------------------------------------------------------
 
@@ -177,6 +200,7 @@ class LlamaForCausalLM(nn.Module):
         leftovers = [k for k in weights if "rotary_emb" not in k]
         if leftovers:
             raise ModelError(f"unexpected tensors in weights: {', '.join(sorted(leftovers)[:5])}")
+        self.use_linear_kernel(self.linear_kernel)  # packed kernels hold a snapshot of the weights
 
     def init_random(self, seed: int) -> None:
         """Deterministic random weights (std 0.02, unit norms): same seed, same model, any process.
@@ -198,3 +222,4 @@ class LlamaForCausalLM(nn.Module):
                 for r in range(0, rows, step):
                     chunk = torch.randn(param[r : r + step].shape, generator=gen) * 0.02
                     param.data[r : r + step].copy_(chunk)
+        self.use_linear_kernel(self.linear_kernel)

@@ -35,7 +35,17 @@ class LoadedModel:
     model: LlamaForCausalLM
     tokenizer: Tokenizer
     arch: ModelArch
-    fingerprint: str  # hex digest over architecture, weights and dtype
+    weights_fingerprint: str  # hex digest over architecture, weights and dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """Names the KV this model computes: the weights, plus the matmul kernel when it is not exact.
+
+        KV from fbgemm's fp16 kernel differs from dense float32 KV in the last bits, so the two never
+        share store entries (a lossless fetch must reproduce recompute token for token).
+        """
+        kernel = self.model.linear_kernel
+        return self.weights_fingerprint if kernel == "dense" else f"{self.weights_fingerprint}:{kernel}"
 
     @property
     def max_model_len(self) -> int:
