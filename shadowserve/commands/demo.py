@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default=",".join(MODES), help="fetch modes to run after the cold pass")
     p.add_argument("--quant", default=None, help="codec quantization (default: the default codec's)")
     p.add_argument("--lossless", default=None, help="codec lossless stage (default: the default codec's)")
+    p.add_argument("--key-step", type=float, default=None,
+                   help="rms codec: key step as a multiple of the token's RMS (default 0.5; smaller is finer)")
+    p.add_argument("--value-step", type=float, default=None, help="rms codec: value step (default 1.0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     for m in modes:
         if m not in MODES:
             raise ConfigError(f"unknown demo mode {m!r}: choose from {', '.join(MODES)}")
-    overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
+    overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless), ("key_step", args.key_step),
+                                   ("value_step", args.value_step)) if v}
     codec = CodecConfig(**overrides)
     loaded = load_model(args.model, "float32")
     prompts = long_document_qa(loaded.tokenizer, args.documents, args.questions, args.doc_tokens)
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     server = None if args.store else start_store_server("--capacity", "4GiB")
     url = args.store or server.url
     print(f"store: {url}   model: {args.model}   {len(prompts)} questions over {args.documents} "
-          f"documents of ~{args.doc_tokens} tokens   codec: {codec.quant}+{codec.lossless}")
+          f"documents of ~{args.doc_tokens} tokens   codec: {codec_name(codec)}")
 
     def one_pass(mode: str, label: str):
         dp = DataPlaneConfig(fetch_mode=mode, pin_cores=True)
@@ -79,14 +83,33 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
 
     ref_tokens = [r.output_token_ids for r in reference]
-    print(f"\n{'pass':<24} {'mean TTFT ms':>12} {'mean TPOT ms':>12} {'fetched':>8} {'same answer':>12}")
+    print(f"\n{'pass':<24} {'mean TTFT ms':>12} {'mean TPOT ms':>12} {'fetched':>8} {'same answer':>12} "
+          f"{'same prefix':>12}")
     for name, reqs in rows:
         ttft = statistics.mean(r.ttft for r in reqs) * 1e3
         tpots = [r.tpot for r in reqs if r.tpot is not None]
         tpot = statistics.mean(tpots) * 1e3 if tpots else float("nan")
         fetched = sum(r.num_fetched_tokens for r in reqs) / sum(len(r.prompt_token_ids) for r in reqs)
         same = sum(r.output_token_ids == t for r, t in zip(reqs, ref_tokens)) / len(reqs)
-        print(f"{name:<24} {ttft:>12.1f} {tpot:>12.1f} {fetched:>8.0%} {same:>12.0%}")
+        prefix = statistics.mean(agreed_prefix(r.output_token_ids, t) for r, t in zip(reqs, ref_tokens))
+        print(f"{name:<24} {ttft:>12.1f} {tpot:>12.1f} {fetched:>8.0%} {same:>12.0%} {prefix:>12.0%}")
     answer = loaded.tokenizer.decode(reference[0].output_token_ids).strip()
     print(f"\nexample answer: {answer!r}")
+    print("same answer: token for token equal to recompute's; same prefix: mean share of recompute's answer "
+          "reproduced before the first differing token")
     return 0
+
+
+def codec_name(codec) -> str:
+    steps = f" (key step {codec.key_step}, value step {codec.value_step})" if codec.quant == "rms" else ""
+    return f"{codec.quant}+{codec.lossless}{steps}"
+
+
+def agreed_prefix(got: list[int], want: list[int]) -> float:
+    """Share of ``want`` that ``got`` reproduces before they first differ (1.0: identical)."""
+    n = 0
+    for a, b in zip(got, want):
+        if a != b:
+            break
+        n += 1
+    return n / max(1, len(want)) if got != want else 1.0
