@@ -32,6 +32,7 @@ PRESETS: dict[str, CodecConfig] = {
     "uniform16-zstd": CodecConfig(quant="uniform", bins=16, lossless="zstd"),
     "kivi16-zstd": CodecConfig(quant="kivi", bins=16, lossless="zstd"),
     "rms-fine-zstd": CodecConfig(quant="rms", key_step=0.35, value_step=0.7, lossless="zstd"),
+    "rms-near-lossless-zstd": CodecConfig(quant="rms", key_step=0.07, value_step=0.14, lossless="zstd"),
     "rms-lz4": CodecConfig(quant="rms", lossless="lz4"),
     "fp16-zstd": CodecConfig(quant="none", lossless="zstd"),
     "fp16-raw": CodecConfig(quant="none", lossless="none"),
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codecs", default=",".join(PRESETS), help=f"comma-separated presets: {', '.join(PRESETS)}")
     parser.add_argument("--repeat", type=int, default=3, help="timing passes over all chunks (best is reported)")
     parser.add_argument("--model-threads", type=int, default=2, help="torch threads for the model forward passes")
+    parser.add_argument("--layer-sensitivity", action="store_true",
+                        help="also score each layer alone at the first preset's steps, the others at int8")
 
 
 def _load(model_name: str):
@@ -102,6 +105,32 @@ def _metrics(logp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> di
         "argmax_agreement": (logp.argmax(-1) == ref.argmax(-1)).float().mean().item(),
         "kl": (ref.exp() * (ref - logp)).sum(-1).mean().item(),
     }
+
+
+def _layer_sensitivity(model, kv: torch.Tensor, ev: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor,
+                       config: CodecConfig) -> list[dict[str, float]]:
+    """Quality with one layer at ``config``'s rules and all others at int8: which layers need the bits.
+
+    Quantization only (the lossless stage does not change values), over the whole context at once.
+    """
+    import torch
+
+    from shadowserve.kvcache import quant as q
+
+    layers, _, tokens, heads, head_dim = kv.shape
+    rules = q.plan(config.quant, layers, config.bins, config.key_step, config.value_step)
+    int8 = q.plan("int8", layers)
+    x = kv.reshape(layers, 2, tokens, heads * head_dim).float()
+    out = []
+    for i in range(layers):
+        layout = q.Layout([rules[j] if j == i else int8[j] for j in range(layers)], tokens, heads * head_dim)
+        scales = torch.empty(layout.num_scales, dtype=torch.float16)
+        symbols = torch.empty(layout.symbols_nbytes, dtype=torch.int8)
+        q.quantize(x, layout, scales, symbols)
+        decoded = torch.empty_like(kv, dtype=torch.float32)
+        q.dequantize_into(layout, scales, symbols, decoded)
+        out.append(_metrics(_score(model, decoded, ev), ref, targets))
+    return out
 
 
 def _time_codec(codec, chunks: list[torch.Tensor], repeat: int) -> dict[str, Any]:
@@ -186,6 +215,13 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row)
         print(f"  measured {name}", flush=True)
 
+    if args.layer_sensitivity:
+        first = PRESETS[names[0]]
+        print(f"layer sensitivity: one layer at {names[0]}'s steps, every other layer at int8")
+        per_layer = _layer_sensitivity(model, kv, ev, ref, targets, first)
+        for i, m in enumerate(per_layer):
+            print(f"  layer {i:2d}: KL {m['kl']:.4f}  argmax {m['argmax_agreement']:.3f}  ppl+% {m['ppl_increase_pct']:6.2f}")
+
     header = (f"{'preset':18s} {'codec':28s} {'ratio':>6s} {'ppl+%':>7s} {'argmax':>7s} {'KL':>7s} "
               f"{'enc GB/s':>8s} {'dec GB/s':>8s} {'(inflate':>8s} {'dequant)':>8s}")
     print(header)
@@ -203,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
             "chunk_size": args.chunk_size,
             "results": [{k: r[k] for k in keys} for r in rows],
         }
+        if args.layer_sensitivity:
+            payload["layer_sensitivity"] = {"preset": names[0], "layers": per_layer}
         with open(args.json_path, "w") as f:
             json.dump(payload, f, indent=2)
     return 0
