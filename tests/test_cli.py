@@ -27,6 +27,9 @@ def test_user_errors_exit_2_without_traceback():
         (("generate", "--model", "tiny-random", "--prompt", "x", "--dtype", "float8"), "unknown dtype"),
         (("generate", "--model", "tiny-random", "--prompt", "x", "--max-tokens", "0"), "max_tokens"),
         (("generate", "--model", "tiny-random", "--prompt", "x" * 5000), "context"),
+        (("generate", "--model", "tiny-random", "--prompt", "x", "--linear-kernel", "int3"), "unknown linear_kernel"),
+        (("generate", "--model", "tiny-random", "--prompt", "x", "--dtype", "bfloat16", "--linear-kernel", "fp16"),
+         "float32 model on the CPU"),
         (("models", "pull", "nope"), "unknown model"),
     ]:
         proc = cli(*args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from shadowserve.config import DTYPES
+from shadowserve.config import DTYPES, LINEAR_KERNELS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--linear-kernel", default="auto",
+                   help=f"weight matmuls: one of {', '.join(LINEAR_KERNELS)} (auto: packed fp16 for float32 on CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and timings")
 
 
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype, progress=not args.json)
+    llm = LLM(args.model, dtype=args.dtype, linear_kernel=args.linear_kernel, progress=not args.json)
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
