@@ -53,5 +53,18 @@ def test_demo_runs_end_to_end_on_tiny_random():
     rows = {line.split("(")[0].strip(): line for line in proc.stdout.splitlines() if "%" in line}
     for mode in ("sync", "thread", "offload"):
         fields = rows[mode].split()
-        assert fields[-2] != "0%", rows[mode]  # something was fetched
-        assert fields[-1] == "100%", rows[mode]  # lossless codec: same answers as recompute
+        fetched, same_answer, same_prefix = fields[-3:]
+        assert fetched != "0%", rows[mode]  # something was fetched
+        assert same_answer == same_prefix == "100%", rows[mode]  # lossless codec: same answers as recompute
+
+
+def test_bench_engine_measures_each_kernel(tmp_path):
+    out = tmp_path / "engine.json"
+    proc = cli("bench", "engine", "--model", "tiny-random", "--no-hf", "--prefill-lengths", "64", "--batch-sizes",
+               "2", "--decode-tokens", "4", "--repeats", "1", "--kernels", "dense,auto", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["kernels"][0] == "dense" and set(result["kernels"]) <= {"dense", "fp16"}
+    assert [r["phase"] for r in result["rows"]] == ["prefill", "decode"]
+    for row in result["rows"]:
+        assert set(row["ours_tok_s"]) == set(result["kernels"]) and all(v > 0 for v in row["ours_tok_s"].values())
