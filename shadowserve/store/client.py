@@ -229,7 +229,13 @@ class StoreClient(StoreBase):
         head = P.pack_request(P.Op.PUT, 1, P.KEY_LEN.size + len(key) + len(value)) + P.KEY_LEN.pack(len(key)) + key
 
         def op(conn: _Conn) -> None:
-            send_buffers(conn.sock, [head, value])
+            try:
+                send_buffers(conn.sock, [head, value])
+            except ConnectionError:
+                # A server that refuses the frame (too large, store full) may answer and close
+                # before it has read the whole value: its reason is worth more than "reset".
+                conn.response()
+                raise
             conn.response()
 
         self._call("PUT", op)

@@ -26,6 +26,9 @@ from shadowserve.store.sockio import BufferedReceiver, PeerClosed, send_buffers,
 log = logging.getLogger("shadowserve.store.server")
 
 _SOCKBUF = 4 << 20
+# After refusing a frame, read and discard at most this much of its body (see _refuse).
+_REFUSE_DRAIN_BYTES = 64 << 20
+_REFUSE_DRAIN_S = 2.0
 
 
 class _Reject(Exception):
@@ -135,10 +138,25 @@ class StoreServer:
     # ---- one connection --------------------------------------------------------------------
 
     def _refuse(self, sock: socket.socket, message: str) -> None:
+        """Send the error frame, then close without losing it.
+
+        A refused frame's body is usually still arriving. Closing with unread bytes makes the
+        kernel answer with a reset, which can destroy the error frame before the client reads
+        it (the client then sees "connection reset" instead of the reason). So: half-close,
+        and drain what the client is still sending for a bounded time and size, then close.
+        """
         try:
             sock.settimeout(1.0)
             body = message.encode()
             send_buffers(sock, [P.pack_response(P.Status.ERR, 0, len(body)), body])
+            sock.shutdown(socket.SHUT_WR)
+            sink = bytearray(1 << 16)
+            deadline, drained = time.monotonic() + _REFUSE_DRAIN_S, 0
+            while drained < _REFUSE_DRAIN_BYTES and time.monotonic() < deadline:
+                n = sock.recv_into(sink)
+                if not n:
+                    break
+                drained += n
         except OSError:
             pass
         finally:

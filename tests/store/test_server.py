@@ -223,6 +223,23 @@ def test_idle_connection_dropped_by_server_is_replaced(new_key):
         server.stop()
 
 
+def test_oversized_put_gets_the_reason_not_a_reset(new_key):
+    """The server refuses a too-large value before reading it; the client must still get why.
+
+    Before the server drained refused frames, about a third of these ended in "connection reset".
+    """
+    server = start_store_server("--capacity", "1MiB")
+    try:
+        store = open_store(server.url)
+        for i in range(40):
+            with pytest.raises(StoreError, match="too large"):
+                store.put(new_key(), b"z" * ((2 << 20) + i * 4096))
+        store.put(new_key(), b"ok")  # and the store keeps serving
+        assert store.stats()["protocol_errors"] >= 40
+    finally:
+        server.stop()
+
+
 def test_lru_eviction_at_byte_capacity(new_key):
     server = start_store_server("--capacity", "1MiB")
     try:
