@@ -132,7 +132,8 @@ class CudaEngineKV:
     A chunk arrives in a pinned host slot; ``scatter`` issues one pitched host-to-device copy per
     contiguous run of destination blocks (cuda_copy.py; or one per (layer, K/V) plane without
     cuda-bindings) on this thread's own lowest-priority stream, and returns only when it is done,
-    so a completion always means "the KV is there". No kernel runs on the serving GPU. ``gather`` is the same in reverse, for the save path.
+    so a completion always means "the KV is there". No kernel runs on the serving GPU. ``gather``
+    is the same in reverse, for the save path.
     """
 
     needs_pinned = True

@@ -136,13 +136,19 @@ class LlamaForCausalLM(nn.Module):
         """Run every weight matmul (LM head included) with ``kind`` (see model/linear_kernels.py).
 
         The dense parameters stay: embedding lookups read them, and another engine sharing this
-        model may switch back.
+        model may switch back. Asking for the kernel already in use costs nothing (packing
+        SmolLM2 takes ~0.8 s; benchmarks build an engine per mode on one shared model).
         """
         kind = resolve_linear_kernel(kind, self.dtype, self.device)
+        if kind != self.linear_kernel:
+            self.linear_kernel = kind
+            self._build_linears()
+
+    def _build_linears(self) -> None:
+        """(Re)build every weight matmul from the current weights: packed kernels are snapshots."""
         for layer in self.layers:
-            layer.use_linear_kernel(kind)
-        self.head = make_linear(self.lm_head, kind)
-        self.linear_kernel = kind
+            layer.use_linear_kernel(self.linear_kernel)
+        self.head = make_linear(self.lm_head, self.linear_kernel)
 
     @torch.inference_mode()
     def forward(
@@ -200,7 +206,7 @@ class LlamaForCausalLM(nn.Module):
         leftovers = [k for k in weights if "rotary_emb" not in k]
         if leftovers:
             raise ModelError(f"unexpected tensors in weights: {', '.join(sorted(leftovers)[:5])}")
-        self.use_linear_kernel(self.linear_kernel)  # packed kernels hold a snapshot of the weights
+        self._build_linears()
 
     def init_random(self, seed: int) -> None:
         """Deterministic random weights (std 0.02, unit norms): same seed, same model, any process.
@@ -222,4 +228,4 @@ class LlamaForCausalLM(nn.Module):
                 for r in range(0, rows, step):
                     chunk = torch.randn(param[r : r + step].shape, generator=gen) * 0.02
                     param.data[r : r + step].copy_(chunk)
-        self.use_linear_kernel(self.linear_kernel)
+        self._build_linears()
