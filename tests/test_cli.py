@@ -68,3 +68,12 @@ def test_bench_engine_measures_each_kernel(tmp_path):
     assert [r["phase"] for r in result["rows"]] == ["prefill", "decode"]
     for row in result["rows"]:
         assert set(row["ours_tok_s"]) == set(result["kernels"]) and all(v > 0 for v in row["ours_tok_s"].values())
+
+
+def test_bench_linear_times_each_kernel(tmp_path):
+    out = tmp_path / "linear.json"
+    proc = cli("bench", "linear", "--batch-sizes", "2", "--kernels", "dense,fp16", "--repeats", "1", "--threads", "1",
+               "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["rows"] == 2 and row["dense"] > 0 and row["fp16"] > 0

@@ -32,6 +32,7 @@ PRESETS: dict[str, CodecConfig] = {
     "uniform16-zstd": CodecConfig(quant="uniform", bins=16, lossless="zstd"),
     "kivi16-zstd": CodecConfig(quant="kivi", bins=16, lossless="zstd"),
     "rms-fine-zstd": CodecConfig(quant="rms", key_step=0.35, value_step=0.7, lossless="zstd"),
+    "rms-medium-zstd": CodecConfig(quant="rms", key_step=0.25, value_step=0.5, lossless="zstd"),
     "rms-near-lossless-zstd": CodecConfig(quant="rms", key_step=0.07, value_step=0.14, lossless="zstd"),
     "rms-lz4": CodecConfig(quant="rms", lossless="lz4"),
     "fp16-zstd": CodecConfig(quant="none", lossless="zstd"),
