@@ -73,11 +73,21 @@ def run(args: argparse.Namespace) -> int:
         return req.ttft
 
     def ours_decode(prompts: list[list[int]]) -> float:
+        """Seconds per decode step of the whole batch, timed once every prompt is prefilled.
+
+        Long prompts take several chunked-prefill steps; timing from each request's first token
+        would count the other prompts' prefill steps as decode.
+        """
         sp = SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True)
         reqs = [engine.add_request(p, sp) for p in prompts]
+        while any(not r.output_token_ids for r in reqs):
+            engine.step()
+        before = sum(len(r.output_token_ids) for r in reqs)
+        t = time.perf_counter()
         while engine.has_unfinished():
             engine.step()
-        return sum(r.tpot for r in reqs) / len(reqs)  # seconds per decode step
+        produced = sum(len(r.output_token_ids) for r in reqs) - before
+        return (time.perf_counter() - t) * len(reqs) / produced
 
     def hf_prefill(ids: list[int]) -> float:
         x = torch.tensor([ids])
