@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.decode_tokens < 2:
+        raise SystemExit("--decode-tokens must be at least 2: decode is timed after each sequence's first token")
     lengths = [int(x) for x in args.prefill_lengths.split(",") if x]
     batches = [int(x) for x in args.batch_sizes.split(",") if x]
     loaded = load_model(args.model, "float32")
