@@ -9,7 +9,12 @@ from shadowserve.engine.kv_pool import KVPool
 from shadowserve.engine.sampler import Sampler
 from shadowserve.engine.scheduler import ScheduledChunk
 from shadowserve.engine.sequence import Request
-from shadowserve.model.attention import AttentionMetadata, PrefillSlice, causal_mask_with_context
+from shadowserve.model.attention import (
+    AttentionMetadata,
+    DecodeSequence,
+    PrefillSlice,
+    causal_mask_with_context,
+)
 from shadowserve.model.llama import LlamaForCausalLM
 
 
@@ -21,6 +26,11 @@ def _token_slice(req: Request, start: int, end: int) -> list[int]:
     if end <= len(prompt):
         return prompt[start:end]
     return prompt[start:] + req.output_token_ids[: end - len(prompt)]
+
+
+# Decode steps whose longest context reaches this many tokens attend one sequence at a time on the
+# CPU (attention.DecodeSequence); shorter ones as one padded batch, whose per-step cost is lower.
+PER_SEQUENCE_DECODE_MIN_CONTEXT = 512
 
 
 class ModelRunner:
@@ -42,6 +52,14 @@ class ModelRunner:
             shape = (2, rows) + tuple(self.pool.tensor.shape[3:])
             buf = self._decode_scratch = torch.empty(shape, dtype=self.pool.tensor.dtype, device=self.device)
         return buf
+
+    def _context_blocks(self, blocks: np.ndarray, tokens: int) -> tuple[int | None, torch.Tensor | None]:
+        """The blocks holding a sequence's first ``tokens``: their first id if they are one contiguous
+        run (attention reads them in place), else their table (attention gathers them)."""
+        used = blocks[: -(-tokens // self.block_size)]
+        if len(used) == 1 or (np.diff(used) == 1).all():
+            return int(used[0]), None
+        return None, torch.as_tensor(used, device=self.device)
 
     def run(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """Run one step; returns the sampled token of every request whose chunk completed it."""
@@ -67,11 +85,7 @@ class ModelRunner:
             if n > 1:
                 piece = PrefillSlice(row, row + n, start)
                 if start > 0:
-                    used = blocks[: -(-(start + n) // bs)]
-                    if used[-1] - used[0] == len(used) - 1 and (len(used) == 1 or (np.diff(used) == 1).all()):
-                        piece.first_block = int(used[0])
-                    else:
-                        piece.block_table = torch.as_tensor(used, device=self.device)
+                    piece.first_block, piece.block_table = self._context_blocks(blocks, start + n)
                     if not self.on_gpu:  # the GPU kernels take a bottom-right causal bias instead
                         piece.mask = causal_mask_with_context(n, start, self.device)
                 meta.prefills.append(piece)
@@ -81,6 +95,13 @@ class ModelRunner:
                 sample_reqs.append(req)
         if decodes:
             ctx = np.array([c.request.num_computed_tokens + 1 for c in decodes])
+        if decodes and not self.on_gpu and ctx.max() >= PER_SEQUENCE_DECODE_MIN_CONTEXT:
+            meta.decode_sequences = [
+                DecodeSequence(int(n), torch.as_tensor(c.request.block_ids[: -(-int(n) // bs)], device=self.device))
+                for c, n in zip(decodes, ctx)
+            ]
+            meta.decode_scratch = self._decode_workspace(int(-(-ctx.max() // bs)))
+        elif decodes:
             max_blocks = int(-(-ctx.max() // bs))
             tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
             for i, c in enumerate(decodes):

@@ -27,6 +27,14 @@ class PrefillSlice:
 
 
 @dataclass
+class DecodeSequence:
+    """One decode sequence's context in the pool, for the per-sequence (long-context) decode path."""
+
+    context: int  # tokens to attend, its new token included
+    block_table: torch.Tensor  # the blocks holding them, in order
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one engine step; built once per step, shared by all layers."""
 
@@ -34,7 +42,8 @@ class AttentionMetadata:
     num_decode: int = 0  # the first num_decode rows are decode tokens, one per sequence
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size]: bool (True = attend) or additive
-    decode_scratch: torch.Tensor | None = None  # [2, >= B * max_blocks, block_size, kv_heads, head_dim] gather space
+    decode_scratch: torch.Tensor | None = None  # [2, >= rows gathered at once, block_size, kv_heads, head_dim]
+    decode_sequences: list[DecodeSequence] | None = None  # set instead of tables and mask: per-sequence path
     prefills: list[PrefillSlice] = field(default_factory=list)
 
 
@@ -64,7 +73,9 @@ def paged_attention(
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
     b = meta.num_decode
-    if b:
+    if b and meta.decode_sequences is not None:
+        _decode_per_sequence(q, k_cache, v_cache, meta, out)
+    elif b:
         # index_select copies whole blocks with memcpy; advanced indexing is several times slower here.
         flat = meta.decode_block_tables.view(-1)
         if meta.decode_scratch is not None:
@@ -95,6 +106,32 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
         out[p.start : p.end] = o[0].transpose(0, 1)
     return out
+
+
+def _decode_per_sequence(q, k_cache, v_cache, meta: AttentionMetadata, out: torch.Tensor) -> None:
+    """Decode attention one sequence at a time: gather its blocks, then two matmuls and a softmax.
+
+    For long contexts on the CPU this beats one padded batch through the fused SDPA kernel, which
+    is slow on the ``[T, kv_heads, head_dim]`` layout of gathered blocks where matmuls are not, and
+    each sequence attends exactly its own context (no padding, no mask). The gather reuses one
+    small workspace, so the copy it reads back is still in cache. Attending contiguous blocks in
+    place without the copy was measured slower (docs/performance.md).
+    """
+    kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
+    group = q.shape[1] // kv_heads
+    scale = head_dim**-0.5
+    for i, seq in enumerate(meta.decode_sequences):
+        n = len(seq.block_table)
+        if meta.decode_scratch is not None:
+            k = torch.index_select(k_cache, 0, seq.block_table, out=meta.decode_scratch[0, :n])
+            v = torch.index_select(v_cache, 0, seq.block_table, out=meta.decode_scratch[1, :n])
+        else:
+            k, v = k_cache.index_select(0, seq.block_table), v_cache.index_select(0, seq.block_table)
+        k = k.view(-1, kv_heads, head_dim)[: seq.context]
+        v = v.view(-1, kv_heads, head_dim)[: seq.context]
+        scores = torch.matmul(q[i].view(kv_heads, group, head_dim), k.permute(1, 2, 0)).mul_(scale)
+        torch.softmax(scores, -1, out=scores)
+        out[i] = torch.matmul(scores, v.transpose(0, 1)).view(kv_heads * group, head_dim)
 
 
 def _context_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillSlice, total: int):

@@ -159,3 +159,21 @@ def test_llm_entry_point(tiny):
     assert all(len(o.token_ids) == 5 and o.ttft_ms > 0 and o.tpot_ms > 0 for o in outs)
     with pytest.raises(ConfigError, match="unknown LLM option"):
         LLM("tiny-random", bogus=1)
+
+
+def test_long_context_decode_path_gives_same_tokens(tiny, monkeypatch):
+    """Decode over long contexts attends one sequence at a time; tokens equal the padded-batch path."""
+    import shadowserve.engine.model_runner as model_runner
+
+    ps = prompts(3, seed=5, lo=40, hi=90) + prompts(2, seed=6, lo=5, hi=20)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)  # decodes cross several block boundaries
+    monkeypatch.setattr(model_runner, "PER_SEQUENCE_DECODE_MIN_CONTEXT", 10**9)
+    batched = run_all(make_engine(tiny, enable_prefix_caching=False), ps, params)
+    monkeypatch.setattr(model_runner, "PER_SEQUENCE_DECODE_MIN_CONTEXT", 48)
+    engine = make_engine(tiny, enable_prefix_caching=False)
+    calls = []
+    real = engine.runner.model.forward
+    monkeypatch.setattr(engine.runner.model, "forward",
+                        lambda ids, pos, kv, meta: calls.append(meta.decode_sequences is not None) or real(ids, pos, kv, meta))
+    assert run_all(engine, ps, params) == batched
+    assert any(calls) and not all(calls)  # both paths ran (short contexts early, long ones later)
