@@ -278,6 +278,9 @@ class CodecConfig:
     ``cachegen`` (CacheGen's per-layer-group bins), ``uniform`` (``bins`` levels everywhere),
     ``int8`` (255 levels), ``kivi`` (per-channel keys, per-token values, ``bins`` levels) or
     ``none`` (bit-exact). ``lossless``: the entropy/LZ stage; ``level`` 0 picks its default.
+    ``layer_steps`` (``rms`` only): comma-separated multipliers of both steps, one per layer, so
+    the layers a model is sensitive in get finer steps (``bench codec --layer-sensitivity`` finds
+    them); empty means the same steps in every layer.
     """
 
     quant: str = "rms"
@@ -286,6 +289,7 @@ class CodecConfig:
     bins: int = 16
     key_step: float = 0.5
     value_step: float = 1.0
+    layer_steps: str = ""
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_MODES:
@@ -301,6 +305,21 @@ class CodecConfig:
         from shadowserve.kvcache.lossless import check_level
 
         check_level(self.lossless, self.level)
+        if self.layer_steps and self.quant != "rms":
+            raise ConfigError(f"layer_steps applies to quant 'rms' only, not {self.quant!r}")
+        for m in self.layer_step_multipliers:
+            if not 0.05 <= m <= 20:
+                raise ConfigError(f"layer_steps multipliers must be in [0.05, 20], got {m:g}")
+
+    @property
+    def layer_step_multipliers(self) -> tuple[float, ...]:
+        """``layer_steps`` parsed: one multiplier per layer, or () for the same steps everywhere."""
+        if not self.layer_steps.strip():
+            return ()
+        try:
+            return tuple(float(x) for x in self.layer_steps.split(","))
+        except ValueError:
+            raise ConfigError(f"layer_steps must be comma-separated numbers, got {self.layer_steps!r}") from None
 
 
 @dataclass(frozen=True)

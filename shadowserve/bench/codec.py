@@ -35,6 +35,13 @@ PRESETS: dict[str, CodecConfig] = {
     "rms-medium-zstd": CodecConfig(quant="rms", key_step=0.25, value_step=0.5, lossless="zstd"),
     "rms-near-lossless-zstd": CodecConfig(quant="rms", key_step=0.07, value_step=0.14, lossless="zstd"),
     "rms-lz4": CodecConfig(quant="rms", lossless="lz4"),
+    # The default's steps scaled per layer for smollm2-135m (30 layers), so that each layer adds about
+    # the same KL: multiplier ~ sqrt(geometric mean / layer's KL), from the --layer-sensitivity
+    # figures in docs/codec-accuracy.json (KL over int8 with only that layer at the default steps),
+    # clipped to [0.4, 2.5] and normalised to a geometric mean of 1 (the same bits, to first order).
+    "rms-fitted-smollm2-zstd": CodecConfig(quant="rms", lossless="zstd", layer_steps=(
+        "2.07,1.89,2.05,1.67,2.35,1.65,1.86,0.98,0.61,1.63,1.66,2.19,0.91,0.96,0.51,"
+        "0.55,1.03,0.52,0.39,0.64,0.39,0.51,0.81,0.39,0.50,1.43,0.77,1.47,1.17,1.49")),
     "fp16-zstd": CodecConfig(quant="none", lossless="zstd"),
     "fp16-raw": CodecConfig(quant="none", lossless="none"),
 }
@@ -119,7 +126,8 @@ def _layer_sensitivity(model, kv: torch.Tensor, ev: torch.Tensor, ref: torch.Ten
     from shadowserve.kvcache import quant as q
 
     layers, _, tokens, heads, head_dim = kv.shape
-    rules = q.plan(config.quant, layers, config.bins, config.key_step, config.value_step)
+    rules = q.plan(config.quant, layers, config.bins, config.key_step, config.value_step,
+                   config.layer_step_multipliers)
     int8 = q.plan("int8", layers)
     x = kv.reshape(layers, 2, tokens, heads * head_dim).float()
     out = []

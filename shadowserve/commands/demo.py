@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-step", type=float, default=None,
                    help="rms codec: key step as a multiple of the token's RMS (default 0.5; smaller is finer)")
     p.add_argument("--value-step", type=float, default=None, help="rms codec: value step (default 1.0)")
+    p.add_argument("--layer-steps", default=None,
+                   help="rms codec: comma-separated step multipliers, one per layer (default: 1 everywhere)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if m not in MODES:
             raise ConfigError(f"unknown demo mode {m!r}: choose from {', '.join(MODES)}")
     overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless), ("key_step", args.key_step),
-                                   ("value_step", args.value_step)) if v}
+                                   ("value_step", args.value_step), ("layer_steps", args.layer_steps)) if v}
     codec = CodecConfig(**overrides)
     loaded = load_model(args.model, "float32")
     prompts = long_document_qa(loaded.tokenizer, args.documents, args.questions, args.doc_tokens)
@@ -101,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def codec_name(codec) -> str:
-    steps = f" (key step {codec.key_step}, value step {codec.value_step})" if codec.quant == "rms" else ""
+    steps = f" (key step {codec.key_step}, value step {codec.value_step}" if codec.quant == "rms" else ""
+    if steps:
+        steps += ", per-layer multipliers)" if codec.layer_steps else ")"
     return f"{codec.quant}+{codec.lossless}{steps}"
 
 

@@ -13,6 +13,7 @@ caller's buffers for everything else) and spend their time in C code that releas
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any
 
@@ -32,6 +33,9 @@ def codec_id_of(config: CodecConfig) -> str:
     """A stable name for everything that determines the decoded KV (not the compression level)."""
     if config.quant == "rms":
         qpart = f"rms:k{config.key_step:g}:v{config.value_step:g}"
+        if config.layer_step_multipliers:
+            schedule = ",".join(f"{m:g}" for m in config.layer_step_multipliers)
+            qpart += f":L{hashlib.sha256(schedule.encode()).hexdigest()[:12]}"
     elif config.quant in ("uniform", "kivi"):
         qpart = f"{config.quant}:b{config.bins}"
     else:
@@ -65,7 +69,7 @@ class KVCodec:
         layout = self._layouts.get(key)
         if layout is None:
             c = self.config
-            rules = q.plan(c.quant, layers, c.bins, c.key_step, c.value_step)
+            rules = q.plan(c.quant, layers, c.bins, c.key_step, c.value_step, c.layer_step_multipliers)
             layout = q.Layout(rules, tokens, heads * head_dim)
             with self._lock:
                 self._layouts[key] = layout

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shadowserve.errors import ChunkFormatError
+from shadowserve.errors import ChunkFormatError, ConfigError
 
 TOKEN, CHANNEL = "token", "channel"
 _FP16_MAX = 65504.0
@@ -55,10 +55,16 @@ def cachegen_split(layers: int, boundary_of_32: int) -> int:
 
 
 def plan(quant: str, layers: int, bins: int = 16, key_step: float = 0.5,
-         value_step: float = 1.0) -> list[tuple[PlaneRule, PlaneRule]]:
-    """The (key rule, value rule) of every layer for a quantization mode."""
+         value_step: float = 1.0, layer_steps: tuple[float, ...] = ()) -> list[tuple[PlaneRule, PlaneRule]]:
+    """The (key rule, value rule) of every layer for a quantization mode.
+
+    ``layer_steps`` (rms): a multiplier of both steps per layer; () means 1 everywhere.
+    """
     if quant == "rms":
-        return [(PlaneRule("rms", key_step), PlaneRule("rms", value_step))] * layers
+        if layer_steps and len(layer_steps) != layers:
+            raise ConfigError(f"layer_steps has {len(layer_steps)} multipliers but the model has {layers} layers")
+        mult = layer_steps or (1.0,) * layers
+        return [(PlaneRule("rms", key_step * m), PlaneRule("rms", value_step * m)) for m in mult]
     if quant == "int8":
         return [(PlaneRule("absmax", 127), PlaneRule("absmax", 127))] * layers
     if quant == "uniform":

@@ -16,6 +16,7 @@ LOSSY = [
     CodecConfig(quant="uniform", bins=5, lossless="lz4"),
     CodecConfig(quant="int8", lossless="none"),
     CodecConfig(quant="kivi", bins=16, lossless="zstd"),
+    CodecConfig(layer_steps="0.5,1,2,1"),
 ]
 
 
@@ -180,3 +181,36 @@ def test_threads_decode_concurrently():
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(work, range(8)))
+
+
+def test_layer_steps_scale_each_layers_precision():
+    kv = make_kv(seed=3)
+
+    def layer_errors(config):
+        codec = KVCodec(config, FINGERPRINT)
+        out = torch.empty_like(kv)
+        codec.decode(codec.encode(kv), out)
+        return [((out[i] - kv[i]).norm() / kv[i].norm()).item() for i in range(SHAPE[0])], len(codec.encode(kv))
+
+    uniform, uniform_size = layer_errors(CodecConfig())
+    scheduled, scheduled_size = layer_errors(CodecConfig(layer_steps="0.25,1,4,1"))
+    assert scheduled[0] < 0.5 * uniform[0]  # finer steps in layer 0
+    assert scheduled[2] > 1.5 * uniform[2]  # coarser in layer 2
+    assert scheduled[1] == uniform[1] and scheduled[3] == uniform[3]  # the others untouched
+    assert scheduled_size != uniform_size
+    # the schedule is part of the codec's identity, so differently coded chunks never share keys
+    ids = {KVCodec(CodecConfig(layer_steps=x), "m").codec_id for x in ("", "0.25,1,4,1", "0.25,1,4,2")}
+    assert len(ids) == 3
+    assert KVCodec(CodecConfig(layer_steps="1,1,1,1"), "m").codec_id != KVCodec(CodecConfig(), "m").codec_id
+
+
+def test_layer_steps_errors():
+    with pytest.raises(ConfigError, match="rms"):
+        CodecConfig(quant="int8", layer_steps="1,1")
+    with pytest.raises(ConfigError, match="comma-separated numbers"):
+        CodecConfig(layer_steps="1,fine")
+    with pytest.raises(ConfigError, match=r"\[0.05, 20\]"):
+        CodecConfig(layer_steps="1,0")
+    codec = KVCodec(CodecConfig(layer_steps="1,1,1"), FINGERPRINT)  # 3 multipliers, 4 layers
+    with pytest.raises(ConfigError, match="3 multipliers but the model has 4 layers"):
+        codec.encode(make_kv())
