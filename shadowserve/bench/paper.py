@@ -78,6 +78,13 @@ def plan_runs(modes: list[str], ttft_bws: list[float], load_bws: list[float], ra
     return {k: sorted(v) for k, v in sorted(want.items(), key=lambda kv: (kv[0][1] or 0, modes.index(kv[0][0])))}
 
 
+def interleaved(plan: dict[tuple[str, float | None], list[float]], modes: list[str]
+                ) -> list[tuple[str, float | None, float]]:
+    """The plan's (mode, link, rate) runs ordered by rate, then link, then mode: modes take turns."""
+    tasks = [(mode, bw, rate) for (mode, bw), rates in plan.items() for rate in rates]
+    return sorted(tasks, key=lambda t: (t[2], t[1] or 0.0, modes.index(t[0])))
+
+
 def _lookup(runs: dict, mode: str, bw: float, rate: float) -> dict | None:
     return runs.get((mode, None if mode == "recompute" else bw, rate))
 
@@ -176,32 +183,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"warming the store with {len(workload.warm_prompts)} documents "
               f"({sum(map(len, workload.warm_prompts))} tokens)", flush=True)
         h.warm(workload.warm_prompts)
-        total = sum(len(v) for v in plan.values())
-        with tqdm(total=total, desc="load grid", unit="run", file=sys.stdout) as bar:
-            for (mode, bw), mode_rates in plan.items():
+        # Modes take turns at every (rate, link) point instead of running one after another, so a
+        # slow drift of this shared machine lands on every mode alike (one engine per point).
+        tasks = interleaved(plan, modes)
+        dead: set[tuple[str, float | None]] = set()  # (mode, link) past a rate where no request met the SLOs
+        with tqdm(total=len(tasks), desc="load grid", unit="run", file=sys.stdout) as bar:
+            for mode, bw, rate in tasks:
+                bar.update()
+                if (mode, bw) in dead:
+                    continue
+                bar.set_postfix_str(f"{mode} {'-' if bw is None else f'{bw:g}G'} {rate:g}/s")
                 eng = h.engine(mode, store_url=store_url(server.url, bw))
-                driver = EngineDriver(eng, timeout=600)
                 try:
-                    for rate in mode_rates:
-                        bar.set_postfix_str(f"{mode} {'-' if bw is None else f'{bw:g}G'} {rate:g}/s")
-                        specs = with_arrivals(workload.specs, rate, args.seed)
-                        records = drive(driver, specs, None)
-                        m = compute_metrics(records, (50, 99), slos)
-                        # Per-request latencies too, so other SLOs can be applied to this run later.
-                        m["requests"] = [{k: None if v is None else v * 1e3 for k, v in request_latencies(r).items()}
-                                         | {"ok": r.ok, "fetched_tokens": r.fetched_tokens} for r in records]
-                        runs[(mode, bw, rate)] = m
-                        bar.update()
-                        tqdm.write(f"  {mode:<9} {'-' if bw is None else f'{bw:g}':>5} Gbit/s {rate:>5g} req/s: "
-                                   f"TTFT {m['mean_ttft_ms']:8.0f} ms  TPOT {m['mean_tpot_ms']:6.0f} ms  "
-                                   f"attain {m['slo_attainment']:.2f}", file=sys.stdout)
-                        # Past a rate where no request met the SLOs, higher rates only do worse: skip
-                        # them, except on the reference link, whose TPOT curve is a figure of its own.
-                        if m["slo_attainment"] == 0 and (bw != ref_bw or mode == "recompute"):
-                            bar.update(len(mode_rates) - mode_rates.index(rate) - 1)  # only worse from here
-                            break
+                    specs = with_arrivals(workload.specs, rate, args.seed)
+                    records = drive(EngineDriver(eng, timeout=600), specs, None)
                 finally:
                     eng.close()
+                m = compute_metrics(records, (50, 99), slos)
+                # Per-request latencies too, so other SLOs can be applied to this run later.
+                m["requests"] = [{k: None if v is None else v * 1e3 for k, v in request_latencies(r).items()}
+                                 | {"ok": r.ok, "fetched_tokens": r.fetched_tokens} for r in records]
+                runs[(mode, bw, rate)] = m
+                tqdm.write(f"  {mode:<9} {'-' if bw is None else f'{bw:g}':>5} Gbit/s {rate:>5g} req/s: "
+                           f"TTFT {m['mean_ttft_ms']:8.0f} ms  TPOT {m['mean_tpot_ms']:6.0f} ms  "
+                           f"attain {m['slo_attainment']:.2f}", file=sys.stdout)
+                # Past a rate where no request met the SLOs, higher rates only do worse: skip them,
+                # except on the reference link, whose TPOT curve is a figure of its own.
+                if m["slo_attainment"] == 0 and (bw != ref_bw or mode == "recompute"):
+                    dead.add((mode, bw))
         figures = build_figures(runs, modes, ttft_bws, load_bws, rates, ref_bw, slos_ms, args.target)
         if not args.no_stages:
             print("stage analysis ...", flush=True)

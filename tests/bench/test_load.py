@@ -98,3 +98,15 @@ def test_bench_paper_quick_smoke(tmp_path):
     assert all(r["total_fetched_tokens"] > 0 for r in runs if r["mode"] != "recompute")
     summary = json.loads((out / "summary.json").read_text())
     assert "tpot_thread_over_offload" in summary["ratios"] and summary["machine_after"]["cpus"] >= 1
+
+
+def test_paper_grid_interleaves_modes():
+    from shadowserve.bench.paper import interleaved, plan_runs
+
+    modes = ["recompute", "thread", "offload"]
+    tasks = interleaved(plan_runs(modes, [1.0, 40.0], [40.0], [5.0, 10.0], 40.0), modes)
+    assert tasks == [
+        ("recompute", None, 5.0), ("thread", 1.0, 5.0), ("offload", 1.0, 5.0),
+        ("thread", 40.0, 5.0), ("offload", 40.0, 5.0),
+        ("recompute", None, 10.0), ("thread", 40.0, 10.0), ("offload", 40.0, 10.0),
+    ]
