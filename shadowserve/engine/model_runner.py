@@ -61,6 +61,30 @@ class ModelRunner:
             return int(used[0]), None
         return None, torch.as_tensor(used, device=self.device)
 
+    def _add_decode_metadata(self, meta: AttentionMetadata, decodes: list[ScheduledChunk]) -> None:
+        """Per-sequence block tables for long contexts on the CPU; else padded tables and a mask."""
+        bs = self.block_size
+        ctx = np.array([c.request.num_computed_tokens + 1 for c in decodes])
+        max_blocks = int(-(-ctx.max() // bs))
+        if not self.on_gpu and ctx.max() >= PER_SEQUENCE_DECODE_MIN_CONTEXT:
+            meta.decode_sequences = [
+                DecodeSequence(int(n), torch.as_tensor(c.request.block_ids[: -(-int(n) // bs)], device=self.device))
+                for c, n in zip(decodes, ctx)
+            ]
+            meta.decode_scratch = self._decode_workspace(max_blocks)
+            return
+        tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
+        for i, c in enumerate(decodes):
+            nb = min(max_blocks, len(c.request.block_ids))
+            tables[i, :nb] = c.request.block_ids[:nb]
+        meta.decode_block_tables = torch.as_tensor(tables, device=self.device)
+        cols = np.arange(max_blocks * bs)
+        # Additive mask, built once per step: SDPA would convert a boolean one in every layer.
+        bias = np.where(cols[None, :] < ctx[:, None], 0.0, -np.inf).astype(np.float32)
+        dtype = self.pool.tensor.dtype
+        meta.decode_mask = torch.as_tensor(bias, device=self.device).to(dtype)[:, None, None, :]
+        meta.decode_scratch = self._decode_workspace(len(decodes) * max_blocks)
+
     def run(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """Run one step; returns the sampled token of every request whose chunk completed it."""
         decodes = [c for c in chunks if c.num_tokens == 1]
@@ -94,26 +118,7 @@ class ModelRunner:
                 sample_rows.append(row - 1)
                 sample_reqs.append(req)
         if decodes:
-            ctx = np.array([c.request.num_computed_tokens + 1 for c in decodes])
-        if decodes and not self.on_gpu and ctx.max() >= PER_SEQUENCE_DECODE_MIN_CONTEXT:
-            meta.decode_sequences = [
-                DecodeSequence(int(n), torch.as_tensor(c.request.block_ids[: -(-int(n) // bs)], device=self.device))
-                for c, n in zip(decodes, ctx)
-            ]
-            meta.decode_scratch = self._decode_workspace(int(-(-ctx.max() // bs)))
-        elif decodes:
-            max_blocks = int(-(-ctx.max() // bs))
-            tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
-            for i, c in enumerate(decodes):
-                nb = min(max_blocks, len(c.request.block_ids))
-                tables[i, :nb] = c.request.block_ids[:nb]
-            meta.decode_block_tables = torch.as_tensor(tables, device=self.device)
-            cols = np.arange(max_blocks * bs)
-            # Additive mask, built once per step: SDPA would convert a boolean one in every layer.
-            bias = np.where(cols[None, :] < ctx[:, None], 0.0, -np.inf).astype(np.float32)
-            dtype = self.pool.tensor.dtype
-            meta.decode_mask = torch.as_tensor(bias, device=self.device).to(dtype)[:, None, None, :]
-            meta.decode_scratch = self._decode_workspace(len(decodes) * max_blocks)
+            self._add_decode_metadata(meta, decodes)
         meta.slot_mapping = torch.as_tensor(np.concatenate(slots), device=self.device)
         input_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         pos_t = torch.as_tensor(np.concatenate(positions), device=self.device)

@@ -56,13 +56,20 @@ def test_lossy_modes_stay_within_the_quantization_bound(config, dtype):
         assert not bool(((bad - kv.double()).abs() <= bound + slack).all())
 
 
+def _round_trip(config: CodecConfig, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Decoded KV and the encoded chunk's size."""
+    codec = KVCodec(config, FINGERPRINT)
+    blob = codec.encode(kv)
+    out = torch.empty_like(kv)
+    codec.decode(blob, out)
+    return out, len(blob)
+
+
 def test_lossy_quality_ordering():
     kv = make_kv(seed=2)
 
     def rel_err(config):
-        codec = KVCodec(config, FINGERPRINT)
-        out = torch.empty_like(kv)
-        codec.decode(codec.encode(kv), out)
+        out, _ = _round_trip(config, kv)
         return ((out - kv).norm() / kv.norm()).item()
 
     assert rel_err(CodecConfig(quant="int8")) < rel_err(CodecConfig(quant="uniform", bins=16)) < 0.2
@@ -187,10 +194,8 @@ def test_layer_steps_scale_each_layers_precision():
     kv = make_kv(seed=3)
 
     def layer_errors(config):
-        codec = KVCodec(config, FINGERPRINT)
-        out = torch.empty_like(kv)
-        codec.decode(codec.encode(kv), out)
-        return [((out[i] - kv[i]).norm() / kv[i].norm()).item() for i in range(SHAPE[0])], len(codec.encode(kv))
+        out, size = _round_trip(config, kv)
+        return [((out[i] - kv[i]).norm() / kv[i].norm()).item() for i in range(SHAPE[0])], size
 
     uniform, uniform_size = layer_errors(CodecConfig())
     scheduled, scheduled_size = layer_errors(CodecConfig(layer_steps="0.25,1,4,1"))
