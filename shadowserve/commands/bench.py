@@ -20,6 +20,7 @@ SUITES: dict[str, str] = {
     "stages": "each data-plane stage's throughput alone and inside the pipeline; busy time and buffer occupancy",
     "gpu_copy": "CUDA: the data plane's landing path (pinned slots -> GPU KV blocks) vs raw host-to-device copies",
     "http": "HTTP server throughput vs the same engine in-process (the server's overhead)",
+    "vllm": "vLLM with ShadowServeConnector vs vLLM alone: TTFT of a cached long prefix (needs the vllm extra)",
     "paper": "the paper's figures on this system: TTFT vs bandwidth, TPOT vs rate, throughput vs bandwidth, stages",
 }
 

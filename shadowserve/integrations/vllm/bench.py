@@ -1,6 +1,6 @@
 """TTFT of a cached long prefix in vLLM: with ShadowServeConnector vs vLLM without it, one run.
 
-    python -m shadowserve.integrations.vllm.bench --prefix 4096 --rounds 5 [--json FILE]
+    shadowserve bench vllm --prefix 4096 --rounds 5 [--json FILE]
 
 Each configuration runs in its own process (vLLM's KV connector is process-global), against one
 store server started here, on a random-weight Llama built here (outputs meaningless, timings real).
@@ -21,6 +21,9 @@ import sys
 import tempfile
 import time
 
+from shadowserve.errors import ConfigError
+
+CHUNK_TOKENS = 256  # the connector's default chunk_size: only whole chunks are stored
 CONFIGS = {
     "vllm": None,  # no connector: every prefix is computed
     "shadowserve lossless": {"quant": "none", "lossless": "zstd"},
@@ -95,8 +98,8 @@ def _row(name: str, r: dict) -> tuple:
     return (name, med(r["cold_ttft_s"]) * 1e3, med(r["cached_ttft_s"]) * 1e3, int(med(r["cached_tokens"])))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``shadowserve bench vllm`` (the CLI adds ``--json``)."""
     p.add_argument("--prefix", type=int, default=4096, help="document tokens (cached prefix)")
     p.add_argument("--question", type=int, default=32, help="tokens after the document")
     p.add_argument("--rounds", type=int, default=5)
@@ -107,13 +110,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fetch-mode", default="offload", choices=["offload", "thread", "sync"])
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the numbers printed to this file")
     p.add_argument("--store-url", help=argparse.SUPPRESS)
     p.add_argument("--child-config", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="write the numbers printed to this file")
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Every configuration in its own vLLM process against one store server; prints the table."""
     if args.child_config is not None:
         print("RESULT " + json.dumps(_child(args)), flush=True)
         return 0
+    try:
+        import vllm  # noqa: F401  (only the children use it; fail here with the install hint)
+    except ImportError as exc:
+        raise ConfigError("shadowserve bench vllm needs vLLM: pip install -e '.[vllm]' "
+                          "(see docs/vllm.md)") from exc
+    if args.prefix < CHUNK_TOKENS:
+        raise ConfigError(f"--prefix {args.prefix} is shorter than one stored chunk ({CHUNK_TOKENS} tokens): "
+                          "nothing could be loaded")
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise ConfigError(f"unknown --configs {', '.join(unknown) or '(none)'}: choose from {', '.join(CONFIGS)}")
 
     from shadowserve.integrations.vllm.random_model import save_random_llama
     from shadowserve.store.launch import start_store_server
@@ -123,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         os.path.join(tmp, "model"), num_layers=args.layers, hidden_size=args.hidden,
         num_heads=args.hidden // 128, num_kv_heads=args.hidden // 128, intermediate_size=3 * args.hidden,
         max_position_embeddings=args.prefix + 256))
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
     results: dict[str, dict] = {}
     srv = start_store_server()
     try:
@@ -148,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         n, cold, cached, tokens = _row(name, results[name])
         print(f"{n:<22} {cold:>9.0f} {cached:>10.0f} {tokens:>14d} {base / (cached / 1e3):>9.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("child_config", "store_url")},
+    if args.json_path:
+        skip = ("child_config", "store_url", "json_path", "_suite_run", "command", "suite")
+        with open(args.json_path, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k not in skip and not callable(v)},
                        "results": results}, f, indent=2)
     return 0
 
