@@ -198,8 +198,27 @@ class StoreConfig:
 FETCH_MODES = ("recompute", "sync", "thread", "offload", "gpu")
 
 
-def parse_cores(spec: str, available: list[int]) -> list[int]:
-    """Parse ``"1"``, ``"2-3"`` or ``"0,2"`` into CPU ids, checked against the usable ones."""
+def machine_cpus() -> list[int]:
+    """CPUs a process started here may be moved to, whatever this process is pinned to.
+
+    The cgroup's effective cpuset when the kernel says (cgroup v2), else the online CPUs. A process
+    pinned to some cores (``taskset``, a benchmark's engine) may still reserve others for its data plane.
+    """
+    import os
+
+    for path in ("/sys/fs/cgroup/cpuset.cpus.effective", "/sys/devices/system/cpu/online"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text:
+            return parse_cores(text, None)
+    return sorted(os.sched_getaffinity(0))
+
+
+def parse_cores(spec: str, available: list[int] | None) -> list[int]:
+    """Parse ``"1"``, ``"2-3"`` or ``"0,2"`` into CPU ids, checked against ``available`` (when given)."""
     cores: list[int] = []
     try:
         for part in spec.split(","):
@@ -211,7 +230,7 @@ def parse_cores(spec: str, available: list[int]) -> list[int]:
                 cores.append(int(part))
     except ValueError:
         raise ConfigError(f"invalid core list {spec!r}: use forms like 1, 2-3 or 0,2") from None
-    bad = [c for c in cores if c not in available]
+    bad = [c for c in cores if available is not None and c not in available]
     if bad or not cores:
         raise ConfigError(f"core list {spec!r} names cores outside the usable set {available}")
     return sorted(set(cores))
@@ -253,7 +272,8 @@ class DataPlaneConfig:
             raise ConfigError("timeouts must be > 0 and heartbeat_timeout > heartbeat_interval")
 
     def split_cores(self) -> tuple[list[int], list[int]]:
-        """(engine cores, data-plane cores) out of the cores this process may use."""
+        """(engine cores, data-plane cores): "auto" splits the cores this process may use; an explicit
+        list may also name cores this process is kept off (the engine's process pinned elsewhere)."""
         import os
 
         available = sorted(os.sched_getaffinity(0))
@@ -261,7 +281,7 @@ class DataPlaneConfig:
             n = max(1, len(available) // 4)
             plane = available[-n:]
         else:
-            plane = parse_cores(self.dataplane_cores, available)
+            plane = parse_cores(self.dataplane_cores, sorted(set(available) | set(machine_cpus())))
         engine = [c for c in available if c not in plane] or available
         return engine, plane
 

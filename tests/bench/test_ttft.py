@@ -1,0 +1,35 @@
+"""``shadowserve bench ttft`` end to end on tiny-random: every row fetched its prefix, every point has its bound."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_ttft_measures_a_bound_per_bandwidth(tmp_path):
+    out = tmp_path / "ttft.json"
+    p = subprocess.run([sys.executable, "-m", "shadowserve.cli", "bench", "ttft", "--model", "tiny-random",
+                        "--prefix-tokens", "512", "--bandwidths", "1,20", "--modes", "thread,offload", "--batch", "2",
+                        "--kv-cache-memory", "64MiB", "--json", str(out)], capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads(out.read_text())
+    points = {pt["bandwidth_gbps"]: pt for pt in data["points"]}
+    assert sorted(points) == [1.0, 20.0]
+    for pt in points.values():
+        stages = pt["stages"]
+        assert stages["chunks"] == 2 and stages["compressed_bytes"] > 0
+        assert min(stages["decompress_s"], stages["dequantize_s"], stages["scatter_s"]) > 0
+        slowest = max(stages["decompress_s"], stages["dequantize_s"], stages["scatter_s"])
+        link = stages["compressed_bytes"] * 8 / (pt["bandwidth_gbps"] * 1e9)
+        assert abs(pt["bound_ms"] - (max(link, slowest) * 1e3 + pt["suffix_prefill_ms"])) < 1e-6
+    rows = data["rows"]
+    assert {(r["mode"], r["bandwidth_gbps"], r["loaded"]) for r in rows} == {
+        (m, b, lo) for m in ("thread", "offload") for b in (1.0, 20.0) for lo in (False, True)}
+    for r in rows:
+        assert r["fetched_tokens"] == 512 and r["fetch_failures"] == 0
+        assert r["bound_ms"] == points[r["bandwidth_gbps"]]["bound_ms"]
+        assert r["ttft_ms"] > 0
+    # The 1 Gbit/s link is what limits there: the bound (and a real fetch) must respect it.
+    slow = [r for r in rows if r["bandwidth_gbps"] == 1.0 and not r["loaded"]]
+    assert all(r["ttft_ms"] >= points[1.0]["stages"]["compressed_bytes"] * 8 / 1e9 * 1e3 for r in slow)
