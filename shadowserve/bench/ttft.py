@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 
 
@@ -24,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-tokens", type=int, default=8192 - 256, help="cached prefix (a chunk multiple)")
     p.add_argument("--batch", type=int, default=8, help="decoding requests in the loaded runs")
     p.add_argument("--no-loaded", action="store_true", help="skip the runs beside a decoding batch")
+    p.add_argument("--repeats", type=int, default=3, help="requests per row; the row's TTFT is their median")
     p.add_argument("--quant", default=None)
     p.add_argument("--lossless", default=None)
 
@@ -168,22 +170,26 @@ def run(args: argparse.Namespace) -> int:
                             while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in batch):
                                 eng.step()
                         before, busy0 = _plane_stats(eng), _stage_busy(eng)
-                        req = eng.add_request(prompt, SamplingParams(max_tokens=1))
-                        while not req.is_finished:
-                            eng.step()
+                        samples, fetched = [], []
+                        for _ in range(args.repeats):  # the same request again: it fetches again
+                            req = eng.add_request(prompt, SamplingParams(max_tokens=1))
+                            while not req.is_finished:
+                                eng.step()
+                            samples.append(req.ttft * 1e3)
+                            fetched.append(req.num_fetched_tokens)
                         after, busy1 = _plane_stats(eng), _stage_busy(eng)
                         for r in batch:
                             eng.abort_request(r.request_id)
-                        if req.num_fetched_tokens < args.prefix_tokens:
-                            print(f"  warning: {mode} fetched only {req.num_fetched_tokens} tokens")
+                        if min(fetched) < args.prefix_tokens:
+                            print(f"  warning: {mode} fetched only {min(fetched)} tokens")
                         row = {"mode": mode, "bandwidth_gbps": gbps, "loaded": loaded_run,
-                               "ttft_ms": req.ttft * 1e3, "bound_ms": bound * 1e3,
-                               "fetched_tokens": req.num_fetched_tokens,
-                               # the data plane's own time for the job (submit -> last chunk landed)
-                               "fetch_job_ms": (after.fetch_seconds - before.fetch_seconds) * 1e3,
+                               "ttft_ms": statistics.median(samples), "ttft_samples_ms": samples,
+                               "bound_ms": bound * 1e3, "fetched_tokens": min(fetched),
+                               # the data plane's own time per job (submit -> last chunk landed)
+                               "fetch_job_ms": (after.fetch_seconds - before.fetch_seconds) * 1e3 / args.repeats,
                                "fetch_failures": after.fetch_failures - before.fetch_failures,
                                "dataplane_restarts": after.dataplane_restarts - before.dataplane_restarts,
-                               "stage_busy_s": {k: busy1[k] - busy0.get(k, 0.0) for k in busy1}}
+                               "stage_busy_s": {k: busy1[k] - busy0.get(k, 0.0) for k in busy1}}  # over all repeats
                         rows.append(row)
                         print(f"{mode:<10} {gbps:>7g} {str(loaded_run):>7} {row['ttft_ms']:>9.0f} "
                               f"{row['bound_ms']:>9.0f} {row['ttft_ms'] / row['bound_ms']:>11.2f} "
