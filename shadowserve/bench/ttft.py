@@ -45,10 +45,12 @@ def stage_times(h, prompt: list[int], repeats: int = 3) -> dict:
     shape = (arch.num_hidden_layers, 2, h.chunk_size, arch.num_key_value_heads, arch.head_dim)
     recv = np.empty(codec.max_encoded_nbytes(shape), np.uint8)
     best: dict[str, float] = {}
-    for _ in range(repeats):
-        for stage, seconds in _stages_once(codec, store, keys, shape, recv, h.loaded.model.dtype).items():
-            best[stage] = min(seconds, best.get(stage, seconds))
-    store.close()
+    try:
+        for _ in range(repeats):
+            for stage, seconds in _stages_once(codec, store, keys, shape, recv, h.loaded.model.dtype).items():
+                best[stage] = min(seconds, best.get(stage, seconds))
+    finally:
+        store.close()
     return best
 
 
@@ -126,8 +128,11 @@ def run(args: argparse.Namespace) -> int:
     )
     from shadowserve.config import CodecConfig
     from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.errors import ConfigError
     from shadowserve.store.launch import start_store_server
 
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
     loaded = load_for(args)
     server = start_store_server("--capacity", "8GiB")

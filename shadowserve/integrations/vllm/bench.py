@@ -254,9 +254,14 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ConfigError("shadowserve bench vllm needs vLLM: pip install -e '.[vllm]' "
                           "(see docs/vllm.md)") from exc
-    if args.prefix < CHUNK_TOKENS:
-        raise ConfigError(f"--prefix {args.prefix} is shorter than one stored chunk ({CHUNK_TOKENS} tokens): "
-                          "nothing could be loaded")
+    for flag in ("prefix", "load_prefix"):
+        if getattr(args, flag) < CHUNK_TOKENS:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is shorter than one stored chunk "
+                              f"({CHUNK_TOKENS} tokens): nothing could be loaded")
+    for flag, least in (("rounds", 1), ("passes", 1), ("batch", 1), ("decode_tokens", 2), ("load_docs", 1),
+                        ("fetchers", 1), ("arrival_every", 0)):
+        if getattr(args, flag) < least:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
