@@ -9,6 +9,7 @@ recomputes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -80,11 +81,14 @@ class ShadowServeConnector(KVConnectorBase_V1):
         from shadowserve.controlplane.manager import KVCacheManager
         from shadowserve.dataplane.modes import buffer_layout, create_backend
         from shadowserve.dataplane.process import DataPlaneSpec
+        from shadowserve.integrations.vllm.cores import auto_dataplane_cores
         from shadowserve.integrations.vllm.kv_view import SharedTensorHandle, pool_view, share
         from shadowserve.integrations.vllm.worker_side import BlockLedger, TrackedBackend, WorkerSide
         from shadowserve.kvcache.codec import KVCodec
 
         dp = self.config.dataplane
+        if dp.dataplane_cores == "auto" and (free := auto_dataplane_cores()):
+            dp = dataclasses.replace(dp, dataplane_cores=free)  # the cores vLLM's binding left to us
         pool = pool_view(kv_caches, self._head_dim)
         layers, _, kv_heads, _, _, head_dim = pool.shape
         handle = None
