@@ -40,3 +40,4 @@ class ShadowServeMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     preempted: frozenset[str] = frozenset()
+    idle: bool = False  # no tokens scheduled this step: the worker may pause briefly while loads land

@@ -81,7 +81,8 @@ class SchedulerSide:
                 self._saved.add(rid)
                 block_ids = self.kv_cache_manager.get_block_ids(rid)[0]
                 saves.append(SaveSpec(rid, tuple(req.prompt_token_ids), tuple(block_ids), self._hits.get(rid, 0)))
-        meta = ShadowServeMetadata(self._loads, saves, frozenset(scheduler_output.preempted_req_ids or ()))
+        meta = ShadowServeMetadata(self._loads, saves, frozenset(scheduler_output.preempted_req_ids or ()),
+                                   idle=not scheduler_output.total_num_scheduled_tokens)
         self._loads = []
         return meta
 

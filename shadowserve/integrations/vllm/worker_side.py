@@ -128,6 +128,11 @@ class WorkerSide:
 
     # ---- loads --------------------------------------------------------------------------------
 
+    @property
+    def loading(self) -> bool:
+        """Loads submitted whose end vLLM has not been told yet."""
+        return bool(self._loading)
+
     def start_loads(self, loads: list[LoadSpec]) -> None:
         """Submit one fetch per request; never waits for the data plane."""
         bs = self.block_size
