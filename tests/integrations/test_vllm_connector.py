@@ -158,6 +158,20 @@ def test_loaded_prefix_gives_vllms_own_tokens(vllm_connector, reference, store):
     assert worker.stats()["fetch_failures"] == 0
 
 
+def test_idle_steps_pause_while_a_load_lands(vllm_connector, reference, store, monkeypatch):
+    """A lone loading request leaves vLLM nothing to run: the worker pauses rather than spin (GIL, core)."""
+    llm, sched, worker = vllm_connector
+    _save_and_settle(vllm_connector, "full", store)
+    pauses = []
+    monkeypatch.setattr(worker, "_idle_pause", lambda: (pauses.append(1), time.sleep(0.0005)))
+    tokens, cached = _tokens(llm, PROMPTS["full"])
+    assert tokens == reference["full"] and cached == 2 * CHUNK
+    assert pauses, "vLLM stepped idle while the load was in flight, but the worker never paused"
+    pauses.clear()
+    _tokens(llm, _prompt(98, 8))  # nothing to load: never pauses
+    assert not pauses
+
+
 def test_partial_hit_loads_the_shared_chunk_only(vllm_connector, reference, store):
     llm, sched, worker = vllm_connector
     _settle(llm, worker)
