@@ -23,6 +23,8 @@ def test_bench_ttft_measures_a_bound_per_bandwidth(tmp_path):
         slowest = max(stages["decompress_s"], stages["dequantize_s"], stages["scatter_s"])
         link = stages["compressed_bytes"] * 8 / (pt["bandwidth_gbps"] * 1e9)
         assert abs(pt["bound_ms"] - (max(link, slowest) * 1e3 + pt["suffix_prefill_ms"])) < 1e-6
+        turns = stages["fetch_loopback_s"] + stages["decompress_s"] + stages["dequantize_s"]
+        assert abs(pt["bound_one_core_ms"] - (max(link, turns) * 1e3 + pt["suffix_prefill_ms"])) < 1e-6
     rows = data["rows"]
     assert {(r["mode"], r["bandwidth_gbps"], r["loaded"]) for r in rows} == {
         (m, b, lo) for m in ("thread", "offload") for b in (1.0, 20.0) for lo in (False, True)}
