@@ -207,14 +207,19 @@ def machine_cpus() -> list[int]:
     import os
 
     for path in ("/sys/fs/cgroup/cpuset.cpus.effective", "/sys/devices/system/cpu/online"):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text:
-            return parse_cores(text, None)
+        if cpus := read_cpu_list(path):
+            return cpus
     return sorted(os.sched_getaffinity(0))
+
+
+def read_cpu_list(path: str) -> list[int]:
+    """A kernel CPU list file (``0-3,8``) as CPU ids; [] when it is missing, empty or unreadable."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return parse_cores(text, None) if text else []
+    except (OSError, ConfigError):
+        return []
 
 
 def parse_cores(spec: str, available: list[int] | None) -> list[int]:

@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 
-from shadowserve.config import machine_cpus, parse_cores
+from shadowserve.config import machine_cpus, parse_cores, read_cpu_list
 from shadowserve.errors import ConfigError
 
 _SYS_CPU = "/sys/devices/system/cpu"
@@ -43,16 +43,8 @@ def _omp_bound_cpus(env: Mapping[str, str]) -> list[int] | None:
     return None
 
 
-def _read_ids(path: str) -> list[int]:
-    try:
-        with open(path) as f:
-            return parse_cores(f.read().strip(), None)
-    except (OSError, ConfigError):
-        return []
-
-
 def _siblings(cpu: int) -> list[int]:
-    return _read_ids(f"{_SYS_CPU}/cpu{cpu}/topology/thread_siblings_list")
+    return read_cpu_list(f"{_SYS_CPU}/cpu{cpu}/topology/thread_siblings_list")
 
 
 def _node(cpu: int) -> int | None:
