@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     results = {name: _merge(ps) for name, ps in passes.items()}
     base = statistics.median(results[names[0]]["cached_ttft_s"]) if names else 1.0
     print(f"TTFT of a {args.prefix}-token document + {args.question}-token question, median of {args.rounds} "
-          f"rounds ({args.dtype}, {args.layers} layers x {args.hidden}, fetch mode {args.fetch_mode})")
+          f"rounds ({args.dtype}, {args.layers} layers x {args.hidden}, fetch mode {args.fetch_mode} unless the configuration names its own)")
     print(f"{'configuration':<22} {'cold ms':>9} {'cached ms':>10} {'cached tokens':>14} {'vs ' + names[0]:>10}")
     for name in names:
         n, cold, cached, tokens = _row(name, results[name])
