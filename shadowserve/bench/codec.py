@@ -25,6 +25,7 @@ from shadowserve.errors import ConfigError, ModelError
 # name -> config; the first is the default codec.
 PRESETS: dict[str, CodecConfig] = {
     "default": CodecConfig(),
+    "rms-bytes-zstd": CodecConfig(pack_nibbles=False),  # the default with one symbol per byte (before session 8)
     "rms-deflate": CodecConfig(quant="rms", lossless="deflate"),
     "cachegen-deflate": CodecConfig(quant="cachegen", lossless="deflate"),
     "cachegen-zstd": CodecConfig(quant="cachegen", lossless="zstd"),

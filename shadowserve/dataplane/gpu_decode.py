@@ -18,7 +18,7 @@ import torch
 
 from shadowserve.dataplane.kv_targets import ChunkPlan, CudaEngineKV
 from shadowserve.kvcache import format as fmt
-from shadowserve.kvcache.quant import TOKEN
+from shadowserve.kvcache.quant import TOKEN, PackedSymbols, split_staging, unpack_into
 
 
 class GpuDequantizer:
@@ -36,12 +36,17 @@ class GpuDequantizer:
             tls.event = torch.cuda.Event()
             # A chunk-shaped device scratch for destinations that are not one contiguous run.
             tls.scratch = torch.empty(self.target.chunk_shape, dtype=self.target.dtype, device=self.device)
-        return tls.stream, tls.event, tls.scratch
+            # Where symbols stored two per byte are unpacked, one int8 each.
+            tls.unpacked = torch.empty(tls.scratch.numel(), dtype=torch.int8, device=self.device)
+        return tls.stream, tls.event, tls.scratch, tls.unpacked
 
     def dequantize(self, header: fmt.ChunkHeader, staging: torch.Tensor, slot: int, plan: ChunkPlan) -> None:
         """Hot path: pinned staging bytes -> device -> KV in the destination blocks; returns when landed."""
-        stream, event, scratch = self._thread_state()
+        stream, event, scratch, unpacked = self._thread_state()
         n = header.staging_nbytes
+        if self.codec.lossy:
+            layout = self.codec.layout_of(header.shape)
+            split_staging(layout, staging[:n], n)  # checks escape positions on the host, before any kernel
         dev = self._dev_staging[slot]
         with torch.cuda.stream(stream):
             dev[:n].copy_(staging[:n], non_blocking=True)
@@ -53,10 +58,8 @@ class GpuDequantizer:
             if not self.codec.lossy:
                 out.copy_(dev[:n].view(header.dtype).view(header.shape))
             else:
-                layout = self.codec.layout_of(header.shape)
-                scales = dev[: layout.scales_nbytes].view(torch.float16)
-                symbols = dev[layout.symbols_offset : n].view(torch.int8)
-                _dequantize_on_device(layout, scales, symbols, out)
+                scales, symbols = split_staging(layout, dev[:n], n, check=False)
+                _dequantize_on_device(layout, scales, symbols, out, unpacked)
             if out is scratch:
                 self.target.scatter_on_device(plan, scratch)
             event.record(stream)
@@ -66,9 +69,18 @@ class GpuDequantizer:
         self._dev_staging = None
 
 
-def _dequantize_on_device(layout, scales16: torch.Tensor, symbols: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = symbols * scales`` with the same rounding as the host path (product in fp32, one cast)."""
+def _dequantize_on_device(layout, scales16: torch.Tensor, symbols: torch.Tensor | PackedSymbols,
+                          out: torch.Tensor, unpacked: torch.Tensor) -> None:
+    """``out = symbols * scales`` with the same rounding as the host path (product in fp32, one cast).
+
+    Packed symbols are first unpacked into ``unpacked`` (int8, at least the chunk's size). Plain torch
+    ops, so it runs on any device (the tests check it on the CPU against the host decoder).
+    """
     layers = len(layout.rules)
+    if isinstance(symbols, PackedSymbols):
+        flat = unpacked[: layout.symbols_nbytes]
+        unpack_into(symbols, 0, layers * 2, flat, (0, symbols.positions.numel()))
+        symbols = flat
     t = layout.tokens
     heads, head_dim = out.shape[3], out.shape[4]
     sym = symbols.view(layers, 2, t, heads, head_dim)

@@ -3,7 +3,8 @@
 Decoding is split in the two halves the data-plane pipeline runs as separate stages:
 
 * ``decompress_into(blob, staging)`` verifies the container and inflates the payload (fp16 scales
-  followed by int8 symbols, or the raw KV for ``quant="none"``) into a caller-owned staging buffer;
+  followed by the symbols, one or two per byte, or the raw KV for ``quant="none"``) into a
+  caller-owned staging buffer;
 * ``dequantize_into(header, staging, out)`` turns the staging bytes into KV in the caller's tensor.
 
 Both allocate nothing per chunk once warm (per-thread decompressor contexts and fp32 scratch, the
@@ -80,7 +81,8 @@ class KVCodec:
         return self._layout(_check_shape(tuple(shape)))
 
     def staging_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        """Exact staging size of one chunk of this shape and dtype."""
+        """The most staging bytes a chunk of this shape and dtype can need (lossy chunks with
+        symbols two per byte need less; their header says how much)."""
         shape = _check_shape(shape)
         if not self.lossy:
             return int(np.prod(shape)) * _ELEMENT_SIZE[dtype]
@@ -121,7 +123,10 @@ class KVCodec:
             scales, symbols = self._split(layout, staging)
             x = kv.float().reshape(shape[0], 2, shape[2], shape[3] * shape[4])
             q.quantize(x, layout, scales, symbols)
-            staging_n = layout.staging_nbytes
+            packed = q.pack_staging(layout, staging) if self.config.pack_nibbles else None
+            if packed is not None:
+                staging = packed
+            staging_n = staging.nbytes
             payload = self.lossless.compress(staging)
         return fmt.pack(shape, kv.dtype, self.codec_id, self.model_fingerprint, staging_n, payload)
 
@@ -143,10 +148,13 @@ class KVCodec:
         return header
 
     def _decompress(self, header: fmt.ChunkHeader, payload: np.ndarray, dst: np.ndarray) -> None:
-        expected = self.staging_nbytes(header.shape, header.dtype)
-        if header.staging_nbytes != expected:
+        expected = header.staging_nbytes
+        if self.lossy:
+            self._layout(header.shape).escapes_in(expected)  # a size one of the symbol layouts has
+        elif expected != self.staging_nbytes(header.shape, header.dtype):
             raise ChunkFormatError(
-                f"chunk claims {header.staging_nbytes} staging bytes, its shape implies {expected}")
+                f"chunk claims {expected} staging bytes, its shape implies "
+                f"{self.staging_nbytes(header.shape, header.dtype)}")
         if dst.nbytes < expected:
             raise ValueError(f"staging buffer holds {dst.nbytes} bytes, this chunk needs {expected}")
         self.lossless.decompress_into(payload, dst[:expected])
@@ -173,7 +181,7 @@ class KVCodec:
             out.copy_(raw)
             return out
         layout = self._layout(header.shape)
-        scales, symbols = self._split(layout, src)
+        scales, symbols = q.split_staging(layout, _tensor_u8(src[:n]), n)
         q.dequantize_into(layout, scales, symbols, out)
         return out
 
@@ -196,7 +204,7 @@ class KVCodec:
         if not self.lossy:
             raise ValueError("a lossless codec has no quantization error")
         layout = self._layout(header.shape)
-        scales, _ = self._split(layout, as_u8(staging))
+        scales, _ = q.split_staging(layout, _tensor_u8(as_u8(staging)[: header.staging_nbytes]), header.staging_nbytes)
         return q.error_bound(layout, scales)
 
     @staticmethod

@@ -38,7 +38,7 @@ import xxhash
 from shadowserve.errors import ChunkFormatError
 
 MAGIC = b"SSKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lossy symbols may be stored two per byte (kvcache/quant.py)
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 CODE_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}

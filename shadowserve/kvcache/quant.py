@@ -12,8 +12,18 @@ How ``s`` is chosen is the only difference between the modes:
   symbol range is left open (up to +-127) and the lossless stage pays only for the levels that
   occur; outliers no longer coarsen every other channel of their token.
 
-Symbols are stored one per byte in [layers, 2, tokens, channels] order so the lossless stage sees
-byte-aligned, low-entropy data and dequantization reads it sequentially.
+Symbols sit in [layers, 2, tokens, channels] order, in one of two staging layouts:
+
+* one int8 per symbol (always possible);
+* **two per byte** when a chunk's symbols almost all fit in 4 bits (``[-8, 7]``), the usual case
+  for ``rms`` and every <= 16-bin mode. Byte ``j`` of a (layer, K/V) plane holds the plane's symbol
+  ``j`` in its low nibble and symbol ``j + plane/2`` in its high one, so unpacking writes two
+  contiguous halves. Symbols outside ``[-8, 7]`` (outlier channels) are *escapes*: their nibble is
+  0 and their true value is listed after the nibbles, with its position. The lossless stage's
+  Huffman decoder costs about the same per byte whatever the byte holds, so halving the bytes
+  roughly halves decompression, the data plane's slowest stage (docs/codec.md).
+
+The staging size tells the layouts apart (``Layout.escapes_in``): the packed one is always smaller.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shadowserve.errors import ChunkFormatError, ConfigError
@@ -29,6 +40,9 @@ TOKEN, CHANNEL = "token", "channel"
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): keeps all-zero rows divisible
 _BLOCK_ELEMS = 512 * 1024  # fp32 scratch per dequantize step (2 MiB): measured best on this machine
+_NIBBLE_MIN, _NIBBLE_MAX = -8, 7  # what a 4-bit two's-complement nibble holds
+_ESCAPE_NBYTES = 5  # uint32 gap to the previous escape + the int8 value
+_MAX_ESCAPE_SHARE = 32  # pack only if at most 1/32 of the symbols escape (the default rms: ~1/160)
 
 
 @dataclass(frozen=True)
@@ -97,7 +111,32 @@ class Layout:
         self.scales_nbytes = 2 * off
         self.symbols_offset = (self.scales_nbytes + 63) // 64 * 64  # keep symbols cache-line aligned
         self.symbols_nbytes = len(rules) * 2 * tokens * channels
-        self.staging_nbytes = self.symbols_offset + self.symbols_nbytes
+        self.staging_nbytes = self.symbols_offset + self.symbols_nbytes  # one byte per symbol: the most a chunk needs
+        # Two symbols per byte: nibbles, then escape gaps (uint32, 4-byte aligned), then escape values (int8).
+        self.plane_nbytes = tokens * channels
+        self.nibbles_nbytes = self.symbols_nbytes // 2
+        self.escapes_offset = (self.symbols_offset + self.nibbles_nbytes + 3) // 4 * 4
+        self.max_escapes = self.symbols_nbytes // _MAX_ESCAPE_SHARE
+        # Packed sizes must never reach the one-byte size, or the two layouts could not be told apart.
+        self.packable = self.plane_nbytes % 2 == 0 and self.packed_nbytes(self.max_escapes) < self.staging_nbytes
+
+    def packed_nbytes(self, escapes: int) -> int:
+        """Staging size of a two-symbols-per-byte chunk with ``escapes`` out-of-range symbols."""
+        return self.escapes_offset + _ESCAPE_NBYTES * escapes
+
+    def escapes_in(self, staging_nbytes: int) -> int | None:
+        """Escapes held by a packed staging of this size; None for the one-byte-per-symbol layout.
+
+        Raises ChunkFormatError for a size that neither layout can have.
+        """
+        if staging_nbytes == self.staging_nbytes:
+            return None
+        extra = staging_nbytes - self.escapes_offset
+        if not self.packable or extra < 0 or extra % _ESCAPE_NBYTES or extra // _ESCAPE_NBYTES > self.max_escapes:
+            raise ChunkFormatError(
+                f"chunk claims {staging_nbytes} staging bytes, which no symbol layout of its shape has "
+                f"(one byte per symbol: {self.staging_nbytes})")
+        return extra // _ESCAPE_NBYTES
 
     def scale_view(self, scales: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
         """One plane's scales shaped to broadcast over [tokens, channels]."""
@@ -164,6 +203,90 @@ def quantize(x: torch.Tensor, layout: Layout, scales_out: torch.Tensor, symbols_
             sym[layer, kv].copy_(torch.div(plane, view).round_().clamp_(-h, h))
 
 
+@dataclass(frozen=True)
+class PackedSymbols:
+    """A chunk's symbols two per byte (see the module docstring), as views into its staging bytes."""
+
+    nibbles: torch.Tensor  # uint8 [symbols / 2]
+    positions: torch.Tensor  # int64 [escapes], ascending flat symbol indices
+    values: torch.Tensor  # int8 [escapes]
+
+    def escape_bounds(self, starts: list[int]) -> list[int]:
+        """Index into ``positions`` of the first escape at or after each flat symbol index in ``starts``."""
+        if not self.positions.numel():
+            return [0] * len(starts)
+        edges = torch.tensor(starts, dtype=torch.int64, device=self.positions.device)
+        return torch.searchsorted(self.positions, edges).tolist()
+
+
+def pack_staging(layout: Layout, staging: np.ndarray) -> np.ndarray | None:
+    """The two-per-byte staging of a one-byte-per-symbol ``staging``; None if it does not pay.
+
+    Encode path: allocates the new staging and temporaries of the chunk's size.
+    """
+    if not layout.packable:
+        return None
+    sym = torch.from_numpy(staging[layout.symbols_offset: layout.staging_nbytes]).view(torch.int8)
+    escaped = (sym < _NIBBLE_MIN) | (sym > _NIBBLE_MAX)
+    positions = escaped.nonzero().squeeze(1)
+    k = positions.numel()
+    if k > layout.max_escapes:
+        return None
+    out = np.zeros(layout.packed_nbytes(k), dtype=np.uint8)
+    out[: layout.scales_nbytes] = staging[: layout.scales_nbytes]
+    nib = sym.masked_fill(escaped, 0).view(torch.uint8).view(-1, 2, layout.plane_nbytes // 2)
+    packed = (nib[:, 0] & 0x0F) | (nib[:, 1] << 4)
+    out[layout.symbols_offset: layout.symbols_offset + layout.nibbles_nbytes] = packed.reshape(-1).numpy()
+    gaps = torch.diff(positions, prepend=positions.new_zeros(1)).to(torch.int32)
+    g0 = layout.escapes_offset
+    out[g0: g0 + 4 * k] = gaps.numpy().astype("<u4").view(np.uint8)
+    out[g0 + 4 * k: g0 + 5 * k] = sym[positions].numpy().view(np.uint8)
+    return out
+
+
+def split_staging(layout: Layout, staging: torch.Tensor, staging_nbytes: int,
+                  check: bool = True) -> tuple[torch.Tensor, torch.Tensor | PackedSymbols]:
+    """fp16 scales and the symbols (int8 [N], or PackedSymbols) held in a uint8 staging tensor.
+
+    Works on any device. ``check`` (host data) refuses escape positions outside the chunk, which a
+    checksummed payload only has if its encoder was broken.
+    """
+    scales = staging[: layout.scales_nbytes].view(torch.float16)
+    k = layout.escapes_in(staging_nbytes)
+    if k is None:
+        return scales, staging[layout.symbols_offset: layout.staging_nbytes].view(torch.int8)
+    nibbles = staging[layout.symbols_offset: layout.symbols_offset + layout.nibbles_nbytes]
+    g0 = layout.escapes_offset
+    raw_gaps = staging[g0: g0 + 4 * k]
+    if raw_gaps.storage_offset() % 4:  # a caller's buffer that starts off a 4-byte boundary
+        raw_gaps = raw_gaps.clone()
+    gaps = raw_gaps.view(torch.int32)
+    positions = torch.cumsum(gaps, 0, dtype=torch.int64)
+    if check and k and (int(gaps.min()) < 0 or int(positions[-1]) >= layout.symbols_nbytes):
+        raise ChunkFormatError("chunk lists an escaped symbol outside its own symbols")
+    values = staging[g0 + 4 * k: g0 + 5 * k].view(torch.int8)
+    return scales, PackedSymbols(nibbles, positions, values)
+
+
+def unpack_into(packed: PackedSymbols, first_plane: int, planes: int, out: torch.Tensor,
+                escapes: tuple[int, int]) -> None:
+    """Write ``planes`` planes of packed symbols, from ``first_plane`` on, into int8 ``out`` [planes * plane].
+
+    ``escapes`` is the (first, last + 1) range of ``packed.positions`` inside those planes. Three
+    contiguous bit operations per half-plane, then a scatter of the few escapes; any device.
+    """
+    half = out.numel() // planes // 2
+    src = packed.nibbles[first_plane * half: (first_plane + planes) * half].view(planes, half)
+    dst = out.view(planes, 2, half)
+    torch.bitwise_right_shift(src.view(torch.int8), 4, out=dst[:, 1])  # high nibble, sign-extended
+    torch.bitwise_left_shift(src, 4, out=dst.view(torch.uint8)[:, 0])
+    dst[:, 0].bitwise_right_shift_(4)  # low nibble: shifted up, then back down with its sign
+    e0, e1 = escapes
+    if e1 > e0:
+        base = first_plane * 2 * half
+        out.index_put_((packed.positions[e0:e1] - base,), packed.values[e0:e1])
+
+
 class _Scratch(threading.local):
     def __init__(self) -> None:
         self.tensors: dict[tuple, torch.Tensor] = {}
@@ -179,26 +302,38 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def dequantize_into(layout: Layout, scales16: torch.Tensor, symbols: torch.Tensor, out: torch.Tensor) -> None:
+def dequantize_into(layout: Layout, scales16: torch.Tensor, symbols: torch.Tensor | PackedSymbols,
+                    out: torch.Tensor) -> None:
     """Hot path: write ``symbols * scales`` into ``out`` [layers, 2, tokens, heads, head_dim].
 
-    Works one layer at a time through a per-thread fp32 scratch that stays in L2 cache; once warm
-    it allocates nothing. Torch kernels release the GIL, so several threads decode in parallel.
+    Works a few layers at a time through per-thread scratch (fp32, and int8 for packed symbols)
+    that stays in L2 cache; once warm it allocates nothing of the chunk's size. Torch kernels
+    release the GIL, so several threads decode in parallel.
     """
     layers = len(layout.rules)
     t = layout.tokens
     heads, head_dim = out.shape[3], out.shape[4]
     scales = _SCRATCH.get((layout.num_scales,), torch.float32)
     scales.copy_(scales16)
-    sym = symbols.view(layers, 2, t, heads, head_dim)
     direct = out.dtype == torch.float32
     # A few layers per step: big enough to amortize per-op overhead, small enough for L2.
     group = max(1, min(layers, _BLOCK_ELEMS // max(1, 2 * t * heads * head_dim)))
     work = None if direct else _SCRATCH.get((group, 2, t, heads, head_dim), torch.float32)
-    for l0 in range(0, layers, group):
+    packed = symbols if isinstance(symbols, PackedSymbols) else None
+    if packed is None:
+        sym = symbols.view(layers, 2, t, heads, head_dim)
+    else:
+        unpacked = _SCRATCH.get((group, 2, t, heads, head_dim), torch.int8)
+        starts = list(range(0, layers, group))
+        bounds = packed.escape_bounds([l0 * layout.plane_nbytes * 2 for l0 in starts] + [layout.symbols_nbytes])
+    for i, l0 in enumerate(range(0, layers, group)):
         g = min(group, layers - l0)
         dst = out[l0: l0 + g] if direct else work[:g]
-        dst.copy_(sym[l0: l0 + g])
+        if packed is None:
+            dst.copy_(sym[l0: l0 + g])
+        else:
+            unpack_into(packed, l0 * 2, g * 2, unpacked[:g].view(-1), (bounds[i], bounds[i + 1]))
+            dst.copy_(unpacked[:g])
         if layout.token_only:
             off = layout.offsets[l0 * 2][0]
             dst.mul_(scales[off: off + g * 2 * t].view(g, 2, t, 1, 1))

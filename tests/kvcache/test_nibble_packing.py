@@ -1,0 +1,134 @@
+"""Symbols stored two per byte: the same KV as one per byte, fewer bytes, and checked like the rest."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from shadowserve.config import CodecConfig
+from shadowserve.dataplane.gpu_decode import _dequantize_on_device
+from shadowserve.errors import ChunkFormatError
+from shadowserve.kvcache import KVCodec
+from shadowserve.kvcache import format as fmt
+from shadowserve.kvcache import quant as q
+from tests.kvcache.conftest import FINGERPRINT, SHAPE, make_kv
+
+PACKABLE = [
+    CodecConfig(),
+    CodecConfig(quant="rms", key_step=0.3, value_step=2.0, lossless="deflate"),
+    CodecConfig(quant="uniform", bins=5, lossless="none"),
+    CodecConfig(quant="kivi", bins=16, lossless="zstd"),
+    # 32 bins in layer 0 over this data's wide outlier channel: too many escapes, so one byte each.
+    CodecConfig(quant="cachegen", lossless="lz4"),
+]
+
+
+def _one_per_byte(config: CodecConfig) -> KVCodec:
+    return KVCodec(dataclasses.replace(config, pack_nibbles=False), FINGERPRINT)
+
+
+def _decode(codec: KVCodec, blob: bytes, dtype=torch.float32, offset: int = 0):
+    staging = np.zeros(codec.max_staging_nbytes(SHAPE) + offset, np.uint8)[offset:]
+    header = codec.decompress_into(blob, staging)
+    return header, staging, codec.dequantize_into(header, staging, torch.empty(SHAPE, dtype=dtype))
+
+
+@pytest.mark.parametrize("config", PACKABLE, ids=lambda c: f"{c.quant}-{c.lossless}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_chunks_decode_to_the_same_kv_as_one_byte_symbols(config, dtype):
+    packed, plain = KVCodec(config, FINGERPRINT), _one_per_byte(config)
+    assert packed.codec_id == plain.codec_id  # a storage detail: same keys, same decoded KV
+    kv = make_kv(seed=3)
+    hp, _, out_p = _decode(packed, packed.encode(kv), dtype)
+    hb, _, out_b = _decode(packed, plain.encode(kv), dtype)  # a packing codec still reads one-byte chunks
+    layout = packed.layout_of(SHAPE)
+    assert hb.staging_nbytes == layout.staging_nbytes
+    assert (hp.staging_nbytes < layout.staging_nbytes) == (config.quant != "cachegen")
+    assert torch.equal(out_p, out_b)
+
+
+def test_outliers_are_escaped_and_restored_exactly():
+    codec = KVCodec(CodecConfig(), FINGERPRINT)
+    kv = make_kv(seed=5)  # an outlier key channel 20x the rest: symbols far beyond [-8, 7]
+    header, staging, out = _decode(codec, codec.encode(kv))
+    layout = codec.layout_of(SHAPE)
+    escapes = layout.escapes_in(header.staging_nbytes)
+    assert escapes and escapes > 0
+    _, symbols = q.split_staging(layout, torch.from_numpy(staging), header.staging_nbytes)
+    assert bool(((symbols.values < -8) | (symbols.values > 7)).all())  # only out-of-nibble symbols escape
+    # The escaped values decode to the exact symbol x scale of the one-byte layout, outliers included.
+    _, _, plain = _decode(codec, _one_per_byte(CodecConfig()).encode(kv))
+    assert torch.equal(out, plain)
+    assert float(out[:, 0, :, :, 3].abs().max()) > 10 * float(out[:, 1].abs().median())
+
+
+def test_wide_symbols_stay_one_per_byte():
+    codec = KVCodec(CodecConfig(quant="int8"), FINGERPRINT)  # 255 levels: most symbols escape
+    header, _, out = _decode(codec, codec.encode(make_kv(seed=1)))
+    assert header.staging_nbytes == codec.layout_of(SHAPE).staging_nbytes
+
+
+def test_odd_planes_are_not_packed():
+    shape = (2, 2, 3, 1, 5)  # 15 values per plane: no pairs
+    codec = KVCodec(CodecConfig(quant="uniform", bins=5), FINGERPRINT)
+    kv = make_kv(shape, seed=2)
+    blob = codec.encode(kv)
+    staging = np.zeros(codec.max_staging_nbytes(shape), np.uint8)
+    header = codec.decompress_into(blob, staging)
+    assert header.staging_nbytes == codec.layout_of(shape).staging_nbytes
+    out = codec.dequantize_into(header, staging, torch.empty(shape))
+    assert float((out - kv).abs().max()) < float(kv.abs().max())
+
+
+def test_a_staging_buffer_off_a_word_boundary_still_decodes():
+    codec = KVCodec(CodecConfig(), FINGERPRINT)
+    blob = codec.encode(make_kv(seed=4))
+    assert torch.equal(_decode(codec, blob, offset=1)[2], _decode(codec, blob)[2])
+
+
+def _reseal(codec: KVCodec, staging: np.ndarray) -> bytes:
+    """A container with a valid checksum around hand-made staging bytes (a broken encoder)."""
+    payload = np.frombuffer(codec.lossless.compress(staging), np.uint8)
+    return fmt.pack(SHAPE, torch.float32, codec.codec_id, FINGERPRINT, staging.nbytes, payload)
+
+
+def _packed_staging(codec: KVCodec) -> tuple[np.ndarray, q.Layout, int]:
+    header, staging, _ = _decode(codec, codec.encode(make_kv(seed=5)))
+    layout = codec.layout_of(SHAPE)
+    return staging[: header.staging_nbytes].copy(), layout, layout.escapes_in(header.staging_nbytes)
+
+
+def test_escape_positions_outside_the_chunk_are_refused():
+    codec = KVCodec(CodecConfig(), FINGERPRINT)
+    staging, layout, k = _packed_staging(codec)
+    gaps = staging[layout.escapes_offset: layout.escapes_offset + 4 * k].view("<u4")
+    gaps[-1] = layout.symbols_nbytes  # the last escape lands past the end
+    with pytest.raises(ChunkFormatError, match="outside"):
+        _decode(codec, _reseal(codec, staging))
+    gaps[-1] = 2**31 + 5  # a negative gap
+    with pytest.raises(ChunkFormatError, match="outside"):
+        _decode(codec, _reseal(codec, staging))
+
+
+def test_a_staging_size_no_layout_has_is_refused():
+    codec = KVCodec(CodecConfig(), FINGERPRINT)
+    staging, layout, k = _packed_staging(codec)
+    for size in (staging.nbytes - 1, layout.escapes_offset - 4, layout.staging_nbytes + 8):
+        bad = np.zeros(size, np.uint8)
+        bad[: min(size, staging.nbytes)] = staging[:size]
+        with pytest.raises(ChunkFormatError, match="no symbol layout"):
+            _decode(codec, _reseal(codec, bad))
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_the_device_decoder_matches_the_host_decoder(pack):
+    """The ``gpu`` mode's torch kernels, run on the CPU: same KV from either symbol layout."""
+    codec = KVCodec(CodecConfig(pack_nibbles=pack), FINGERPRINT)
+    header, staging, host = _decode(codec, codec.encode(make_kv(seed=6)))
+    layout = codec.layout_of(SHAPE)
+    scales, symbols = q.split_staging(layout, torch.from_numpy(staging), header.staging_nbytes)
+    assert isinstance(symbols, q.PackedSymbols) == pack
+    out = torch.empty(SHAPE)
+    _dequantize_on_device(layout, scales, symbols, out, torch.empty(out.numel(), dtype=torch.int8))
+    assert torch.equal(out, host)
