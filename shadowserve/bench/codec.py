@@ -27,6 +27,7 @@ PRESETS: dict[str, CodecConfig] = {
     "default": CodecConfig(),
     "rms-bytes-zstd": CodecConfig(pack_nibbles=False),  # the default with one symbol per byte (before session 8)
     "rms-deflate": CodecConfig(quant="rms", lossless="deflate"),
+    "rms-bytes-deflate": CodecConfig(quant="rms", lossless="deflate", pack_nibbles=False),
     "cachegen-deflate": CodecConfig(quant="cachegen", lossless="deflate"),
     "cachegen-zstd": CodecConfig(quant="cachegen", lossless="zstd"),
     "int8-zstd": CodecConfig(quant="int8", lossless="zstd"),

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from shadowserve.bench.harness import add_model_arguments
@@ -27,8 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fetchers", type=int, default=2, help="fetching requests kept in flight")
     p.add_argument("--store", default=None, help="store URL (default: a local store server)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, modes interleaved; medians are reported")
-    p.add_argument("--quant", default=None)
-    p.add_argument("--lossless", default=None)
+    add_codec_arguments(p)
 
 
 def _tpot(reqs) -> float:
@@ -37,16 +38,14 @@ def _tpot(reqs) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from shadowserve.bench.harness import Harness, doc_prompt, load_for, pin_to_dataplane_cores, write_json
-    from shadowserve.config import CodecConfig
     from shadowserve.engine.sequence import SamplingParams
     from shadowserve.store.launch import start_store_server
 
-    overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
     loaded = load_for(args)
     server = None if args.store else start_store_server("--capacity", "16GiB")
     if server is not None:
         pin_to_dataplane_cores(server.pid)
-    h = Harness(loaded, args.store or server.url, CodecConfig(**overrides), kv_cache_memory=args.kv_cache_memory,
+    h = Harness(loaded, args.store or server.url, codec_from_args(args), kv_cache_memory=args.kv_cache_memory,
                 device=args.device, workers=args.dataplane_workers, dataplane_cores=args.dataplane_cores)
     tok = loaded.tokenizer
     n_docs = 6

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
 from shadowserve.bench.drivers import Driver, RequestRecord, RequestSpec
 from shadowserve.errors import ConfigError
 
@@ -57,8 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth", type=float, default=None, help="emulated link to the store, Gbit/s")
     p.add_argument("--store", default=None, help="store URL (default: a local store server)")
     p.add_argument("--kv-cache-memory", default="3GiB")
-    p.add_argument("--quant", default=None)
-    p.add_argument("--lossless", default=None)
+    add_codec_arguments(p)
     p.add_argument("--url", default=None,
                    help="benchmark a running server (http://host:port) instead of in-process engines; "
                         "it is warmed by sending it the workload's prefixes first")
@@ -108,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
     from shadowserve.bench.machine import machine_info
     from shadowserve.bench.metrics import compute_metrics, format_table, parse_goodput
     from shadowserve.bench.workloads import with_arrivals
-    from shadowserve.config import CodecConfig
     from shadowserve.model.loader import load_model
     from shadowserve.store.launch import start_store_server
 
@@ -123,8 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if server is not None:
         pin_to_dataplane_cores(server.pid)
     base = args.store or server.url
-    overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
-    h = Harness(loaded, base, CodecConfig(**overrides), kv_cache_memory=args.kv_cache_memory)
+    h = Harness(loaded, base, codec_from_args(args), kv_cache_memory=args.kv_cache_memory)
     results = {}
     try:
         print(f"warming the store with {len(workload.warm_prompts)} prefixes "

@@ -16,6 +16,8 @@ import statistics
 import threading
 import time
 
+from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
@@ -26,8 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scattered", action="store_true",
                    help="non-contiguous destination blocks, so the scatter stage runs too")
     p.add_argument("--bandwidth", type=float, default=None, help="emulated link, Gbit/s (default: loopback)")
-    p.add_argument("--quant", default=None)
-    p.add_argument("--lossless", default=None)
+    add_codec_arguments(p)
 
 
 def _on_cores(cores: list[int], fn):
@@ -211,15 +212,13 @@ def run(args: argparse.Namespace) -> int:
     from shadowserve.bench.harness import Harness, doc_prompt, pin_to_dataplane_cores, write_json
     from shadowserve.bench.load import store_url
     from shadowserve.bench.machine import machine_info
-    from shadowserve.config import CodecConfig
     from shadowserve.model.loader import load_model
     from shadowserve.store.launch import start_store_server
 
-    overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
     loaded = load_model(args.model, "float32", progress=False)
     server = start_store_server("--capacity", "8GiB")
     pin_to_dataplane_cores(server.pid)
-    h = Harness(loaded, server.url, CodecConfig(**overrides))
+    h = Harness(loaded, server.url, codec_from_args(args))
     prompt = doc_prompt(loaded.tokenizer, args.prefix_tokens, offset=0)
     try:
         h.warm([prompt])

@@ -16,6 +16,8 @@ import dataclasses
 import statistics
 import time
 
+from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from shadowserve.bench.harness import add_model_arguments
@@ -27,8 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8, help="decoding requests in the loaded runs")
     p.add_argument("--no-loaded", action="store_true", help="skip the runs beside a decoding batch")
     p.add_argument("--repeats", type=int, default=3, help="requests per row; the row's TTFT is their median")
-    p.add_argument("--quant", default=None)
-    p.add_argument("--lossless", default=None)
+    add_codec_arguments(p)
 
 
 def stage_times(h, prompt: list[int], repeats: int = 3) -> dict:
@@ -127,18 +128,16 @@ def run(args: argparse.Namespace) -> int:
         run_to_end,
         write_json,
     )
-    from shadowserve.config import CodecConfig
     from shadowserve.engine.sequence import SamplingParams
     from shadowserve.errors import ConfigError
     from shadowserve.store.launch import start_store_server
 
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
-    overrides = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
     loaded = load_for(args)
     server = start_store_server("--capacity", "8GiB")
     pin_to_dataplane_cores(server.pid)
-    h = Harness(loaded, server.url, CodecConfig(**overrides), kv_cache_memory=args.kv_cache_memory, device=args.device,
+    h = Harness(loaded, server.url, codec_from_args(args), kv_cache_memory=args.kv_cache_memory, device=args.device,
                 workers=args.dataplane_workers, dataplane_cores=args.dataplane_cores)
     tok = loaded.tokenizer
     prompt = doc_prompt(tok, args.prefix_tokens, offset=0)
