@@ -79,7 +79,7 @@ def _dequantize_on_device(layout, scales16: torch.Tensor, symbols: torch.Tensor 
     layers = len(layout.rules)
     if isinstance(symbols, PackedSymbols):
         flat = unpacked[: layout.symbols_nbytes]
-        unpack_into(symbols, 0, layers * 2, flat, (0, symbols.positions.numel()))
+        unpack_into(symbols, flat)
         symbols = flat
     t = layout.tokens
     heads, head_dim = out.shape[3], out.shape[4]

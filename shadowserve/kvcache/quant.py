@@ -43,6 +43,8 @@ _BLOCK_ELEMS = 512 * 1024  # fp32 scratch per dequantize step (2 MiB): measured 
 _NIBBLE_MIN, _NIBBLE_MAX = -8, 7  # what a 4-bit two's-complement nibble holds
 _ESCAPE_NBYTES = 5  # uint32 gap to the previous escape + the int8 value
 _MAX_ESCAPE_SHARE = 32  # pack only if at most 1/32 of the symbols escape (the default rms: ~1/160)
+# Shift amounts as 0-dim tensors of the operands' dtypes: a Python int costs a conversion per call.
+_FOUR_I8, _FOUR_U8 = torch.tensor(4, dtype=torch.int8), torch.tensor(4, dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -210,13 +212,7 @@ class PackedSymbols:
     nibbles: torch.Tensor  # uint8 [symbols / 2]
     positions: torch.Tensor  # int64 [escapes], ascending flat symbol indices
     values: torch.Tensor  # int8 [escapes]
-
-    def escape_bounds(self, starts: list[int]) -> list[int]:
-        """Index into ``positions`` of the first escape at or after each flat symbol index in ``starts``."""
-        if not self.positions.numel():
-            return [0] * len(starts)
-        edges = torch.tensor(starts, dtype=torch.int64, device=self.positions.device)
-        return torch.searchsorted(self.positions, edges).tolist()
+    half_plane: int  # bytes per (layer, K/V) plane: its symbols j and j + half_plane share byte j
 
 
 def pack_staging(layout: Layout, staging: np.ndarray) -> np.ndarray | None:
@@ -265,26 +261,25 @@ def split_staging(layout: Layout, staging: torch.Tensor, staging_nbytes: int,
     if check and k and (int(gaps.min()) < 0 or int(positions[-1]) >= layout.symbols_nbytes):
         raise ChunkFormatError("chunk lists an escaped symbol outside its own symbols")
     values = staging[g0 + 4 * k: g0 + 5 * k].view(torch.int8)
-    return scales, PackedSymbols(nibbles, positions, values)
+    return scales, PackedSymbols(nibbles, positions, values, layout.plane_nbytes // 2)
 
 
-def unpack_into(packed: PackedSymbols, first_plane: int, planes: int, out: torch.Tensor,
-                escapes: tuple[int, int]) -> None:
-    """Write ``planes`` planes of packed symbols, from ``first_plane`` on, into int8 ``out`` [planes * plane].
+def unpack_into(packed: PackedSymbols, out: torch.Tensor) -> None:
+    """Write a chunk's packed symbols into int8 ``out`` [N], one per byte; any device.
 
-    ``escapes`` is the (first, last + 1) range of ``packed.positions`` inside those planes. Three
-    contiguous bit operations per half-plane, then a scatter of the few escapes; any device.
+    Three bit operations over the whole chunk, then a scatter of the few escapes. Whole-chunk ops
+    because on a small core each torch call's fixed cost, not memory bandwidth, is what adds up.
     """
-    half = out.numel() // planes // 2
-    src = packed.nibbles[first_plane * half: (first_plane + planes) * half].view(planes, half)
-    dst = out.view(planes, 2, half)
-    torch.bitwise_right_shift(src.view(torch.int8), 4, out=dst[:, 1])  # high nibble, sign-extended
-    torch.bitwise_left_shift(src, 4, out=dst.view(torch.uint8)[:, 0])
-    dst[:, 0].bitwise_right_shift_(4)  # low nibble: shifted up, then back down with its sign
-    e0, e1 = escapes
-    if e1 > e0:
-        base = first_plane * 2 * half
-        out.index_put_((packed.positions[e0:e1] - base,), packed.values[e0:e1])
+    if out.numel() != 2 * packed.nibbles.numel():
+        raise ValueError(f"{packed.nibbles.numel()} packed bytes unpack into {2 * packed.nibbles.numel()} "
+                         f"symbols, not {out.numel()}")
+    dst = out.view(-1, 2, packed.half_plane)
+    src = packed.nibbles.view(dst.shape[0], packed.half_plane)
+    torch.bitwise_right_shift(src.view(torch.int8), _FOUR_I8, out=dst[:, 1])  # high nibble, sign-extended
+    torch.bitwise_left_shift(src, _FOUR_U8, out=dst.view(torch.uint8)[:, 0])
+    dst[:, 0].bitwise_right_shift_(_FOUR_I8)  # low nibble: shifted up, then back down with its sign
+    if packed.positions.numel():
+        out.index_put_((packed.positions,), packed.values)
 
 
 class _Scratch(threading.local):
@@ -319,21 +314,15 @@ def dequantize_into(layout: Layout, scales16: torch.Tensor, symbols: torch.Tenso
     # A few layers per step: big enough to amortize per-op overhead, small enough for L2.
     group = max(1, min(layers, _BLOCK_ELEMS // max(1, 2 * t * heads * head_dim)))
     work = None if direct else _SCRATCH.get((group, 2, t, heads, head_dim), torch.float32)
-    packed = symbols if isinstance(symbols, PackedSymbols) else None
-    if packed is None:
-        sym = symbols.view(layers, 2, t, heads, head_dim)
-    else:
-        unpacked = _SCRATCH.get((group, 2, t, heads, head_dim), torch.int8)
-        starts = list(range(0, layers, group))
-        bounds = packed.escape_bounds([l0 * layout.plane_nbytes * 2 for l0 in starts] + [layout.symbols_nbytes])
-    for i, l0 in enumerate(range(0, layers, group)):
+    if isinstance(symbols, PackedSymbols):
+        unpacked = _SCRATCH.get((layout.symbols_nbytes,), torch.int8)
+        unpack_into(symbols, unpacked)
+        symbols = unpacked
+    sym = symbols.view(layers, 2, t, heads, head_dim)
+    for l0 in range(0, layers, group):
         g = min(group, layers - l0)
         dst = out[l0: l0 + g] if direct else work[:g]
-        if packed is None:
-            dst.copy_(sym[l0: l0 + g])
-        else:
-            unpack_into(packed, l0 * 2, g * 2, unpacked[:g].view(-1), (bounds[i], bounds[i + 1]))
-            dst.copy_(unpacked[:g])
+        dst.copy_(sym[l0: l0 + g])
         if layout.token_only:
             off = layout.offsets[l0 * 2][0]
             dst.mul_(scales[off: off + g * 2 * t].view(g, 2, t, 1, 1))
