@@ -275,9 +275,11 @@ def unpack_into(packed: PackedSymbols, out: torch.Tensor) -> None:
                          f"symbols, not {out.numel()}")
     dst = out.view(-1, 2, packed.half_plane)
     src = packed.nibbles.view(dst.shape[0], packed.half_plane)
-    torch.bitwise_right_shift(src.view(torch.int8), _FOUR_I8, out=dst[:, 1])  # high nibble, sign-extended
-    torch.bitwise_left_shift(src, _FOUR_U8, out=dst.view(torch.uint8)[:, 0])
-    dst[:, 0].bitwise_right_shift_(_FOUR_I8)  # low nibble: shifted up, then back down with its sign
+    on_cpu = src.device.type == "cpu"
+    four_i8, four_u8 = (_FOUR_I8, _FOUR_U8) if on_cpu else (4, 4)
+    torch.bitwise_right_shift(src.view(torch.int8), four_i8, out=dst[:, 1])  # high nibble, sign-extended
+    torch.bitwise_left_shift(src, four_u8, out=dst.view(torch.uint8)[:, 0])
+    dst[:, 0].bitwise_right_shift_(four_i8)  # low nibble: shifted up, then back down with its sign
     if packed.positions.numel():
         out.index_put_((packed.positions,), packed.values)
 
@@ -301,9 +303,10 @@ def dequantize_into(layout: Layout, scales16: torch.Tensor, symbols: torch.Tenso
                     out: torch.Tensor) -> None:
     """Hot path: write ``symbols * scales`` into ``out`` [layers, 2, tokens, heads, head_dim].
 
-    Works a few layers at a time through per-thread scratch (fp32, and int8 for packed symbols)
-    that stays in L2 cache; once warm it allocates nothing of the chunk's size. Torch kernels
-    release the GIL, so several threads decode in parallel.
+    Packed symbols are first unpacked into a per-thread int8 scratch of the chunk's size. Then a
+    few layers at a time go through a per-thread fp32 scratch that stays in L2 cache. Once warm it
+    allocates nothing of the chunk's size. Torch kernels release the GIL, so several threads decode
+    in parallel.
     """
     layers = len(layout.rules)
     t = layout.tokens
