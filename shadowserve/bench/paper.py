@@ -5,7 +5,9 @@ fetch modes x link bandwidths x request rates feeds three figures: mean TTFT vs 
 rate, loaded TPOT vs request rate at a reference bandwidth, and throughput (the highest rate at which
 ``--target`` of requests meet the SLOs) vs bandwidth. ``bench stages`` adds the stage chart. Every
 figure is a PNG plus the JSON it was drawn from; ``summary.json`` holds the ratios the report quotes.
-Modes run one after another inside each bandwidth, so their numbers are side by side in one run.
+Modes take turns at every (rate, link) point, so their numbers are side by side in one run.
+``--passes N`` runs the grid N times: on a noisy machine one pass of a few requests per point
+cannot rank modes, and the spread of each ratio over the passes says how far to trust it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -53,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment that counts as meeting the SLOs")
     p.add_argument("--stage-tokens", type=int, default=None, help="stored tokens for the stage chart")
     p.add_argument("--no-stages", action="store_true")
+    p.add_argument("--passes", type=int, default=1,
+                   help="run the whole grid this many times (mode order reversed on every other pass); "
+                        "figures use each point's median, the summary keeps every pass's ratios")
     p.add_argument("--kv-cache-memory", default="3GiB")
 
 
@@ -83,6 +89,32 @@ def interleaved(plan: dict[tuple[str, float | None], list[float]], modes: list[s
     """The plan's (mode, link, rate) runs ordered by rate, then link, then mode: modes take turns."""
     tasks = [(mode, bw, rate) for (mode, bw), rates in plan.items() for rate in rates]
     return sorted(tasks, key=lambda t: (t[2], t[1] or 0.0, modes.index(t[0])))
+
+
+def passes_of(plan: dict[tuple[str, float | None], list[float]], modes: list[str], passes: int
+              ) -> list[list[tuple[str, float | None, float]]]:
+    """The interleaved grid once per pass; every other pass reverses the modes' order at each point,
+    so going first or last at a point (a drifting machine favours one) lands on every mode alike."""
+    return [interleaved(plan, modes if i % 2 == 0 else modes[::-1]) for i in range(max(1, passes))]
+
+
+def median_runs(runs: dict[tuple, list[dict]]) -> dict[tuple, dict]:
+    """One metrics dict per point: the median of every numeric metric over that point's passes.
+
+    Non-numeric fields (per-request lists...) come from the pass whose mean TPOT is the median one.
+    """
+    merged: dict[tuple, dict] = {}
+    for key, ms in runs.items():
+        by_tpot = sorted(ms, key=lambda m: m.get("mean_tpot_ms") or 0.0)
+        out = dict(by_tpot[(len(by_tpot) - 1) // 2])
+        for name in ms[0]:
+            values = [m.get(name) for m in ms]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                out[name] = statistics.median(values)
+        out.pop("pass", None)
+        out["passes"] = len(ms)
+        merged[key] = out
+    return merged
 
 
 def _lookup(runs: dict, mode: str, bw: float, rate: float) -> dict | None:
@@ -177,18 +209,19 @@ def run(args: argparse.Namespace) -> int:
     server = start_store_server("--capacity", "8GiB")
     pin_to_dataplane_cores(server.pid)
     h = Harness(loaded, server.url, CodecConfig(), kv_cache_memory=args.kv_cache_memory)
-    runs: dict[tuple[str, float | None, float], dict] = {}
+    runs: dict[tuple[str, float | None, float], list[dict]] = {}  # one metrics dict per pass
     figures: dict[str, dict] = {}
+    grid = passes_of(plan, modes, args.passes)
     try:
         print(f"warming the store with {len(workload.warm_prompts)} documents "
               f"({sum(map(len, workload.warm_prompts))} tokens)", flush=True)
         h.warm(workload.warm_prompts)
         # Modes take turns at every (rate, link) point instead of running one after another, so a
         # slow drift of this shared machine lands on every mode alike (one engine per point).
-        tasks = interleaved(plan, modes)
         dead: set[tuple[str, float | None]] = set()  # (mode, link) past a rate where no request met the SLOs
+        tasks = [(i, *task) for i, one_pass in enumerate(grid) for task in one_pass]
         with tqdm(total=len(tasks), desc="load grid", unit="run", file=sys.stdout) as bar:
-            for mode, bw, rate in tasks:
+            for pass_index, mode, bw, rate in tasks:
                 bar.update()
                 if (mode, bw) in dead:
                     continue
@@ -203,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
                 # Per-request latencies too, so other SLOs can be applied to this run later.
                 m["requests"] = [{k: None if v is None else v * 1e3 for k, v in request_latencies(r).items()}
                                  | {"ok": r.ok, "fetched_tokens": r.fetched_tokens} for r in records]
-                runs[(mode, bw, rate)] = m
+                m["pass"] = pass_index
+                runs.setdefault((mode, bw, rate), []).append(m)
                 tqdm.write(f"  {mode:<9} {'-' if bw is None else f'{bw:g}':>5} Gbit/s {rate:>5g} req/s: "
                            f"TTFT {m['mean_ttft_ms']:8.0f} ms  TPOT {m['mean_tpot_ms']:6.0f} ms  "
                            f"attain {m['slo_attainment']:.2f}", file=sys.stdout)
@@ -211,7 +245,9 @@ def run(args: argparse.Namespace) -> int:
                 # except on the reference link, whose TPOT curve is a figure of its own.
                 if m["slo_attainment"] == 0 and (bw != ref_bw or mode == "recompute"):
                     dead.add((mode, bw))
-        figures = build_figures(runs, modes, ttft_bws, load_bws, rates, ref_bw, slos_ms, args.target)
+        figures = build_figures(median_runs(runs), modes, ttft_bws, load_bws, rates, ref_bw, slos_ms, args.target)
+        by_pass = [build_figures({k: ms[i] for k, ms in runs.items() if len(ms) > i}, modes, ttft_bws, load_bws,
+                                 rates, ref_bw, slos_ms, args.target) for i in range(len(grid))]
         if not args.no_stages:
             print("stage analysis ...", flush=True)
             prompt = doc_prompt(loaded.tokenizer, args.stage_tokens, offset=0)
@@ -229,12 +265,16 @@ def run(args: argparse.Namespace) -> int:
         "slos_ms": slos_ms, "target_attainment": args.target,
         "machine_before": machine_before, "machine_after": machine_info(),
         "elapsed_s": time.time() - started,
+        "passes": len(grid),
         "ratios": summarize(figures, args.target),
     }
+    if len(grid) > 1:
+        summary["ratios_by_pass"] = [summarize(f, args.target) for f in by_pass]
     for name, fig in figures.items():
         write_json(os.path.join(args.out, f"{name}.json"), fig)
     write_json(os.path.join(args.out, "runs.json"), {
-        "runs": [{"mode": m, "bandwidth_gbps": b, "request_rate": r, **met} for (m, b, r), met in runs.items()]})
+        "runs": [{"mode": m, "bandwidth_gbps": b, "request_rate": r, **met} for (m, b, r), ms in runs.items()
+                 for met in ms]})
     write_json(os.path.join(args.out, "summary.json"), summary)
     if args.json_path:
         write_json(args.json_path, summary)

@@ -83,7 +83,7 @@ def test_bench_paper_quick_smoke(tmp_path):
              "--rates", "5,10", "--ttft-bandwidths", "1,40", "--load-bandwidths", "40", "--ref-bandwidth", "40",
              "--num-documents", "2", "--questions-per-doc", "1", "--doc-tokens", "600:800", "--output-len", "4:6",
              "--stage-tokens", "512", "--goodput", "ttft:60000", "tpot:60000", "--kv-cache-memory", "64MiB",
-             timeout=230)
+             "--passes", "2", timeout=230)
     assert p.returncode == 0, p.stderr[-2000:]
     for name in ("ttft_vs_bandwidth", "tpot_vs_rate", "throughput_vs_bandwidth", "stages"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
@@ -93,11 +93,13 @@ def test_bench_paper_quick_smoke(tmp_path):
     thr = json.loads((out / "throughput_vs_bandwidth.json").read_text())
     assert all(pt["max_rate_meeting_slo"] == 10 for pts in thr["modes"].values() for pt in pts)  # generous SLOs
     runs = json.loads((out / "runs.json").read_text())["runs"]
-    assert len(runs) == 2 + 2 * 3  # recompute: once per rate; thread/offload: 2 rates at 40 + 1 rate at 1 Gbit/s
+    # Per pass, recompute: once per rate; thread/offload: 2 rates at 40 + 1 rate at 1 Gbit/s.
+    assert sorted(r["pass"] for r in runs) == [0] * 8 + [1] * 8
     assert all(r["completed"] == 2 for r in runs)
     assert all(r["total_fetched_tokens"] > 0 for r in runs if r["mode"] != "recompute")
     summary = json.loads((out / "summary.json").read_text())
     assert "tpot_thread_over_offload" in summary["ratios"] and summary["machine_after"]["cpus"] >= 1
+    assert summary["passes"] == 2 and len(summary["ratios_by_pass"]) == 2
 
 
 def test_paper_grid_interleaves_modes():
@@ -110,3 +112,20 @@ def test_paper_grid_interleaves_modes():
         ("thread", 40.0, 5.0), ("offload", 40.0, 5.0),
         ("recompute", None, 10.0), ("thread", 40.0, 10.0), ("offload", 40.0, 10.0),
     ]
+
+
+def test_paper_passes_alternate_mode_order_and_take_medians():
+    from shadowserve.bench.paper import median_runs, passes_of, plan_runs
+
+    modes = ["thread", "offload"]
+    grid = passes_of(plan_runs(modes, [10.0], [10.0], [1.0], 10.0), modes, 3)
+    assert [[t[0] for t in one] for one in grid] == [["thread", "offload"], ["offload", "thread"],
+                                                     ["thread", "offload"]]
+    key = ("offload", 10.0, 1.0)
+    runs = {key: [{"mean_tpot_ms": 90.0, "slo_attainment": 1.0, "requests": ["a"], "pass": 0},
+                  {"mean_tpot_ms": 150.0, "slo_attainment": 0.5, "requests": ["b"], "pass": 1},
+                  {"mean_tpot_ms": 100.0, "slo_attainment": 0.75, "requests": ["c"], "pass": 2}]}
+    merged = median_runs(runs)[key]
+    assert merged["mean_tpot_ms"] == 100.0 and merged["slo_attainment"] == 0.75
+    assert merged["requests"] == ["c"]  # non-numeric fields: from the median-TPOT pass
+    assert merged["passes"] == 3 and "pass" not in merged
