@@ -333,6 +333,8 @@ class CodecConfig:
         from shadowserve.kvcache.lossless import check_level
 
         check_level(self.lossless, self.level)
+        if not isinstance(self.pack_nibbles, bool):
+            raise ConfigError(f"pack_nibbles must be true or false, got {self.pack_nibbles!r}")
         if self.layer_steps and self.quant != "rms":
             raise ConfigError(f"layer_steps applies to quant 'rms' only, not {self.quant!r}")
         for m in self.layer_step_multipliers:
