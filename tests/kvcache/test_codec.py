@@ -144,7 +144,7 @@ def test_all_zero_chunk_round_trips():
 
 def test_config_validation():
     for bad in (dict(quant="fp4"), dict(lossless="brotli"), dict(bins=2), dict(bins=300), dict(key_step=0),
-                dict(lossless="deflate", level=13), dict(lossless="zstd", level=99)):
+                dict(lossless="deflate", level=13), dict(lossless="zstd", level=99), dict(pack_nibbles="false")):
         with pytest.raises(ConfigError):
             CodecConfig(**bad)
 
