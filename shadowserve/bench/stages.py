@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=4, help="jobs back to back (and repeats of each stage alone)")
     p.add_argument("--dataplane-cores", default="auto", help="cores for the data plane (default: as the engine)")
     p.add_argument("--decompress-workers", type=int, default=1)
+    p.add_argument("--dequantize-workers", type=int, default=1)
     p.add_argument("--scattered", action="store_true",
                    help="non-contiguous destination blocks, so the scatter stage runs too")
     p.add_argument("--bandwidth", type=float, default=None, help="emulated link, Gbit/s (default: loopback)")
@@ -46,7 +47,8 @@ def _on_cores(cores: list[int], fn):
 
 
 def measure(h, prompt: list[int], repeats: int, dataplane_cores: str = "auto", scattered: bool = False,
-            store_url: str | None = None, decompress_workers: int = 1, sample_s: float = 0.005) -> dict:
+            store_url: str | None = None, decompress_workers: int = 1, sample_s: float = 0.005,
+            dequantize_workers: int = 1) -> dict:
     """Stages alone, then the pipeline, over the prompt's stored chunks (the store must hold them)."""
     import numpy as np
     import torch
@@ -61,7 +63,7 @@ def measure(h, prompt: list[int], repeats: int, dataplane_cores: str = "auto", s
 
     h.unpin()  # engines pinned this process to their cores; split the cores afresh
     cfg = DataPlaneConfig(fetch_mode="thread", chunk_size=h.chunk_size, dataplane_cores=dataplane_cores,
-                          decompress_workers=decompress_workers)
+                          decompress_workers=decompress_workers, dequantize_workers=dequantize_workers)
     _, plane = cfg.split_cores()
     codec = KVCodec(h.codec, h.loaded.fingerprint)
     keys = chunk_keys(prompt, h.chunk_size, key_seed(h.loaded.fingerprint, codec.codec_id))
@@ -223,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         h.warm([prompt])
         r = measure(h, prompt, args.repeats, args.dataplane_cores, args.scattered,
-                    store_url(server.url, args.bandwidth), args.decompress_workers)
+                    store_url(server.url, args.bandwidth), args.decompress_workers,
+                    dequantize_workers=args.dequantize_workers)
     finally:
         server.stop()
     print_report(r)
