@@ -182,14 +182,19 @@ def measure(h, prompt: list[int], repeats: int, dataplane_cores: str = "auto", s
         inside[s] = {"busy_s": busy, "blocked_s": waited, "chunks": cnt, "busy_ratio": busy / wall,
                      "chunks_per_s": cnt / busy if busy else float("nan"),
                      "gbps": (cnt / n) * gbit / busy if busy else float("nan")}
-    slowest = min(path, key=lambda s: alone_out[s]["gbps"])
+    # A stage with w workers on c data-plane cores can do at most min(w, c) times its one-thread rate.
+    workers = {"fetch": cfg.fetch_workers, "decompress": cfg.decompress_workers,
+               "dequantize": cfg.dequantize_workers, "scatter": 1}
+    capacity = {s: alone_out[s]["gbps"] * max(1, min(workers[s], len(plane))) for s in path}
+    slowest = min(path, key=lambda s: capacity[s])
     piped = {"wall_s": wall, "chunks_per_s": repeats * n / wall, "gbps": repeats * gbit / wall}
     one_core = 1 / sum(alone_out[s]["seconds"] for s in path) * gbit  # all stages sharing one core
     return {
         "chunks": n, "compressed_bytes": nbytes, "raw_bytes": n * int(np.prod(shape)) * pool.element_size(),
         "dataplane_cores": plane, "scattered": scattered, "path": path,
         "alone": alone_out, "inside": inside, "pipelined": piped,
-        "slowest_alone": slowest, "efficiency": piped["gbps"] / alone_out[slowest]["gbps"],
+        "stage_workers": {s: workers[s] for s in path}, "stage_capacity_gbps": capacity,
+        "slowest_alone": slowest, "efficiency": piped["gbps"] / capacity[slowest],
         "one_core_bound_gbps": one_core,
         "buffers": stats["buffer_window"], "timeline": timeline,
     }
@@ -203,8 +208,10 @@ def print_report(r: dict) -> None:
         a, i = r["alone"][s], r["inside"][s]
         print(f"{s:<11} {a['gbps']:>13.2f} {i['gbps']:>14.2f} {i['gbps'] / a['gbps']:>13.2f} {i['busy_ratio']:>11.2f}")
     p = r["pipelined"]
+    slowest = r["slowest_alone"]
+    per = f" x {r['stage_workers'][slowest]} workers" if r["stage_workers"][slowest] > 1 else ""
     print(f"pipelined: {p['gbps']:.2f} Gbit/s ({p['chunks_per_s']:.1f} chunks/s) = {r['efficiency']:.0%} of the "
-          f"slowest stage alone ({r['slowest_alone']}); all stages on one core would allow "
+          f"slowest stage alone ({slowest}{per}); all stages on one core would allow "
           f"{r['one_core_bound_gbps']:.2f} Gbit/s")
     print("buffers (time-weighted mean occupancy, peak in use / slots): " + ", ".join(
         f"{k} {v['mean_occupancy']:.0%} {v['peak_in_use']}/{v['slots']}" for k, v in r["buffers"].items()))

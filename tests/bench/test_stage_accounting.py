@@ -91,5 +91,11 @@ def test_stage_measure_on_tiny_random(tiny, tmp_path):
         assert r["alone"][s]["gbps"] > 0 and r["inside"][s]["chunks"] == 2 * 4
         assert 0 < r["inside"][s]["busy_s"] <= r["pipelined"]["wall_s"] * 2 + 0.05  # fetch has 2 workers
     assert r["pipelined"]["chunks_per_s"] == pytest.approx(8 / r["pipelined"]["wall_s"])
-    assert r["efficiency"] == pytest.approx(r["pipelined"]["gbps"] / r["alone"][r["slowest_alone"]]["gbps"])
+    # A stage's ceiling: its one-thread rate times its workers, but never more workers than cores.
+    cores = len(r["dataplane_cores"])
+    assert r["stage_workers"] == {"fetch": 2, "decompress": 1, "dequantize": 1, "scatter": 1}
+    assert r["stage_capacity_gbps"] == {s: r["alone"][s]["gbps"] * min(r["stage_workers"][s], cores)
+                                        for s in r["path"]}
+    assert r["efficiency"] == pytest.approx(
+        r["pipelined"]["gbps"] / r["stage_capacity_gbps"][r["slowest_alone"]])
     assert r["timeline"] and all(0 <= p["in_use"]["receive"] <= 8 for p in r["timeline"])
