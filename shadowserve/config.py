@@ -276,6 +276,11 @@ class DataPlaneConfig:
         if self.fetch_timeout <= 0 or self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("timeouts must be > 0 and heartbeat_timeout > heartbeat_interval")
 
+    def stage_workers(self) -> dict[str, int]:
+        """Threads per pipeline stage (scatter has one: it only copies into blocks)."""
+        return {"fetch": self.fetch_workers, "decompress": self.decompress_workers,
+                "dequantize": self.dequantize_workers, "scatter": 1, "save": self.save_workers}
+
     def split_cores(self) -> tuple[list[int], list[int]]:
         """(engine cores, data-plane cores): "auto" splits the cores this process may use; an explicit
         list may also name cores this process is kept off (the engine's process pinned elsewhere)."""

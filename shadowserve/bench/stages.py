@@ -183,8 +183,7 @@ def measure(h, prompt: list[int], repeats: int, dataplane_cores: str = "auto", s
                      "chunks_per_s": cnt / busy if busy else float("nan"),
                      "gbps": (cnt / n) * gbit / busy if busy else float("nan")}
     # A stage with w workers on c data-plane cores can do at most min(w, c) times its one-thread rate.
-    workers = {"fetch": cfg.fetch_workers, "decompress": cfg.decompress_workers,
-               "dequantize": cfg.dequantize_workers, "scatter": 1}
+    workers = cfg.stage_workers()
     capacity = {s: alone_out[s]["gbps"] * max(1, min(workers[s], len(plane))) for s in path}
     slowest = min(path, key=lambda s: capacity[s])
     piped = {"wall_s": wall, "chunks_per_s": repeats * n / wall, "gbps": repeats * gbit / wall}

@@ -119,9 +119,7 @@ class Pipeline:
         self._tls = threading.local()
         self._threads: list[threading.Thread] = []
         self._closed = False
-        workers = {"fetch": config.fetch_workers, "decompress": config.decompress_workers,
-                   "dequantize": config.dequantize_workers, "scatter": 1, "save": config.save_workers}
-        for stage, n in workers.items():
+        for stage, n in config.stage_workers().items():
             for i in range(n):
                 t = threading.Thread(target=self._worker, args=(stage,), name=f"dp-{stage}-{i}", daemon=True)
                 t.start()
