@@ -4,9 +4,10 @@ over emulated links of several bandwidths, for each fetch mode, unloaded and bes
 Each row also carries ``bound_ms``: max(compressed bytes / link rate, the slowest pipeline stage run
 alone over the same chunks) + the suffix prefill, so the gap between a mode and what the hardware
 allows is visible directly. ``bound_one_core_ms`` is the same with the stages' sum in place of the
-slowest one: what a single data-plane core allows, the stages taking turns on it. The stage and suffix times are re-measured at every bandwidth, right
-before that bandwidth's mode runs, and the fastest of a few repeats counts: a bound is what the
-machine can do, and one slow moment of a noisy machine must not raise it.
+slowest one: what a single data-plane core allows, the stages taking turns on it. The stage and
+suffix times are re-measured at every bandwidth, right before that bandwidth's modes run, and the
+fastest of a few repeats counts: a bound is what the machine can do, and one slow moment of a noisy
+machine must not raise it.
 """
 
 from __future__ import annotations
