@@ -120,7 +120,7 @@ class KVCodec:
         else:
             layout = self._layout(shape)
             staging = np.zeros(layout.staging_nbytes, dtype=np.uint8)
-            scales, symbols = self._split(layout, staging)
+            scales, symbols = q.split_staging(layout, _tensor_u8(staging), layout.staging_nbytes)
             x = kv.float().reshape(shape[0], 2, shape[2], shape[3] * shape[4])
             q.quantize(x, layout, scales, symbols)
             packed = q.pack_staging(layout, staging) if self.config.pack_nibbles else None
@@ -206,13 +206,6 @@ class KVCodec:
         layout = self._layout(header.shape)
         scales, _ = q.split_staging(layout, _tensor_u8(as_u8(staging)[: header.staging_nbytes]), header.staging_nbytes)
         return q.error_bound(layout, scales)
-
-    @staticmethod
-    def _split(layout: q.Layout, staging: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        t = _tensor_u8(staging[: layout.staging_nbytes])
-        scales = t[: layout.scales_nbytes].view(torch.float16)
-        symbols = t[layout.symbols_offset: layout.staging_nbytes].view(torch.int8)
-        return scales, symbols
 
 
 def _tensor_u8(arr: np.ndarray) -> torch.Tensor:
