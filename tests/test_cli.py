@@ -56,6 +56,10 @@ def test_demo_runs_end_to_end_on_tiny_random():
         fetched, same_answer, same_prefix = fields[-3:]
         assert fetched != "0%", rows[mode]  # something was fetched
         assert same_answer == same_prefix == "100%", rows[mode]  # lossless codec: same answers as recompute
+        ttft_ms, fetch_ms = float(fields[-6]), float(fields[-5])
+        assert 0 < fetch_ms < ttft_ms, rows[mode]  # the fetch is a part of the TTFT
+    recompute = next(line for line in proc.stdout.splitlines() if line.startswith("recompute"))
+    assert recompute.split()[-5] == "-"  # nothing fetched, no fetch time
 
 
 def test_bench_engine_measures_each_kernel(tmp_path):

@@ -8,12 +8,18 @@ slowest one: what a single data-plane core allows, the stages taking turns on it
 suffix times are re-measured at every bandwidth, right before that bandwidth's modes run, and the
 fastest of a few repeats counts: a bound is what the machine can do, and one slow moment of a noisy
 machine must not raise it.
+
+Rows of modes that fetch also split each request's own TTFT: ``fetch_ms`` (in FETCHING) and
+``after_fetch_ms`` (KV landed -> first token: the suffix prefill). ``bound_same_request_ms`` is the
+bound with that same request's suffix prefill, so TTFT over it reads the fetch's overhead alone,
+free of the drift between a prefill timed alone and the one the request really ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import time
 
@@ -120,6 +126,21 @@ def _stage_busy(eng) -> dict:
     return dict(backend.stats().get("stage_busy_seconds", {}))
 
 
+def _breakdown(fetch_ms: list[float], after_ms: list[float], fetch_bound_s: float) -> dict:
+    """The requests' own TTFT split (median fetch, median time from KV landed to first token), and
+    the bound again with that same request's own suffix prefill in place of the one timed alone.
+
+    The suffix prefill is most of TTFT here and varies by tens of percent between moments on a
+    noisy machine; taking it from the very request removes that drift from TTFT/bound, leaving
+    what the fetch adds over the link or the slowest stage.
+    """
+    if not after_ms:
+        return {}
+    after = statistics.median(after_ms)
+    return {"fetch_ms": statistics.median(fetch_ms), "after_fetch_ms": after,
+            "bound_same_request_ms": fetch_bound_s * 1e3 + after}
+
+
 def run(args: argparse.Namespace) -> int:
     from shadowserve.bench.harness import (
         Harness,
@@ -167,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
                   f"decompress {stages['decompress_s'] * 1e3:.0f} ms, dequantize {stages['dequantize_s'] * 1e3:.0f} "
                   f"ms, scatter {stages['scatter_s'] * 1e3:.0f} ms; suffix prefill {suffix_s * 1e3:.0f} ms")
             print(f"{'mode':<10} {'Gbit/s':>7} {'loaded':>7} {'TTFT ms':>9} {'bound ms':>9} {'TTFT/bound':>11} "
-                  f"{'/1-core bound':>14} "
-                  f"{'fetch job ms':>13}")
+                  f"{'/1-core bound':>14} {'/same-req bound':>16} "
+                  f"{'fetch job ms':>13} {'fetch ms':>9} {'after ms':>9}")
             url = f"{server.url}?bandwidth={gbps}gbit"
             for mode in args.modes.split(","):
                 eng = h.engine(mode, store_url=url)
@@ -182,13 +203,16 @@ def run(args: argparse.Namespace) -> int:
                             while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in batch):
                                 eng.step()
                         before, busy0 = _plane_stats(eng), _stage_busy(eng)
-                        samples, fetched = [], []
+                        samples, fetched, fetch_ms, after_ms = [], [], [], []
                         for _ in range(args.repeats):  # the same request again: it fetches again
                             req = eng.add_request(prompt, SamplingParams(max_tokens=1))
                             while not req.is_finished:
                                 eng.step()
                             samples.append(req.ttft * 1e3)
                             fetched.append(req.num_fetched_tokens)
+                            if req.fetch_end_time is not None:  # the TTFT breakdown: fetch, then the rest
+                                fetch_ms.append(req.fetch_seconds * 1e3)
+                                after_ms.append((req.first_token_time - req.fetch_end_time) * 1e3)
                         after, busy1 = _plane_stats(eng), _stage_busy(eng)
                         for r in batch:
                             eng.abort_request(r.request_id)
@@ -198,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
                                "ttft_ms": statistics.median(samples), "ttft_samples_ms": samples,
                                "bound_ms": bound * 1e3, "bound_one_core_ms": bound_one_core * 1e3,
                                "fetched_tokens": min(fetched),
+                               **_breakdown(fetch_ms, after_ms, max(link_s, slowest)),
                                # the data plane's own time per job (submit -> last chunk landed)
                                "fetch_job_ms": (after.fetch_seconds - before.fetch_seconds) * 1e3 / args.repeats,
                                "fetch_failures": after.fetch_failures - before.fetch_failures,
@@ -207,7 +232,9 @@ def run(args: argparse.Namespace) -> int:
                         print(f"{mode:<10} {gbps:>7g} {str(loaded_run):>7} {row['ttft_ms']:>9.0f} "
                               f"{row['bound_ms']:>9.0f} {row['ttft_ms'] / row['bound_ms']:>11.2f} "
                               f"{row['ttft_ms'] / row['bound_one_core_ms']:>14.2f} "
-                              f"{row['fetch_job_ms']:>13.0f}"
+                              f"{row['ttft_ms'] / row.get('bound_same_request_ms', math.nan):>16.2f} "
+                              f"{row['fetch_job_ms']:>13.0f} {row.get('fetch_ms', math.nan):>9.0f} "
+                              f"{row.get('after_fetch_ms', math.nan):>9.0f}"
                               + (f"  failures {row['fetch_failures']}, restarts {row['dataplane_restarts']}"
                                  if row["fetch_failures"] or row["dataplane_restarts"] else ""), flush=True)
                         if row["stage_busy_s"]:

@@ -85,19 +85,22 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
 
     ref_tokens = [r.output_token_ids for r in reference]
-    print(f"\n{'pass':<24} {'mean TTFT ms':>12} {'mean TPOT ms':>12} {'fetched':>8} {'same answer':>12} "
-          f"{'same prefix':>12}")
+    print(f"\n{'pass':<24} {'mean TTFT ms':>12} {'of it fetch':>12} {'mean TPOT ms':>12} {'fetched':>8} "
+          f"{'same answer':>12} {'same prefix':>12}")
     for name, reqs in rows:
         ttft = statistics.mean(r.ttft for r in reqs) * 1e3
         tpots = [r.tpot for r in reqs if r.tpot is not None]
         tpot = statistics.mean(tpots) * 1e3 if tpots else float("nan")
+        fetches = [r.fetch_seconds for r in reqs if r.fetch_seconds is not None]
+        fetch_part = f"{statistics.mean(fetches) * 1e3:.1f}" if fetches else "-"
         fetched = sum(r.num_fetched_tokens for r in reqs) / sum(len(r.prompt_token_ids) for r in reqs)
         same = sum(r.output_token_ids == t for r, t in zip(reqs, ref_tokens)) / len(reqs)
         prefix = statistics.mean(agreed_prefix(r.output_token_ids, t) for r, t in zip(reqs, ref_tokens))
-        print(f"{name:<24} {ttft:>12.1f} {tpot:>12.1f} {fetched:>8.0%} {same:>12.0%} {prefix:>12.0%}")
+        print(f"{name:<24} {ttft:>12.1f} {fetch_part:>12} {tpot:>12.1f} {fetched:>8.0%} {same:>12.0%} {prefix:>12.0%}")
     answer = loaded.tokenizer.decode(reference[0].output_token_ids).strip()
     print(f"\nexample answer: {answer!r}")
-    print("same answer: token for token equal to recompute's; same prefix: mean share of recompute's answer "
+    print("of it fetch: mean time the requests that fetched spent waiting for their prefix KV; "
+          "same answer: token for token equal to recompute's; same prefix: mean share of recompute's answer "
           "reproduced before the first differing token")
     return 0
 

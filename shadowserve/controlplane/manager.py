@@ -141,6 +141,7 @@ class KVCacheManager:
         for k in keys:
             self._inflight_keys[k] = job
         req.status = RequestStatus.FETCHING
+        req.fetch_start_time = time.perf_counter()
         self.backend.submit(FetchCommand(job, req.request_id, keys, per_chunk))
         return True
 
@@ -187,7 +188,7 @@ class KVCacheManager:
         req.num_computed_tokens = (f.first_chunk + c.ok_chunks) * self.chunk_size
         # Chunks that failed (corrupt, vanished) get saved again after the prefill: the store heals.
         req.remote_hit_tokens = req.num_computed_tokens
-        req.status = RequestStatus.RUNNING
+        _leave_fetching(req)
         self.bm.register_computed(req)  # fetched blocks become reusable by later local prefix matches
         return [req]
 
@@ -205,7 +206,7 @@ class KVCacheManager:
         self._clear_inflight(f)
         self.stats.fetch_failures += 1
         req.num_computed_tokens = req.remote_hit_tokens = f.first_chunk * self.chunk_size
-        req.status = RequestStatus.RUNNING
+        _leave_fetching(req)
         return [req]
 
     def _fail_over(self) -> list[Request]:
@@ -225,7 +226,7 @@ class KVCacheManager:
             self._clear_inflight(f)
             self.stats.fetch_failures += 1
             f.request.num_computed_tokens = f.request.remote_hit_tokens = f.first_chunk * self.chunk_size
-            f.request.status = RequestStatus.RUNNING
+            _leave_fetching(f.request)
             ready.append(f.request)
         self._fetches.clear()
         return ready
@@ -280,6 +281,13 @@ class KVCacheManager:
     def close(self) -> None:
         self._lookup_pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
+
+
+def _leave_fetching(req: Request) -> None:
+    """FETCHING -> RUNNING, with the fetch's end time on the request (its TTFT breakdown)."""
+    req.status = RequestStatus.RUNNING
+    req.fetch_end_time = now = time.perf_counter()
+    req.fetch_seconds = (req.fetch_seconds or 0.0) + now - (req.fetch_start_time or now)
 
 
 def _done_future(value: int) -> Future:

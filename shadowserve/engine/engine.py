@@ -191,6 +191,7 @@ class LLMEngine:
             tpot_ms=None if tpot is None else tpot * 1e3,
             num_cached_tokens=req.num_cached_tokens,
             num_fetched_tokens=req.num_fetched_tokens,
+            fetch_ms=None if req.fetch_seconds is None else req.fetch_seconds * 1e3,
         )
 
     def _forget(self, request_id: str) -> None:

@@ -64,6 +64,12 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    # FETCHING time, so TTFT splits into lookup/queue, fetch and prefill. The clock is perf_counter;
+    # the end is when the control plane saw the job end (polling delay included). A request that
+    # fetches again after a preemption adds to fetch_seconds; the times are its latest fetch's.
+    fetch_start_time: float | None = None
+    fetch_end_time: float | None = None
+    fetch_seconds: float | None = None  # None: it never fetched
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -105,3 +111,4 @@ class RequestOutput:
     tpot_ms: float | None
     num_cached_tokens: int = 0
     num_fetched_tokens: int = 0
+    fetch_ms: float | None = None  # time its prefix spent being fetched (None: no fetch)

@@ -32,6 +32,11 @@ def test_bench_ttft_measures_a_bound_per_bandwidth(tmp_path):
         assert r["fetched_tokens"] == 512 and r["fetch_failures"] == 0
         assert r["bound_ms"] == points[r["bandwidth_gbps"]]["bound_ms"]
         assert len(r["ttft_samples_ms"]) == 2 and min(r["ttft_samples_ms"]) <= r["ttft_ms"] <= max(r["ttft_samples_ms"])
+        # The request's own TTFT split: fetch, then the rest; both parts inside its TTFT.
+        assert 0 < r["fetch_ms"] and 0 < r["after_fetch_ms"]
+        assert r["fetch_ms"] + r["after_fetch_ms"] <= max(r["ttft_samples_ms"]) + 1e-6
+        pt = points[r["bandwidth_gbps"]]
+        assert abs(r["bound_same_request_ms"] - (pt["bound_ms"] - pt["suffix_prefill_ms"] + r["after_fetch_ms"])) < 1e-6
     # The 1 Gbit/s link is what limits there: the bound (and a real fetch) must respect it.
     slow = [r for r in rows if r["bandwidth_gbps"] == 1.0 and not r["loaded"]]
     assert all(r["ttft_ms"] >= points[1.0]["stages"]["compressed_bytes"] * 8 / 1e9 * 1e3 for r in slow)

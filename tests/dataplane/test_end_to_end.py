@@ -76,6 +76,13 @@ def test_fetched_prefix_gives_identical_tokens(tiny, reference, tmp_path, mode):
     assert [r.output_token_ids for r in reqs] == reference(ps)
     # Six whole chunks of the 200-token document, fetched once by whichever lookup answered first.
     assert sorted(r.num_fetched_tokens for r in reqs) == [0, 0, 192], eng.kv_manager.stats
+    # TTFT breakdown: the one request that fetched knows for how long, and the fetch ended before its
+    # first token; the two that reused its blocks never fetched.
+    fetcher = max(reqs, key=lambda r: r.num_fetched_tokens)
+    assert fetcher.arrival_time < fetcher.fetch_start_time < fetcher.fetch_end_time < fetcher.first_token_time
+    assert fetcher.fetch_seconds > 0
+    assert eng.output_of(fetcher).fetch_ms == pytest.approx(fetcher.fetch_seconds * 1e3)
+    assert [eng.output_of(r).fetch_ms for r in reqs if r is not fetcher] == [None, None]
     stats = eng.kv_manager.stats
     assert stats.fetches == 1  # the other two reuse the landed blocks instead of fetching again
     assert stats.fetch_failures == 0 and stats.prefix_hit_tokens >= 192
@@ -100,6 +107,7 @@ def test_corrupt_chunk_falls_back_to_recompute(tiny, reference, tmp_path):
     reqs = run(eng, ps)
     assert [r.output_token_ids for r in reqs] == reference(ps)
     assert reqs[0].num_fetched_tokens == 0 and eng.kv_manager.stats.fetch_failures == 1
+    assert reqs[0].fetch_seconds > 0  # a failed fetch still counts in the TTFT breakdown
     eng.flush()
     eng.close()
     # The recompute saved good chunks over the corrupt ones: the next engine fetches them.

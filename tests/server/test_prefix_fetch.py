@@ -56,6 +56,10 @@ def test_second_request_fetches_its_prefix_and_answers_the_same(fetching_server)
     after = scrape(url)
     fetched = second.model_extra["shadowserve"]["fetched_tokens"]
     assert fetched >= CHUNK and fetched % CHUNK == 0
+    # The TTFT breakdown: only the second request fetched, and its fetch is a part of its TTFT.
+    assert first.model_extra["shadowserve"]["fetch_ms"] == [None]
+    (fetch_ms,), (ttft_ms,) = second.model_extra["shadowserve"]["fetch_ms"], second.model_extra["shadowserve"]["ttft_ms"]
+    assert 0 < fetch_ms < ttft_ms
     assert second.usage.prompt_tokens_details.cached_tokens == fetched
     assert second.choices[0].text == first.choices[0].text  # lossless codec: same answer
     assert after["shadowserve_prefix_hit_tokens_total"] - before["shadowserve_prefix_hit_tokens_total"] >= fetched
