@@ -66,7 +66,7 @@ def measure(h, prompt: list[int], repeats: int, dataplane_cores: str = "auto", s
                           decompress_workers=decompress_workers, dequantize_workers=dequantize_workers)
     _, plane = cfg.split_cores()
     codec = KVCodec(h.codec, h.loaded.fingerprint)
-    keys = chunk_keys(prompt, h.chunk_size, key_seed(h.loaded.fingerprint, codec.codec_id))
+    keys = chunk_keys(prompt, h.chunk_size, key_seed(h.loaded.fingerprint, codec.kv_format_id))
     arch = h.loaded.arch
     dtype = h.loaded.model.dtype
     shape = (arch.num_hidden_layers, 2, h.chunk_size, arch.num_key_value_heads, arch.head_dim)

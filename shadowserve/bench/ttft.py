@@ -48,7 +48,7 @@ def stage_times(h, prompt: list[int], repeats: int = 3) -> dict:
     from shadowserve.store.base import open_store
 
     codec = KVCodec(h.codec, h.loaded.fingerprint)
-    keys = chunk_keys(prompt, h.chunk_size, key_seed(h.loaded.fingerprint, codec.codec_id))
+    keys = chunk_keys(prompt, h.chunk_size, key_seed(h.loaded.fingerprint, codec.kv_format_id))
     store = open_store(h.store_url)
     arch = h.loaded.arch
     shape = (arch.num_hidden_layers, 2, h.chunk_size, arch.num_key_value_heads, arch.head_dim)

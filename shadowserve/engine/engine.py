@@ -93,7 +93,7 @@ class LLMEngine:
         if dp.chunk_size % self.config.block_size:
             raise ConfigError(f"chunk_size {dp.chunk_size} must be a multiple of block_size {self.config.block_size}")
         codec = KVCodec(codec_config, self.loaded.fingerprint)
-        seed = key_seed(self.loaded.fingerprint, codec.codec_id)
+        seed = key_seed(self.loaded.fingerprint, codec.kv_format_id)
         arch = self.loaded.arch
         chunk_shape = (arch.num_hidden_layers, 2, dp.chunk_size, arch.num_key_value_heads, arch.head_dim)
         layout = buffer_layout(chunk_shape, self.pool.tensor.element_size(), codec)

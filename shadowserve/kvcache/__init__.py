@@ -12,6 +12,7 @@ _EXPORTS = {
     "num_full_chunks": "chunking",
     "KVCodec": "codec",
     "codec_id_of": "codec",
+    "kv_format_id_of": "codec",
     "ChunkHeader": "format",
 }
 

@@ -1,9 +1,10 @@
 """Token ids -> fixed-size chunks -> chained chunk keys.
 
 ``key_i = blake2b-128(key_{i-1} || token ids of chunk i as little-endian uint32)`` with ``key_{-1}``
-a seed derived from the model fingerprint and the codec id. Chaining makes a key name the whole
-prefix up to its chunk (the KV of a chunk depends on every earlier token), and the seed keeps keys
-of another model, dtype or codec from ever matching. blake2b rather than a fast non-cryptographic
+a seed derived from the model fingerprint and the KV format id (the codec id without its lossless
+stage: ``KVCodec.kv_format_id``). Chaining makes a key name the whole prefix up to its chunk (the KV
+of a chunk depends on every earlier token), and the seed keeps keys of another model, dtype or
+quantizer from ever matching, while chunks that differ only in their lossless stage share keys. blake2b rather than a fast non-cryptographic
 hash because the store may be shared: nobody should be able to craft a prompt whose key collides
 with someone else's prefix. At about 1 KB per chunk the hash costs a microsecond.
 """
@@ -19,11 +20,11 @@ KEY_BYTES = 16
 _SEED_DOMAIN = b"shadowserve/chunk-key/v1\x00"
 
 
-def key_seed(model_fingerprint: str, codec_id: str) -> bytes:
-    """The chain's starting value for one (model, codec) pair; stable across processes and machines."""
+def key_seed(model_fingerprint: str, kv_format_id: str) -> bytes:
+    """The chain's starting value for one (model, KV format) pair; stable across processes and machines."""
     h = hashlib.blake2b(digest_size=KEY_BYTES)
     h.update(_SEED_DOMAIN)
-    for part in (model_fingerprint, codec_id):
+    for part in (model_fingerprint, kv_format_id):
         raw = part.encode("utf-8")
         h.update(len(raw).to_bytes(4, "little"))  # length-prefixed: ("ab", "c") != ("a", "bc")
         h.update(raw)

@@ -30,8 +30,13 @@ from shadowserve.kvcache.lossless import as_u8, make_stage
 _ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
-def codec_id_of(config: CodecConfig) -> str:
-    """A stable name for everything that determines the decoded KV (not the compression level)."""
+def kv_format_id_of(config: CodecConfig) -> str:
+    """A stable name for what a chunk decodes to: container version, quantizer and its parameters.
+
+    It seeds the chunk keys. The lossless stage and its level are left out: they change the bytes on
+    the wire, never the decoded KV, so chunks saved with zstd, deflate, lz4 or none are the same cache
+    entry, and any decoder of this format reads them all.
+    """
     if config.quant == "rms":
         qpart = f"rms:k{config.key_step:g}:v{config.value_step:g}"
         if config.layer_step_multipliers:
@@ -41,7 +46,12 @@ def codec_id_of(config: CodecConfig) -> str:
         qpart = f"{config.quant}:b{config.bins}"
     else:
         qpart = config.quant
-    return f"sskv{fmt.FORMAT_VERSION}/{qpart}/{config.lossless}"
+    return f"sskv{fmt.FORMAT_VERSION}/{qpart}"
+
+
+def codec_id_of(config: CodecConfig) -> str:
+    """What a chunk's header names: its KV format and the lossless stage its payload went through."""
+    return f"{kv_format_id_of(config)}/{config.lossless}"
 
 
 class KVCodec:
@@ -53,7 +63,10 @@ class KVCodec:
         self.config = config
         self.model_fingerprint = model_fingerprint
         self.codec_id = codec_id_of(config)
+        self.kv_format_id = kv_format_id_of(config)
         self.lossless = make_stage(config.lossless, config.level)
+        # Decoders for chunks saved through another lossless stage (same KV format), made on first use.
+        self._stages = {config.lossless: self.lossless}
         self.lossy = config.quant != "none"
         self._layouts: dict[tuple[int, int, int], q.Layout] = {}
         self._lock = threading.Lock()
@@ -134,7 +147,7 @@ class KVCodec:
 
     def read_header(self, blob: Any) -> fmt.ChunkHeader:
         """Verify a chunk (header and payload checksums, codec, model) without decompressing it."""
-        return fmt.parse(blob, self.codec_id, self.model_fingerprint)[0]
+        return fmt.parse(blob, self.kv_format_id, self.model_fingerprint)[0]
 
     def decompress_into(self, blob: Any, staging: Any) -> fmt.ChunkHeader:
         """Hot path, stage 1: verify ``blob`` and inflate its payload into ``staging``.
@@ -143,7 +156,7 @@ class KVCodec:
         array, a shared-memory slot...); reuse it. Raises ChunkFormatError for any corrupt, truncated,
         foreign or mis-versioned chunk. Allocates nothing of the chunk's size.
         """
-        header, payload = fmt.parse(blob, self.codec_id, self.model_fingerprint)
+        header, payload = fmt.parse(blob, self.kv_format_id, self.model_fingerprint)
         self._decompress(header, payload, as_u8(staging, writable=True))
         return header
 
@@ -157,7 +170,14 @@ class KVCodec:
                 f"{self.staging_nbytes(header.shape, header.dtype)}")
         if dst.nbytes < expected:
             raise ValueError(f"staging buffer holds {dst.nbytes} bytes, this chunk needs {expected}")
-        self.lossless.decompress_into(payload, dst[:expected])
+        self._stage(header.lossless).decompress_into(payload, dst[:expected])
+
+    def _stage(self, name: str):
+        stage = self._stages.get(name)
+        if stage is None:
+            with self._lock:
+                stage = self._stages.setdefault(name, make_stage(name, 0))
+        return stage
 
     def dequantize_into(self, header: fmt.ChunkHeader, staging: Any, out: torch.Tensor) -> torch.Tensor:
         """Hot path, stage 2: write the KV held in ``staging`` into ``out`` and return ``out``.
@@ -187,7 +207,7 @@ class KVCodec:
 
     def decode(self, blob: Any, out: torch.Tensor) -> torch.Tensor:
         """Verify and decode a chunk into ``out`` (see the two halves); reuses a per-thread staging buffer."""
-        header, payload = fmt.parse(blob, self.codec_id, self.model_fingerprint)
+        header, payload = fmt.parse(blob, self.kv_format_id, self.model_fingerprint)
         if tuple(out.shape) != header.shape:
             raise ChunkFormatError(
                 f"chunk holds KV of shape {list(header.shape)}, destination tensor has shape {list(out.shape)}")

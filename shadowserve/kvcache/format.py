@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import xxhash
 
+from shadowserve.config import LOSSLESS_MODES
 from shadowserve.errors import ChunkFormatError
 
 MAGIC = b"SSKV"
@@ -61,6 +62,11 @@ class ChunkHeader:
     payload_nbytes: int
     header_nbytes: int
 
+    @property
+    def lossless(self) -> str:
+        """The lossless stage the payload went through (the codec id's last part)."""
+        return self.codec_id.rpartition("/")[2]
+
 
 def header_nbytes(codec_id: str, model_fingerprint: str) -> int:
     """Size of the header for this codec id and fingerprint (it does not depend on the chunk)."""
@@ -86,11 +92,13 @@ def pack(shape: tuple[int, ...], dtype: torch.dtype, codec_id: str, model_finger
     return b"".join([head, _U64.pack(xxhash.xxh3_64_intdigest(head)), payload])
 
 
-def parse(blob: Any, expect_codec_id: str, expect_fingerprint: str) -> tuple[ChunkHeader, np.ndarray]:
+def parse(blob: Any, expect_kv_format: str, expect_fingerprint: str) -> tuple[ChunkHeader, np.ndarray]:
     """Verify a chunk and return its header and a zero-copy view of its payload.
 
-    Raises ChunkFormatError on anything unexpected: truncation, bad magic, unknown version,
-    corrupted header or payload, another codec, another model.
+    ``expect_kv_format`` is the codec id without its lossless stage (``KVCodec.kv_format_id``): a chunk
+    of that KV format passes whichever known lossless stage it went through. Raises ChunkFormatError
+    on anything unexpected: truncation, bad magic, unknown version, corrupted header or payload,
+    another KV format, an unknown lossless stage, another model.
     """
     try:
         buf = np.frombuffer(blob, dtype=np.uint8) if not isinstance(blob, np.ndarray) else blob.reshape(-1).view(np.uint8)
@@ -122,8 +130,11 @@ def parse(blob: Any, expect_codec_id: str, expect_fingerprint: str) -> tuple[Chu
     off += flen
     if off + 8 != hlen:
         raise ChunkFormatError("chunk header lengths are inconsistent")
-    if codec_id != expect_codec_id:
-        raise ChunkFormatError(f"chunk was encoded with codec {codec_id!r}, this decoder is {expect_codec_id!r}")
+    kv_format, _, lossless = codec_id.rpartition("/")
+    if kv_format != expect_kv_format:
+        raise ChunkFormatError(f"chunk was encoded with codec {codec_id!r}, this decoder reads {expect_kv_format!r}/*")
+    if lossless not in LOSSLESS_MODES:
+        raise ChunkFormatError(f"chunk names an unknown lossless stage {lossless!r} (codec {codec_id!r})")
     if fingerprint != expect_fingerprint:
         raise ChunkFormatError(
             f"chunk belongs to model {fingerprint!r}, expected {expect_fingerprint!r}: refusing foreign KV")

@@ -28,10 +28,10 @@ def prompts(n: int, seed: int, shared_prefix: int = 200, suffix: int = 9) -> lis
     return [doc + [rng.randrange(3, 259) for _ in range(suffix)] for _ in range(n)]
 
 
-def engine(tiny, store_url: str | None, mode: str, **plane) -> LLMEngine:
+def engine(tiny, store_url: str | None, mode: str, codec: CodecConfig = LOSSLESS, **plane) -> LLMEngine:
     cfg = DataPlaneConfig(fetch_mode=mode, chunk_size=CHUNK, heartbeat_interval=0.2, heartbeat_timeout=3.0, **plane)
     return LLMEngine(EngineConfig(model="tiny-random", kv_cache_memory="16MiB"), loaded=tiny,
-                     dataplane=cfg, store_url=store_url, codec=LOSSLESS)
+                     dataplane=cfg, store_url=store_url, codec=codec)
 
 
 def run(eng: LLMEngine, ps, params=GREEDY):
@@ -89,6 +89,18 @@ def test_fetched_prefix_gives_identical_tokens(tiny, reference, tmp_path, mode):
     eng.flush()
     occupancy = eng.kv_manager.backend.stats().get("buffer_in_use", {})
     assert all(v == 0 for v in occupancy.values())
+    eng.close()
+
+
+def test_chunks_saved_through_another_lossless_stage_are_fetched(tiny, reference, tmp_path):
+    """The store was filled with zstd chunks; an engine that would save with lz4 still fetches them."""
+    url = f"file://{tmp_path}/store"
+    ps = prompts(1, seed=6)
+    warm_store(tiny, url, ps)
+    eng = engine(tiny, url, "offload", codec=CodecConfig(quant="none", lossless="lz4"))
+    reqs = run(eng, ps)
+    assert [r.output_token_ids for r in reqs] == reference(ps)
+    assert reqs[0].num_fetched_tokens == 192 and eng.kv_manager.stats.fetch_failures == 0
     eng.close()
 
 

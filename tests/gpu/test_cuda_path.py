@@ -112,7 +112,7 @@ def test_lossy_codec_lands_the_same_kv_as_the_host_decoder(tiny_gpu, tmp_path, m
     from shadowserve.store.base import open_store
 
     kc = KVCodec(codec, tiny_gpu.fingerprint)
-    keys = chunk_keys(ps[0], CHUNK, key_seed(tiny_gpu.fingerprint, kc.codec_id))
+    keys = chunk_keys(ps[0], CHUNK, key_seed(tiny_gpu.fingerprint, kc.kv_format_id))
     store = open_store(url)
     expect = torch.cat([kc.decode(store.get(k), torch.empty(landed.shape[0], 2, CHUNK, *eng.pool.shape[-2:]))
                         .reshape(landed.shape[0], 2, CHUNK, -1) for k in keys[: 256 // CHUNK]], dim=2)

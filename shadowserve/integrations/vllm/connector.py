@@ -59,9 +59,9 @@ class ShadowServeConnector(KVConnectorBase_V1):
 
     def _key_fn(self):
         from shadowserve.kvcache.chunking import chunk_keys, key_seed
-        from shadowserve.kvcache.codec import codec_id_of
+        from shadowserve.kvcache.codec import kv_format_id_of
 
-        seed = key_seed(self.fingerprint, codec_id_of(self.config.codec))
+        seed = key_seed(self.fingerprint, kv_format_id_of(self.config.codec))
         chunk = self.config.dataplane.chunk_size
         return lambda ids: chunk_keys(list(ids), chunk, seed)
 

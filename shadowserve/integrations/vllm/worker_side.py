@@ -39,6 +39,9 @@ class WorkerRequest:
     num_fetched_tokens: int = 0
     remote_hit_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)
+    fetch_start_time: float | None = None
+    fetch_end_time: float | None = None
+    fetch_seconds: float | None = None
 
 
 class BlockLedger:
