@@ -4,9 +4,9 @@
 a seed derived from the model fingerprint and the KV format id (the codec id without its lossless
 stage: ``KVCodec.kv_format_id``). Chaining makes a key name the whole prefix up to its chunk (the KV
 of a chunk depends on every earlier token), and the seed keeps keys of another model, dtype or
-quantizer from ever matching, while chunks that differ only in their lossless stage share keys. blake2b rather than a fast non-cryptographic
-hash because the store may be shared: nobody should be able to craft a prompt whose key collides
-with someone else's prefix. At about 1 KB per chunk the hash costs a microsecond.
+quantizer from ever matching, while chunks that differ only in their lossless stage share keys.
+blake2b rather than a fast non-cryptographic hash because the store may be shared: nobody should be
+able to craft a prompt whose key collides with someone else's prefix. At about 1 KB per chunk the hash costs a microsecond.
 """
 
 from __future__ import annotations
