@@ -6,7 +6,8 @@ stage: ``KVCodec.kv_format_id``). Chaining makes a key name the whole prefix up 
 of a chunk depends on every earlier token), and the seed keeps keys of another model, dtype or
 quantizer from ever matching, while chunks that differ only in their lossless stage share keys.
 blake2b rather than a fast non-cryptographic hash because the store may be shared: nobody should be
-able to craft a prompt whose key collides with someone else's prefix. At about 1 KB per chunk the hash costs a microsecond.
+able to craft a prompt whose key collides with someone else's prefix. At about 1 KB per chunk the
+hash costs a microsecond.
 """
 
 from __future__ import annotations
