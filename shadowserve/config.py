@@ -312,7 +312,10 @@ class CodecConfig:
     the layers a model is sensitive in get finer steps (``bench codec --layer-sensitivity`` finds
     them); empty means the same steps in every layer. ``pack_nibbles``: store a lossy chunk's
     symbols two per byte when nearly all fit in 4 bits (decompresses about twice as fast; the
-    decoded KV is the same either way, and decoders read both layouts).
+    decoded KV is the same either way, and decoders read both layouts). ``min_saving``: a chunk
+    whose lossless stage saves less than this share of its bytes is stored without it (as ``none``),
+    so fetching it costs no decompression for next to no transfer (like ZFS's 12.5% rule; 0 keeps
+    the stage always). Decoders read either, so it is a transport choice, not part of the chunk keys.
     """
 
     quant: str = "rms"
@@ -323,6 +326,7 @@ class CodecConfig:
     value_step: float = 1.0
     layer_steps: str = ""
     pack_nibbles: bool = True
+    min_saving: float = 0.125
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_MODES:
@@ -340,6 +344,9 @@ class CodecConfig:
         check_level(self.lossless, self.level)
         if not isinstance(self.pack_nibbles, bool):
             raise ConfigError(f"pack_nibbles must be true or false, got {self.pack_nibbles!r}")
+        if isinstance(self.min_saving, bool) or not isinstance(self.min_saving, (int, float)) \
+                or not 0 <= self.min_saving < 1:
+            raise ConfigError(f"min_saving must be a number in [0, 1), got {self.min_saving!r}")
         if self.layer_steps and self.quant != "rms":
             raise ConfigError(f"layer_steps applies to quant 'rms' only, not {self.quant!r}")
         for m in self.layer_step_multipliers:

@@ -36,7 +36,7 @@ PRESETS: dict[str, CodecConfig] = {
     "rms-fine-zstd": CodecConfig(quant="rms", key_step=0.35, value_step=0.7, lossless="zstd"),
     "rms-medium-zstd": CodecConfig(quant="rms", key_step=0.25, value_step=0.5, lossless="zstd"),
     "rms-near-lossless-zstd": CodecConfig(quant="rms", key_step=0.07, value_step=0.14, lossless="zstd"),
-    "rms-lz4": CodecConfig(quant="rms", lossless="lz4"),
+    "rms-lz4": CodecConfig(quant="rms", lossless="lz4", min_saving=0),  # lz4 kept even where it saves ~4%
     # The default's steps scaled per layer for smollm2-135m (30 layers), so that each layer adds about
     # the same KL: multiplier ~ sqrt(geometric mean / layer's KL), from the --layer-sensitivity
     # figures in docs/codec-accuracy.json (KL over int8 with only that layer at the default steps),
@@ -44,7 +44,7 @@ PRESETS: dict[str, CodecConfig] = {
     "rms-fitted-smollm2-zstd": CodecConfig(quant="rms", lossless="zstd", layer_steps=(
         "2.07,1.89,2.05,1.67,2.35,1.65,1.86,0.98,0.61,1.63,1.66,2.19,0.91,0.96,0.51,"
         "0.55,1.03,0.52,0.39,0.64,0.39,0.51,0.81,0.39,0.50,1.43,0.77,1.47,1.17,1.49")),
-    "fp16-zstd": CodecConfig(quant="none", lossless="zstd"),
+    "fp16-zstd": CodecConfig(quant="none", lossless="zstd", min_saving=0),  # zstd kept where it saves ~8%
     "fp16-raw": CodecConfig(quant="none", lossless="none"),
 }
 

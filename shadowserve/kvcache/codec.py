@@ -127,9 +127,7 @@ class KVCodec:
         if kv.device.type != "cpu":
             kv = kv.cpu()
         if not self.lossy:
-            raw = kv.contiguous().view(-1).view(torch.uint8).numpy()
-            staging_n = raw.nbytes
-            payload = self.lossless.compress(raw)
+            staging = kv.contiguous().view(-1).view(torch.uint8).numpy()
         else:
             layout = self._layout(shape)
             staging = np.zeros(layout.staging_nbytes, dtype=np.uint8)
@@ -139,9 +137,12 @@ class KVCodec:
             packed = q.pack_staging(layout, staging) if self.config.pack_nibbles else None
             if packed is not None:
                 staging = packed
-            staging_n = staging.nbytes
-            payload = self.lossless.compress(staging)
-        return fmt.pack(shape, kv.dtype, self.codec_id, self.model_fingerprint, staging_n, payload)
+        payload, codec_id = self.lossless.compress(staging), self.codec_id
+        skip_below = self.config.min_saving  # 0: keep the stage whatever it saves
+        if skip_below and self.config.lossless != "none" and len(payload) > staging.nbytes * (1 - skip_below):
+            # The stage would cost every fetch a decompress for too few bytes saved: store it raw.
+            payload, codec_id = self._stage("none").compress(staging), f"{self.kv_format_id}/none"
+        return fmt.pack(shape, kv.dtype, codec_id, self.model_fingerprint, staging.nbytes, payload)
 
     # ---- decode ------------------------------------------------------------------------------
 
