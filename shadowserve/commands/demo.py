@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<24} {ttft:>12.1f} {fetch_part:>12} {tpot:>12.1f} {fetched:>8.0%} {same:>12.0%} {prefix:>12.0%}")
     answer = loaded.tokenizer.decode(reference[0].output_token_ids).strip()
     print(f"\nexample answer: {answer!r}")
-    print("of it fetch: mean time the requests that fetched spent waiting for their prefix KV; "
+    print("of it fetch: mean time the requests that fetched spent in FETCHING (until a step saw their KV landed); "
           "same answer: token for token equal to recompute's; same prefix: mean share of recompute's answer "
           "reproduced before the first differing token")
     return 0
