@@ -287,7 +287,7 @@ def _leave_fetching(req: Request) -> None:
     """FETCHING -> RUNNING, with the fetch's end time on the request (its TTFT breakdown)."""
     req.status = RequestStatus.RUNNING
     req.fetch_end_time = now = time.perf_counter()
-    req.fetch_seconds = (req.fetch_seconds or 0.0) + now - (req.fetch_start_time or now)
+    req.fetch_seconds = (req.fetch_seconds or 0.0) + now - req.fetch_start_time
 
 
 def _done_future(value: int) -> Future:

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import xxhash
 
-from shadowserve.config import LOSSLESS_MODES
 from shadowserve.errors import ChunkFormatError
+from shadowserve.kvcache.lossless import LOSSLESS_STAGES
 
 MAGIC = b"SSKV"
 FORMAT_VERSION = 2  # 2: lossy symbols may be stored two per byte (kvcache/quant.py)
@@ -133,7 +133,7 @@ def parse(blob: Any, expect_kv_format: str, expect_fingerprint: str) -> tuple[Ch
     kv_format, _, lossless = codec_id.rpartition("/")
     if kv_format != expect_kv_format:
         raise ChunkFormatError(f"chunk was encoded with codec {codec_id!r}, this decoder reads {expect_kv_format!r}/*")
-    if lossless not in LOSSLESS_MODES:
+    if lossless not in LOSSLESS_STAGES:
         raise ChunkFormatError(f"chunk names an unknown lossless stage {lossless!r} (codec {codec_id!r})")
     if fingerprint != expect_fingerprint:
         raise ChunkFormatError(
