@@ -21,10 +21,12 @@ from shadowserve.config import CodecConfig
 if TYPE_CHECKING:  # torch is imported inside functions: `shadowserve --help` must not pay for it
     import torch
 from shadowserve.errors import ConfigError, ModelError
+from shadowserve.kvcache.levels import QUALITY_LEVELS
 
 # name -> config; the first is the default codec.
 PRESETS: dict[str, CodecConfig] = {
     "default": CodecConfig(),
+    **QUALITY_LEVELS,  # the quality levels' codecs under their level names (kvcache/levels.py)
     "rms-bytes-zstd": CodecConfig(pack_nibbles=False),  # the default with one symbol per byte (before session 8)
     "rms-deflate": CodecConfig(quant="rms", lossless="deflate"),
     "rms-bytes-deflate": CodecConfig(quant="rms", lossless="deflate", pack_nibbles=False),
@@ -59,6 +61,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-threads", type=int, default=2, help="torch threads for the model forward passes")
     parser.add_argument("--layer-sensitivity", action="store_true",
                         help="also score each layer alone at the first preset's steps, the others at int8")
+
+
+class CodecBench:
+    """Real SmolLM2 KV of ``context`` tokens and its exact next-token scores, ready to rate codecs.
+
+    Loads the model through HF transformers once; ``measure`` then codes the KV with one codec and
+    returns its row (ratio, timings on one thread, and teacher-forced accuracy against exact KV).
+    ``bench quality`` reuses it for the same figures per quality level.
+    """
+
+    def __init__(self, model_name: str = "smollm2-135m", context: int = 2048, eval_tokens: int = 256,
+                 chunk_size: int = 256, model_threads: int = 2) -> None:
+        import torch
+
+        if context < chunk_size or context % chunk_size:
+            raise ConfigError("--context must be a positive multiple of --chunk-size")
+        self.model_name, self.context, self.chunk_size = model_name, context, chunk_size
+        self.model_threads = max(1, model_threads)
+        torch.set_num_threads(self.model_threads)
+        tok, self.model = _load(model_name)
+        ids = tok(_text()[:400_000], return_tensors="pt").input_ids
+        need = context + eval_tokens + 1
+        if ids.shape[1] < need:
+            raise ConfigError(f"the text yields only {ids.shape[1]} tokens, {need} needed")
+        ctx, self.eval_ids = ids[:, :context], ids[:, context:need]
+        self.targets = self.eval_ids[0, 1:]
+        self.kv = _prefill(self.model, ctx)
+        self.ref = _score(self.model, self.kv, self.eval_ids)
+        self.fingerprint = f"bench:{model_name}:gguf-q4_1:float32"
+        self.chunks = [self.kv[:, :, i: i + chunk_size].half().contiguous() for i in range(0, context, chunk_size)]
+
+    def describe(self) -> str:
+        exact_ppl = math.exp(-self.ref.gather(1, self.targets[:, None]).mean().item())
+        return (f"model {self.model_name}, context {self.context} tokens in {len(self.chunks)} chunks of "
+                f"{self.chunk_size}, fp16 KV {sum(c.numel() * 2 for c in self.chunks) / 1e6:.1f} MB, eval "
+                f"{self.eval_ids.shape[1]} tokens (exact ppl {exact_ppl:.3f})")
+
+    def measure(self, name: str, config: CodecConfig, repeat: int = 3) -> dict[str, Any]:
+        """One codec's row: size, single-thread encode/decode speed, and accuracy of its decoded KV."""
+        import torch
+
+        from shadowserve.kvcache import KVCodec
+
+        codec = KVCodec(config, self.fingerprint)
+        torch.set_num_threads(1)
+        timing = _time_codec(codec, self.chunks, repeat)
+        torch.set_num_threads(self.model_threads)
+        decoded = torch.cat(timing.pop("decoded"), dim=2)
+        acc = _metrics(_score(self.model, decoded, self.eval_ids), self.ref, self.targets)
+        return {"name": name, "codec": codec.codec_id, **timing, **acc}
 
 
 def _load(model_name: str):
@@ -187,49 +239,21 @@ def _time_codec(codec, chunks: list[torch.Tensor], repeat: int) -> dict[str, Any
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from shadowserve.kvcache import KVCodec
-
     names = [n.strip() for n in args.codecs.split(",") if n.strip()]
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         raise ConfigError(f"unknown codec preset(s) {', '.join(unknown)}: choose from {', '.join(PRESETS)}")
-    if args.context < args.chunk_size or args.context % args.chunk_size:
-        raise ConfigError("--context must be a positive multiple of --chunk-size")
-
-    torch.set_num_threads(max(1, args.model_threads))
-    tok, model = _load(args.model)
-    ids = tok(_text()[:400_000], return_tensors="pt").input_ids
-    need = args.context + args.eval_tokens + 1
-    if ids.shape[1] < need:
-        raise ConfigError(f"the text yields only {ids.shape[1]} tokens, {need} needed")
-    ctx, ev = ids[:, : args.context], ids[:, args.context: need]
-    targets = ev[0, 1:]
-    kv = _prefill(model, ctx)
-    ref = _score(model, kv, ev)
-    fingerprint = f"bench:{args.model}:gguf-q4_1:float32"
-    chunks = [kv[:, :, i: i + args.chunk_size].half().contiguous() for i in range(0, args.context, args.chunk_size)]
-
+    bench = CodecBench(args.model, args.context, args.eval_tokens, args.chunk_size, args.model_threads)
+    print(bench.describe())
     rows: list[dict[str, Any]] = []
-    print(f"model {args.model}, context {args.context} tokens in {len(chunks)} chunks of {args.chunk_size}, "
-          f"fp16 KV {sum(c.numel() * 2 for c in chunks) / 1e6:.1f} MB, eval {args.eval_tokens} tokens "
-          f"(exact ppl {math.exp(-ref.gather(1, targets[:, None]).mean().item()):.3f})")
     for name in names:
-        codec = KVCodec(PRESETS[name], fingerprint)
-        torch.set_num_threads(1)
-        timing = _time_codec(codec, chunks, args.repeat)
-        torch.set_num_threads(max(1, args.model_threads))
-        decoded = torch.cat(timing.pop("decoded"), dim=2)
-        acc = _metrics(_score(model, decoded, ev), ref, targets)
-        row = {"name": name, "codec": codec.codec_id, **{k: v for k, v in timing.items()}, **acc}
-        rows.append(row)
+        rows.append(bench.measure(name, PRESETS[name], args.repeat))
         print(f"  measured {name}", flush=True)
 
     if args.layer_sensitivity:
         first = PRESETS[names[0]]
         print(f"layer sensitivity: one layer at {names[0]}'s steps, every other layer at int8")
-        per_layer = _layer_sensitivity(model, kv, ev, ref, targets, first)
+        per_layer = _layer_sensitivity(bench.model, bench.kv, bench.eval_ids, bench.ref, bench.targets, first)
         for i, m in enumerate(per_layer):
             print(f"  layer {i:2d}: KL {m['kl']:.4f}  argmax {m['argmax_agreement']:.3f}  ppl+% {m['ppl_increase_pct']:6.2f}")
 

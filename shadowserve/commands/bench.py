@@ -13,6 +13,7 @@ SUITES: dict[str, str] = {
     "engine": "prefill and decode throughput of the engine vs HF transformers",
     "linear": "one decode step's weight matmuls per kernel (dense, fbgemm fp16, int4, int8) at several batch sizes",
     "codec": "KV codec size, accuracy and speed on real SmolLM2 KV",
+    "quality": "task accuracy with gold answers per quality level and codec, paired against recompute",
     "store": "store GET throughput vs Redis vs raw sockets; shaped links",
     "interference": "decode TPOT of a running batch while other requests fetch, per fetch mode",
     "ttft": "TTFT of a cached long prefix vs link bandwidth, per fetch mode, unloaded and loaded",

@@ -1,0 +1,46 @@
+"""Quality levels: four named codecs a user picks from instead of raw quantizer knobs.
+
+``lossless`` reproduces recompute token for token; ``high``, ``balanced`` (the default) and
+``compact`` trade answer quality for smaller chunks. Each level's measured ratio and task-accuracy
+change are in docs/results.md ("Answer quality") and docs/codec.md; ``shadowserve bench quality``
+re-measures them. Raw codec settings still work and override the level's values field by field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from typing import Any
+
+from shadowserve.config import CodecConfig
+from shadowserve.errors import ConfigError
+
+DEFAULT_QUALITY = "balanced"
+
+# Ordered from most to least faithful. ``balanced`` is CodecConfig()'s own defaults, so code that
+# builds a CodecConfig without a level gets the default level.
+QUALITY_LEVELS: dict[str, CodecConfig] = {
+    "lossless": CodecConfig(quant="none"),
+    "high": CodecConfig(key_step=0.125, value_step=0.25),
+    "balanced": CodecConfig(),
+    "compact": CodecConfig(key_step=1.0, value_step=2.0),
+}
+
+
+def codec_for_quality(level: str = DEFAULT_QUALITY, **overrides: Any) -> CodecConfig:
+    """The level's codec, with any raw codec settings in ``overrides`` applied on top."""
+    if level not in QUALITY_LEVELS:
+        raise ConfigError(f"unknown kv_quality {level!r}: choose one of {', '.join(QUALITY_LEVELS)}")
+    try:
+        return replace(QUALITY_LEVELS[level], **overrides)
+    except TypeError as exc:  # a setting CodecConfig does not have
+        raise ConfigError(f"invalid codec setting: {exc}") from None
+
+
+def quality_of(codec: CodecConfig) -> str | None:
+    """The level whose codec ``codec`` is (ignoring transport-only choices), or None for a custom one."""
+    transport = ("lossless", "level", "min_saving")
+    mine = {k: v for k, v in asdict(codec).items() if k not in transport}
+    for name, config in QUALITY_LEVELS.items():
+        if mine == {k: v for k, v in asdict(config).items() if k not in transport}:
+            return name
+    return None
