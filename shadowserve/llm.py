@@ -8,6 +8,7 @@ from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.sequence import RequestOutput, SamplingParams
 from shadowserve.errors import ConfigError
+from shadowserve.kvcache.levels import DEFAULT_QUALITY, codec_for_quality
 
 
 class LLM:
@@ -15,7 +16,8 @@ class LLM:
 
     ``LLM("smollm2-135m", store="shadowserve://127.0.0.1:7480", fetch_mode="offload")`` looks up every
     prompt's prefix in the store, fetches what it holds through the data plane, and saves the rest.
-    Keyword options go to EngineConfig or DataPlaneConfig by name.
+    ``kv_quality`` (lossless | high | balanced | compact) picks the KV codec by name; ``codec`` gives a
+    CodecConfig instead, for experts. Keyword options go to EngineConfig or DataPlaneConfig by name.
     """
 
     def __init__(
@@ -24,9 +26,13 @@ class LLM:
         store: str | None = None,
         fetch_mode: str = "offload",
         codec: CodecConfig | None = None,
+        kv_quality: str | None = None,
         progress: bool = True,
         **options,
     ) -> None:
+        if codec is not None and kv_quality is not None:
+            raise ConfigError("give kv_quality or codec, not both")
+        codec = codec or codec_for_quality(kv_quality or DEFAULT_QUALITY)
         engine_fields = {f.name for f in fields(EngineConfig)}
         plane_fields = {f.name for f in fields(DataPlaneConfig)} - {"fetch_mode"}
         unknown = set(options) - engine_fields - plane_fields

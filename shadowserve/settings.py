@@ -9,11 +9,15 @@ YAML layout (every section optional)::
     engine:    {model: smollm2-135m, dtype: float32, kv_cache_memory: 2GiB}
     store:     {url: "shadowserve://127.0.0.1:7480", bandwidth: 10gbit}
     dataplane: {fetch_mode: offload, dataplane_cores: auto}
-    codec:     {quant: rms, lossless: zstd}
+    codec:     {kv_quality: balanced}   # or raw codec settings: {quant: rms, key_step: 0.5, ...}
     server:    {host: 127.0.0.1, port: 8000}
 
+``codec.kv_quality`` (lossless | high | balanced | compact; kvcache/levels.py) picks a named codec;
+raw codec settings given beside it override that codec field by field.
+
 Environment: ``SHADOWSERVE_<SECTION>_<SETTING>`` (``SHADOWSERVE_ENGINE_MAX_NUM_SEQS=64``), plus the
-shortcuts ``SHADOWSERVE_MODEL``, ``SHADOWSERVE_STORE`` (the store URL) and ``SHADOWSERVE_FETCH_MODE``.
+shortcuts ``SHADOWSERVE_MODEL``, ``SHADOWSERVE_STORE`` (the store URL), ``SHADOWSERVE_FETCH_MODE`` and
+``SHADOWSERVE_KV_QUALITY``.
 Other ``SHADOWSERVE_*`` names (``SHADOWSERVE_CACHE``, the model cache) are not settings.
 """
 
@@ -27,6 +31,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig, ServerConfig, StoreConfig
 from shadowserve.errors import ConfigError
+from shadowserve.kvcache.levels import DEFAULT_QUALITY, codec_for_quality, quality_of
 
 SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
@@ -36,7 +41,10 @@ SECTIONS: dict[str, type] = {
     "server": ServerConfig,
 }
 ENV_PREFIX = "SHADOWSERVE_"
-ENV_SHORTCUTS = {"MODEL": ("engine", "model"), "STORE": ("store", "url"), "FETCH_MODE": ("dataplane", "fetch_mode")}
+ENV_SHORTCUTS = {"MODEL": ("engine", "model"), "STORE": ("store", "url"), "FETCH_MODE": ("dataplane", "fetch_mode"),
+                 "KV_QUALITY": ("codec", "kv_quality")}
+# Settings that are not a field of their section's dataclass: name -> declared type.
+EXTRA_SETTINGS: dict[str, dict[str, str]] = {"codec": {"kv_quality": "str"}}
 
 # Raw values by section, as read from one source: {"engine": {"model": "x"}, ...}
 Layer = dict[str, dict[str, Any]]
@@ -62,6 +70,9 @@ class Settings:
         for name in SECTIONS:
             section = getattr(self, name)
             out[name] = None if section is None else dataclasses.asdict(section)
+        level = quality_of(self.codec)  # shown when the codec is a level's; raw fields always
+        if level is not None:
+            out["codec"] = {"kv_quality": level, **out["codec"]}
         if out["server"]["api_key"]:
             out["server"]["api_key"] = "***"
         return out
@@ -121,7 +132,11 @@ def build_settings(merged: Layer) -> Settings:
         if name == "dataplane" and "pin_cores" not in values and merged.get("store", {}).get("url"):
             values = {**values, "pin_cores": True}  # the engine keeps off the data plane's reserved cores
         try:
-            built[name] = cls(**values)
+            if name == "codec":
+                values = dict(values)
+                built[name] = codec_for_quality(values.pop("kv_quality", DEFAULT_QUALITY), **values)
+            else:
+                built[name] = cls(**values)
         except ConfigError as exc:
             raise ConfigError(f"{name} settings: {exc}") from None
         except TypeError as exc:  # a value of the wrong shape reached a validator
@@ -173,13 +188,13 @@ def _checked(layer: Layer, source: str) -> Layer:
     for section, values in layer.items():
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section {section!r}; sections are {', '.join(SECTIONS)}")
-        known = {f.name: f for f in fields(SECTIONS[section])}
+        known = {f.name: str(f.type) for f in fields(SECTIONS[section])} | EXTRA_SETTINGS.get(section, {})
         for key, value in values.items():
             if key not in known:
                 raise ConfigError(
                     f"{source}: {section} has no setting {key!r}; known: {', '.join(sorted(known))}"
                 )
-            out.setdefault(section, {})[key] = _coerce(value, str(known[key].type), f"{section}.{key}", source)
+            out.setdefault(section, {})[key] = _coerce(value, known[key], f"{section}.{key}", source)
     return out
 
 

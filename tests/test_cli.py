@@ -48,18 +48,20 @@ def test_models_list():
 def test_demo_runs_end_to_end_on_tiny_random():
     """The main job's code path (store server, cold pass, every fetch mode) on a fast model."""
     proc = cli("demo", "--model", "tiny-random", "--documents", "1", "--questions", "2", "--doc-tokens", "600",
-               "--max-tokens", "4", "--quant", "none", timeout=600)
+               "--max-tokens", "4", "--kv-quality", "lossless", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {line.split("(")[0].strip(): line for line in proc.stdout.splitlines() if "%" in line}
+    recompute = next(line for line in proc.stdout.splitlines() if line.startswith("recompute")).split()
+    assert recompute[-5] == "-"  # nothing fetched, no fetch time
     for mode in ("sync", "thread", "offload"):
         fields = rows[mode].split()
-        fetched, same_answer, same_prefix = fields[-3:]
+        fetched, accuracy, same_answer = fields[-3:]
         assert fetched != "0%", rows[mode]  # something was fetched
-        assert same_answer == same_prefix == "100%", rows[mode]  # lossless codec: same answers as recompute
+        assert same_answer == "100%", rows[mode]  # lossless codec: same answers as recompute
+        assert accuracy == recompute[-2], rows[mode]  # ... so the same accuracy against the gold answers
         ttft_ms, fetch_ms = float(fields[-6]), float(fields[-5])
         assert 0 < fetch_ms < ttft_ms, rows[mode]  # the fetch is a part of the TTFT
-    recompute = next(line for line in proc.stdout.splitlines() if line.startswith("recompute"))
-    assert recompute.split()[-5] == "-"  # nothing fetched, no fetch time
+    assert "gold" in proc.stdout  # the example names its gold answer
 
 
 def test_bench_engine_measures_each_kernel(tmp_path):

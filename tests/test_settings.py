@@ -101,3 +101,33 @@ def test_config_show_prints_the_effective_config(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "shadowserve.cli", "config", "show", "--set", "engine.dtype"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "SECTION.SETTING=VALUE" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_kv_quality_picks_a_level_and_raw_codec_settings_override_it(tmp_path):
+    from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
+
+    assert load_settings().codec == QUALITY_LEVELS[DEFAULT_QUALITY]  # the default level, with nothing set
+    s = load_settings(_yaml(tmp_path, "codec: {kv_quality: high}\n"))
+    assert s.codec == QUALITY_LEVELS["high"] and s.as_dict()["codec"]["kv_quality"] == "high"
+    s = load_settings(environ={"SHADOWSERVE_KV_QUALITY": "lossless"})
+    assert s.codec.quant == "none"
+    s = load_settings(environ={"SHADOWSERVE_CODEC_KV_QUALITY": "compact", "SHADOWSERVE_CODEC_LOSSLESS": "lz4"})
+    assert s.codec.lossless == "lz4" and s.codec.quant == QUALITY_LEVELS["compact"].quant
+    assert s.as_dict()["codec"]["kv_quality"] == "compact"  # the lossless stage is a transport choice
+    s = load_settings(environ={"SHADOWSERVE_CODEC_KV_QUALITY": "compact", "SHADOWSERVE_CODEC_LEVEL": "3",
+                               "SHADOWSERVE_CODEC_KEY_STEP": "0.2"})
+    assert s.codec.level == 3 and s.codec.key_step == 0.2
+    assert "kv_quality" not in s.as_dict()["codec"]  # no longer a level's codec: shown field by field
+    # The flag beats the environment, as every other setting does.
+    s = load_settings(environ={"SHADOWSERVE_KV_QUALITY": "lossless"}, flags={"codec": {"kv_quality": "high"}})
+    assert s.codec == QUALITY_LEVELS["high"]
+    with pytest.raises(ConfigError, match="unknown kv_quality 'best'.*lossless, high, balanced, compact"):
+        load_settings(environ={"SHADOWSERVE_KV_QUALITY": "best"})
+
+
+def test_config_show_round_trips_a_level(tmp_path):
+    s = load_settings(_yaml(tmp_path, "codec: {kv_quality: compact}\n"))
+    from shadowserve.settings import to_yaml
+
+    again = load_settings(_yaml(tmp_path, to_yaml(s).replace("store: null\n", "")))
+    assert again.codec == s.codec

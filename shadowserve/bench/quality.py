@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"documents with {spec.chains} guard->code chains each (default {spec.chain_documents})")
     p.add_argument("--chunks-per-document", type=int, default=spec.chunks_per_document,
                    help=f"document length in chunks of 256 tokens (default {spec.chunks_per_document})")
+    p.add_argument("--needles", type=int, default=spec.needles, help=f"codes per needle document (default {spec.needles})")
+    p.add_argument("--chains", type=int, default=spec.chains, help=f"chains per chain document (default {spec.chains})")
     p.add_argument("--seed", type=int, default=spec.seed, help="task generation seed (fix it before comparing)")
     p.add_argument("--codecs", default=DEFAULT_CODECS,
                    help=f"bench codec presets to try beside the four levels, comma-separated (default {DEFAULT_CODECS}; "
@@ -62,10 +64,12 @@ def run(args: argparse.Namespace) -> int:
 
     sizes = dict(QUICK) if args.quick else {
         "needle_documents": args.needle_documents, "chain_documents": args.chain_documents,
-        "chunks_per_document": args.chunks_per_document}
+        "chunks_per_document": args.chunks_per_document, "needles": args.needles, "chains": args.chains}
     spec = TaskSpec(seed=args.seed, **sizes)
     if spec.questions < 1 or spec.chunks_per_document < 1:
         raise ConfigError("bench quality needs at least one document of at least one chunk")
+    if not 1 <= spec.needles <= 16 or not 1 <= spec.chains <= 16:
+        raise ConfigError("--needles and --chains must be in 1..16 (one colour per fact)")
     extra = _extra_codecs("" if args.quick else args.codecs)
     configs: dict[str, CodecConfig] = {**QUALITY_LEVELS, **extra}
 

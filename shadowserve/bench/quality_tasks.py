@@ -69,11 +69,11 @@ class Document:
 class TaskSpec:
     """How many documents of each task, how long, and how many facts (= questions) in each."""
 
-    needle_documents: int = 96
-    chain_documents: int = 112
-    chunks_per_document: int = 6
+    needle_documents: int = 80
+    chain_documents: int = 96
+    chunks_per_document: int = 4
     chunk_size: int = 256
-    needles: int = 6  # needle: facts and questions per document
+    needles: int = 8  # needle: facts and questions per document
     chains: int = 4  # chain: guard/code pairs and questions per document
     seed: int = 0
 
@@ -148,27 +148,29 @@ class TaskBuilder:
     def _document(self, rng: random.Random, facts: list[str]) -> tuple[tuple[int, ...], list[float]]:
         """Prose with ``facts`` at spread-out depths, as exactly ``chunks_per_document`` chunks of ids.
 
-        The prose runs past the target length and is cut at the token level; facts go only into the
-        first 90% of the sentences, so the cut never removes one. Returns the ids and each fact's depth.
+        The prose runs past the target length and is cut at the token level; facts go only among the
+        sentences that fit, with the facts themselves and 5% to spare, before the cut, so the cut
+        never removes one. Returns the ids and each fact's depth (0 = start, 1 = end of the document).
         """
         target = self.spec.chunks_per_document * self.spec.chunk_size
+        encode = self.tokenizer.encode
+        budget = target - len(encode(self.chat_head)) - sum(len(encode(f)) + 1 for f in facts) - 8
         start = rng.randrange(len(self.sentences))
-        sentences, size = [], 0
-        while size < target * 1.15:
+        sentences: list[str] = []
+        ends: list[int] = []  # token count after each sentence
+        while not ends or ends[-1] < target * 1.1:
             s = self.sentences[(start + len(sentences)) % len(self.sentences)]
             sentences.append(s)
-            size += len(self.tokenizer.encode(s)) + 1
-        usable = max(len(facts) + 1, int(len(sentences) * 0.9 * target / size))
-        # One slot per fact, spread over the document: fact i lands in the i-th stretch.
-        slots = [rng.randrange(1 + i * usable // len(facts), max(2 + i * usable // len(facts),
-                                                                  (i + 1) * usable // len(facts)))
-                 for i in range(len(facts))]
+            ends.append((ends[-1] if ends else 0) + len(encode(s)) + 1)
+        usable = max(len(facts) + 1, sum(1 for e in ends if e <= budget * 0.95))
+        # One slot per fact, spread over the usable sentences: fact i lands in the i-th stretch.
+        n = len(facts)
+        slots = [rng.randrange(1 + i * usable // n, max(2 + i * usable // n, (i + 1) * usable // n)) for i in range(n)]
         for slot, fact in sorted(zip(slots, facts), reverse=True):
             sentences.insert(slot, fact)
-        body = " ".join(sentences)
-        sep = self.tokenizer.encode("\n\n")  # the question starts on a line of its own
-        ids = self.tokenizer.encode(self.chat_head + body)[: target - len(sep)] + sep
-        depths = [min(1.0, slot / usable * 0.9) for slot in slots]
+        sep = encode("\n\n")  # the question starts on a line of its own
+        ids = encode(self.chat_head + " ".join(sentences))[: target - len(sep)] + sep
+        depths = [min(1.0, ends[slot - 1] / target) for slot in slots]
         return tuple(ids), depths
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from shadowserve.kvcache.levels import QUALITY_LEVELS
+
 # flag dest -> (section, setting); flags left out keep the YAML/env/default value.
 FLAG_SETTINGS = {
     "model": ("engine", "model"),
@@ -15,6 +17,7 @@ FLAG_SETTINGS = {
     "store": ("store", "url"),
     "fetch_mode": ("dataplane", "fetch_mode"),
     "dataplane_cores": ("dataplane", "dataplane_cores"),
+    "kv_quality": ("codec", "kv_quality"),
     "quant": ("codec", "quant"),
     "lossless": ("codec", "lossless"),
     "host": ("server", "host"),
@@ -35,6 +38,9 @@ def add_settings_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="KV store URL (shadowserve://host:port, redis://..., file:///dir)")
     p.add_argument("--fetch-mode", help="recompute | sync | thread | offload (default with a store: offload)")
     p.add_argument("--dataplane-cores", help="cores reserved for the data plane, e.g. 3 or 2-3 (default: auto)")
+    p.add_argument("--kv-quality", choices=list(QUALITY_LEVELS),
+                   help="KV codec by quality level (default balanced; docs/results.md has each level's measured "
+                        "ratio and accuracy); --quant/--lossless/--set codec.* override it field by field")
     p.add_argument("--quant", help="KV codec quantization: rms | cachegen | uniform | int8 | kivi | none")
     p.add_argument("--lossless", help="KV codec lossless stage: zstd | deflate | lz4 | none")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")

@@ -26,12 +26,15 @@ QUALITY_LEVELS: dict[str, CodecConfig] = {
 }
 
 
-def codec_for_quality(level: str = DEFAULT_QUALITY, **overrides: Any) -> CodecConfig:
-    """The level's codec, with any raw codec settings in ``overrides`` applied on top."""
-    if level not in QUALITY_LEVELS:
-        raise ConfigError(f"unknown kv_quality {level!r}: choose one of {', '.join(QUALITY_LEVELS)}")
+def codec_for_quality(quality: str = DEFAULT_QUALITY, /, **overrides: Any) -> CodecConfig:
+    """The level's codec, with any raw codec settings in ``overrides`` applied on top.
+
+    Positional-only: ``level`` is a codec setting (the lossless stage's level) and may be overridden.
+    """
+    if quality not in QUALITY_LEVELS:
+        raise ConfigError(f"unknown kv_quality {quality!r}: choose one of {', '.join(QUALITY_LEVELS)}")
     try:
-        return replace(QUALITY_LEVELS[level], **overrides)
+        return replace(QUALITY_LEVELS[quality], **overrides)
     except TypeError as exc:  # a setting CodecConfig does not have
         raise ConfigError(f"invalid codec setting: {exc}") from None
 

@@ -161,6 +161,28 @@ def test_llm_entry_point(tiny):
         LLM("tiny-random", bogus=1)
 
 
+def test_llm_kv_quality_picks_the_codec(tiny):
+    """``LLM(..., kv_quality=)``: lossless fetches reproduce recompute; a bad or doubled choice is refused."""
+    from shadowserve.config import CodecConfig
+    from shadowserve.llm import LLM
+
+    prompt = list(range(3, 3 + 300))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    with LLM("tiny-random", progress=False) as plain:
+        want = plain.generate([prompt], params)[0].token_ids
+    url = f"memory://test-llm-quality-{id(prompt)}"
+    with LLM("tiny-random", store=url, fetch_mode="sync", kv_quality="lossless", progress=False) as llm:
+        assert llm.generate([prompt], params)[0].token_ids == want
+        llm.flush()
+    with LLM("tiny-random", store=url, fetch_mode="sync", kv_quality="lossless", progress=False) as llm:
+        out = llm.generate([prompt], params)[0]
+    assert out.num_fetched_tokens == 256 and out.token_ids == want  # fetched, losslessly
+    with pytest.raises(ConfigError, match="unknown kv_quality"):
+        LLM("tiny-random", kv_quality="best")
+    with pytest.raises(ConfigError, match="not both"):
+        LLM("tiny-random", kv_quality="high", codec=CodecConfig())
+
+
 def test_long_context_decode_path_gives_same_tokens(tiny, monkeypatch):
     """Decode over long contexts attends one sequence at a time; tokens equal the padded-batch path."""
     import shadowserve.engine.model_runner as model_runner

@@ -39,3 +39,14 @@ def test_defaults_and_fields_pass_through():
 def test_bad_config_is_a_config_error(extra, message):
     with pytest.raises(ConfigError, match=message):
         parse_extra_config(extra, block_size=128)
+
+
+def test_kv_quality_names_the_codec_and_raw_keys_override_it():
+    from shadowserve.kvcache.levels import QUALITY_LEVELS
+
+    assert parse_extra_config({"store_url": URL}, 16).codec == QUALITY_LEVELS["balanced"]
+    assert parse_extra_config({"store_url": URL, "kv_quality": "lossless"}, 16).codec == QUALITY_LEVELS["lossless"]
+    cfg = parse_extra_config({"store_url": URL, "kv_quality": "high", "lossless": "lz4"}, 16).codec
+    assert cfg.lossless == "lz4" and cfg.key_step == QUALITY_LEVELS["high"].key_step
+    with pytest.raises(ConfigError, match="unknown kv_quality"):
+        parse_extra_config({"store_url": URL, "kv_quality": "max"}, 16)

@@ -2,7 +2,8 @@
 
 Keys are the field names of :class:`~shadowserve.config.DataPlaneConfig` (``fetch_mode``,
 ``dataplane_cores``, ``chunk_size``, …) and :class:`~shadowserve.config.CodecConfig` (``quant``,
-``lossless``, ``level``, …), plus ``store_url`` (required), ``model_fingerprint`` (optional: names
+``lossless``, ``level``, …), plus ``kv_quality`` (lossless | high | balanced | compact, the default;
+raw codec keys override it), ``store_url`` (required), ``model_fingerprint`` (optional: names
 the model's KV when several deployments share a store) and ``load_failure`` (``recompute``, the
 default, or ``fail``). An unknown key or a bad value is a :class:`ConfigError` that says which.
 """
@@ -18,8 +19,9 @@ from typing import Any
 
 from shadowserve.config import CodecConfig, DataPlaneConfig, StoreConfig
 from shadowserve.errors import ConfigError
+from shadowserve.kvcache.levels import DEFAULT_QUALITY, codec_for_quality
 
-_OWN_KEYS = ("store_url", "model_fingerprint", "load_failure")
+_OWN_KEYS = ("store_url", "model_fingerprint", "load_failure", "kv_quality")
 # Engine-side knobs of DataPlaneConfig that mean nothing inside vLLM (vLLM owns its own cores).
 _NOT_FOR_VLLM = ("pin_cores",)
 LOAD_FAILURE = ("recompute", "fail")
@@ -59,7 +61,8 @@ def parse_extra_config(extra: dict[str, Any] | None, block_size: int) -> Connect
     StoreConfig(url=store_url)  # the scheme check and its message
     try:
         dp = DataPlaneConfig(**{k: extra[k] for k in dp_keys if k in extra})
-        codec = CodecConfig(**{k: extra[k] for k in codec_keys if k in extra})
+        codec = codec_for_quality(str(extra.get("kv_quality", DEFAULT_QUALITY)),
+                                  **{k: extra[k] for k in codec_keys if k in extra})
     except TypeError as exc:  # e.g. a string where a number belongs, caught by a comparison
         raise ConfigError(f"kv_connector_extra_config: {exc}") from None
     if dp.fetch_mode == "gpu":
