@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch is imported inside functions: `shadowserve --help` mu
     import torch
 from shadowserve.errors import ConfigError, ModelError
 from shadowserve.kvcache.levels import QUALITY_LEVELS
+from shadowserve.kvcache.schedules import SCHEDULES
 
 # name -> config; the first is the default codec.
 PRESETS: dict[str, CodecConfig] = {
@@ -46,6 +47,14 @@ PRESETS: dict[str, CodecConfig] = {
     "rms-fitted-smollm2-zstd": CodecConfig(quant="rms", lossless="zstd", layer_steps=(
         "2.07,1.89,2.05,1.67,2.35,1.65,1.86,0.98,0.61,1.63,1.66,2.19,0.91,0.96,0.51,"
         "0.55,1.03,0.52,0.39,0.64,0.39,0.51,0.81,0.39,0.50,1.43,0.77,1.47,1.17,1.49")),
+    # The default's KV with key symbols stored relative to their channel's median (smaller chunks, same KV).
+    "rms-keyoffsets-zstd": CodecConfig(key_offsets=True),
+    # Steps per (layer, K/V) plane fitted for smollm2-135m (kvcache/schedules.py; docs/codec.md,
+    # "Steps per plane"), on other stretches of text than the one this bench scores, with key offsets.
+    "planes-high-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high"),
+    "planes-balanced-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-balanced"),
+    "planes-7x-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-7x"),
+    "planes-compact-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
     "fp16-zstd": CodecConfig(quant="none", lossless="zstd", min_saving=0),  # zstd kept where it saves ~8%
     "fp16-raw": CodecConfig(quant="none", lossless="none"),
 }
@@ -181,7 +190,7 @@ def _layer_sensitivity(model, kv: torch.Tensor, ev: torch.Tensor, ref: torch.Ten
 
     layers, _, tokens, heads, head_dim = kv.shape
     rules = q.plan(config.quant, layers, config.bins, config.key_step, config.value_step,
-                   config.layer_step_multipliers)
+                   config.layer_step_multipliers, adapt=config.layer_steps in SCHEDULES)
     int8 = q.plan("int8", layers)
     x = kv.reshape(layers, 2, tokens, heads * head_dim).float()
     out = []

@@ -26,6 +26,7 @@ from shadowserve.errors import ChunkFormatError
 from shadowserve.kvcache import format as fmt
 from shadowserve.kvcache import quant as q
 from shadowserve.kvcache.lossless import as_u8, make_stage
+from shadowserve.kvcache.schedules import SCHEDULES
 
 _ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
@@ -84,7 +85,8 @@ class KVCodec:
         layout = self._layouts.get(key)
         if layout is None:
             c = self.config
-            rules = q.plan(c.quant, layers, c.bins, c.key_step, c.value_step, c.layer_step_multipliers)
+            rules = q.plan(c.quant, layers, c.bins, c.key_step, c.value_step, c.layer_step_multipliers,
+                           adapt=c.layer_steps in SCHEDULES)
             layout = q.Layout(rules, tokens, heads * head_dim)
             with self._lock:
                 self._layouts[key] = layout
@@ -135,7 +137,7 @@ class KVCodec:
             scales, symbols = q.split_staging(layout, _tensor_u8(staging), layout.staging_nbytes)
             x = kv.float().reshape(shape[0], 2, shape[2], shape[3] * shape[4])
             q.quantize(x, layout, scales, symbols)
-            packed = q.pack_staging(layout, staging) if self.config.pack_nibbles else None
+            packed = q.pack_staging(layout, staging, self.config.key_offsets) if self.config.pack_nibbles else None
             if packed is not None:
                 staging = packed
         payload, codec_id = self.lossless.compress(staging), self.codec_id

@@ -20,9 +20,11 @@ DEFAULT_QUALITY = "balanced"
 # builds a CodecConfig without a level gets the default level.
 QUALITY_LEVELS: dict[str, CodecConfig] = {
     "lossless": CodecConfig(quant="none"),
-    "high": CodecConfig(key_step=0.125, value_step=0.25),
-    "balanced": CodecConfig(),
-    "compact": CodecConfig(key_step=1.0, value_step=2.0),
+    # Steps per (layer, K/V) plane fitted for SmolLM2-135M (kvcache/schedules.py; on other models
+    # their mean steps), key symbols relative to their channel's median: docs/codec.md, session 10.
+    "high": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high"),
+    "balanced": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-balanced"),
+    "compact": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
 }
 
 

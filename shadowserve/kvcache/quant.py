@@ -71,16 +71,31 @@ def cachegen_split(layers: int, boundary_of_32: int) -> int:
 
 
 def plan(quant: str, layers: int, bins: int = 16, key_step: float = 0.5,
-         value_step: float = 1.0, layer_steps: tuple[float, ...] = ()) -> list[tuple[PlaneRule, PlaneRule]]:
+         value_step: float = 1.0, layer_steps: tuple[float, ...] = (),
+         adapt: bool = False) -> list[tuple[PlaneRule, PlaneRule]]:
     """The (key rule, value rule) of every layer for a quantization mode.
 
-    ``layer_steps`` (rms): a multiplier of both steps per layer; () means 1 everywhere.
+    ``layer_steps`` (rms): one multiplier of both steps per layer, or two per layer (the key's, then
+    the value's: ``k0, v0, k1, v1, ...``) so keys and values of each layer get their own precision;
+    () means 1 everywhere. Encoder-side only: the decoder reads each plane's scales, whatever the step.
+    ``adapt`` (a named schedule): a list of another length applies its mean key and value multipliers
+    (``schedules.mean_pair``) in every layer instead of being refused.
     """
     if quant == "rms":
-        if layer_steps and len(layer_steps) != layers:
-            raise ConfigError(f"layer_steps has {len(layer_steps)} multipliers but the model has {layers} layers")
-        mult = layer_steps or (1.0,) * layers
-        return [(PlaneRule("rms", key_step * m), PlaneRule("rms", value_step * m)) for m in mult]
+        if not layer_steps:
+            pairs = [(1.0, 1.0)] * layers
+        elif len(layer_steps) == layers:
+            pairs = [(m, m) for m in layer_steps]
+        elif len(layer_steps) == 2 * layers:
+            pairs = list(zip(layer_steps[0::2], layer_steps[1::2]))
+        elif adapt and len(layer_steps) % 2 == 0:
+            from shadowserve.kvcache.schedules import mean_pair
+
+            pairs = [mean_pair(layer_steps)] * layers
+        else:
+            raise ConfigError(f"layer_steps has {len(layer_steps)} multipliers but the model has {layers} layers "
+                              f"(give {layers}, one per layer, or {2 * layers}, a key and a value one per layer)")
+        return [(PlaneRule("rms", key_step * mk), PlaneRule("rms", value_step * mv)) for mk, mv in pairs]
     if quant == "int8":
         return [(PlaneRule("absmax", 127), PlaneRule("absmax", 127))] * layers
     if quant == "uniform":
@@ -121,24 +136,46 @@ class Layout:
         self.max_escapes = self.symbols_nbytes // _MAX_ESCAPE_SHARE
         # Packed sizes must never reach the one-byte size, or the two layouts could not be told apart.
         self.packable = self.plane_nbytes % 2 == 0 and self.packed_nbytes(self.max_escapes) < self.staging_nbytes
+        # Key offsets (int8, one per (layer, key channel)) sit where the escapes would start, padded to
+        # a multiple of 4 bytes (the gaps stay aligned) that is not a multiple of 5 bytes (an escape's
+        # size), so a staging size says which packed layout it is: sizes with and without offsets differ
+        # by offsets_nbytes + 5 * (a whole number of escapes), which is never 0.
+        self.num_offsets = len(rules) * channels
+        d = (self.num_offsets + 3) // 4 * 4
+        self.offsets_nbytes = d + 4 if d % 5 == 0 else d
+        self.offsets_packable = self.packable and \
+            self.packed_nbytes(self.max_escapes, offsets=True) < self.staging_nbytes
 
-    def packed_nbytes(self, escapes: int) -> int:
-        """Staging size of a two-symbols-per-byte chunk with ``escapes`` out-of-range symbols."""
-        return self.escapes_offset + _ESCAPE_NBYTES * escapes
+    def packed_nbytes(self, escapes: int, offsets: bool = False) -> int:
+        """Staging size of a two-symbols-per-byte chunk with ``escapes`` out-of-range symbols
+        (and, with ``offsets``, per-channel key offsets)."""
+        return self.escapes_offset + (self.offsets_nbytes if offsets else 0) + _ESCAPE_NBYTES * escapes
 
-    def escapes_in(self, staging_nbytes: int) -> int | None:
-        """Escapes held by a packed staging of this size; None for the one-byte-per-symbol layout.
+    def packing_of(self, staging_nbytes: int) -> tuple[int, bool] | None:
+        """(escapes, has key offsets) of a packed staging of this size; None for one byte per symbol.
 
-        Raises ChunkFormatError for a size that neither layout can have.
+        Raises ChunkFormatError for a size that no layout can have.
         """
         if staging_nbytes == self.staging_nbytes:
             return None
         extra = staging_nbytes - self.escapes_offset
-        if not self.packable or extra < 0 or extra % _ESCAPE_NBYTES or extra // _ESCAPE_NBYTES > self.max_escapes:
-            raise ChunkFormatError(
-                f"chunk claims {staging_nbytes} staging bytes, which no symbol layout of its shape has "
-                f"(one byte per symbol: {self.staging_nbytes})")
-        return extra // _ESCAPE_NBYTES
+        if self.packable and extra >= 0 and extra % _ESCAPE_NBYTES == 0 and extra // _ESCAPE_NBYTES <= self.max_escapes:
+            return extra // _ESCAPE_NBYTES, False
+        extra -= self.offsets_nbytes
+        if self.offsets_packable and extra >= 0 and extra % _ESCAPE_NBYTES == 0 \
+                and extra // _ESCAPE_NBYTES <= self.max_escapes:
+            return extra // _ESCAPE_NBYTES, True
+        raise ChunkFormatError(
+            f"chunk claims {staging_nbytes} staging bytes, which no symbol layout of its shape has "
+            f"(one byte per symbol: {self.staging_nbytes})")
+
+    def escapes_in(self, staging_nbytes: int) -> int | None:
+        """Escapes held by a packed staging of this size; None for the one-byte-per-symbol layout.
+
+        Raises ChunkFormatError for a size that no layout can have.
+        """
+        packing = self.packing_of(staging_nbytes)
+        return None if packing is None else packing[0]
 
     def scale_view(self, scales: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
         """One plane's scales shaped to broadcast over [tokens, channels]."""
@@ -213,28 +250,53 @@ class PackedSymbols:
     positions: torch.Tensor  # int64 [escapes], ascending flat symbol indices
     values: torch.Tensor  # int8 [escapes]
     half_plane: int  # bytes per (layer, K/V) plane: its symbols j and j + half_plane share byte j
+    key_offsets: torch.Tensor | None = None  # int8 [layers, 1, channels]: added to every key symbol
 
 
-def pack_staging(layout: Layout, staging: np.ndarray) -> np.ndarray | None:
+def key_offsets_of(layout: Layout, sym: torch.Tensor) -> torch.Tensor:
+    """Per-(layer, channel) key offsets for int8 symbols ``sym`` [N]: each key channel's median symbol.
+
+    Keys have outlier channels whose values keep one sign and size across tokens, so their symbols
+    sit far from 0 (escapes, and wide nibbles); stored relative to their channel's median, they are
+    small. The decoded symbols are the same either way.
+    """
+    layers = len(layout.rules)
+    keys = sym.view(layers, 2, layout.tokens, layout.channels)[:, 0]
+    return keys.to(torch.int16).median(1, keepdim=True).values.to(torch.int8)  # [layers, 1, channels]
+
+
+def pack_staging(layout: Layout, staging: np.ndarray, key_offsets: bool = False) -> np.ndarray | None:
     """The two-per-byte staging of a one-byte-per-symbol ``staging``; None if it does not pay.
+
+    ``key_offsets``: store key symbols relative to their channel's median (``key_offsets_of``),
+    with the medians after the nibbles. Escapes keep their true symbol value.
 
     Encode path: allocates the new staging and temporaries of the chunk's size.
     """
-    if not layout.packable:
+    if not (layout.offsets_packable if key_offsets else layout.packable):
         return None
     sym = torch.from_numpy(staging[layout.symbols_offset: layout.staging_nbytes]).view(torch.int8)
-    escaped = (sym < _NIBBLE_MIN) | (sym > _NIBBLE_MAX)
+    rel = sym
+    if key_offsets:
+        offsets = key_offsets_of(layout, sym)
+        rel = sym.to(torch.int16).view(len(layout.rules), 2, layout.tokens, layout.channels)
+        rel[:, 0] -= offsets  # in int16: a symbol minus its median may leave the int8 range
+        rel = rel.view(-1)
+    escaped = (rel < _NIBBLE_MIN) | (rel > _NIBBLE_MAX)
     positions = escaped.nonzero().squeeze(1)
     k = positions.numel()
     if k > layout.max_escapes:
         return None
-    out = np.zeros(layout.packed_nbytes(k), dtype=np.uint8)
+    out = np.zeros(layout.packed_nbytes(k, key_offsets), dtype=np.uint8)
     out[: layout.scales_nbytes] = staging[: layout.scales_nbytes]
-    nib = sym.masked_fill(escaped, 0).view(torch.uint8).view(-1, 2, layout.plane_nbytes // 2)
+    nib = rel.masked_fill(escaped, 0).to(torch.int8).view(torch.uint8).view(-1, 2, layout.plane_nbytes // 2)
     packed = (nib[:, 0] & 0x0F) | (nib[:, 1] << 4)
     out[layout.symbols_offset: layout.symbols_offset + layout.nibbles_nbytes] = packed.reshape(-1).numpy()
     gaps = torch.diff(positions, prepend=positions.new_zeros(1)).to(torch.int32)
     g0 = layout.escapes_offset
+    if key_offsets:
+        out[g0: g0 + layout.num_offsets] = offsets.reshape(-1).view(torch.uint8).numpy()
+        g0 += layout.offsets_nbytes
     out[g0: g0 + 4 * k] = gaps.numpy().astype("<u4").view(np.uint8)
     out[g0 + 4 * k: g0 + 5 * k] = sym[positions].numpy().view(np.uint8)
     return out
@@ -248,11 +310,16 @@ def split_staging(layout: Layout, staging: torch.Tensor, staging_nbytes: int,
     checksummed payload only has if its encoder was broken.
     """
     scales = staging[: layout.scales_nbytes].view(torch.float16)
-    k = layout.escapes_in(staging_nbytes)
-    if k is None:
+    packing = layout.packing_of(staging_nbytes)
+    if packing is None:
         return scales, staging[layout.symbols_offset: layout.staging_nbytes].view(torch.int8)
+    k, has_offsets = packing
     nibbles = staging[layout.symbols_offset: layout.symbols_offset + layout.nibbles_nbytes]
     g0 = layout.escapes_offset
+    key_offsets = None
+    if has_offsets:
+        key_offsets = staging[g0: g0 + layout.num_offsets].view(torch.int8).view(len(layout.rules), 1, layout.channels)
+        g0 += layout.offsets_nbytes
     raw_gaps = staging[g0: g0 + 4 * k]
     if raw_gaps.storage_offset() % 4:  # a caller's buffer that starts off a 4-byte boundary
         raw_gaps = raw_gaps.clone()
@@ -261,7 +328,7 @@ def split_staging(layout: Layout, staging: torch.Tensor, staging_nbytes: int,
     if check and k and (int(gaps.min()) < 0 or int(positions[-1]) >= layout.symbols_nbytes):
         raise ChunkFormatError("chunk lists an escaped symbol outside its own symbols")
     values = staging[g0 + 4 * k: g0 + 5 * k].view(torch.int8)
-    return scales, PackedSymbols(nibbles, positions, values, layout.plane_nbytes // 2)
+    return scales, PackedSymbols(nibbles, positions, values, layout.plane_nbytes // 2, key_offsets)
 
 
 def unpack_into(packed: PackedSymbols, out: torch.Tensor) -> None:
@@ -280,6 +347,11 @@ def unpack_into(packed: PackedSymbols, out: torch.Tensor) -> None:
     torch.bitwise_right_shift(src.view(torch.int8), four_i8, out=dst[:, 1])  # high nibble, sign-extended
     torch.bitwise_left_shift(src, four_u8, out=dst.view(torch.uint8)[:, 0])
     dst[:, 0].bitwise_right_shift_(four_i8)  # low nibble: shifted up, then back down with its sign
+    if packed.key_offsets is not None:
+        # Key symbols back from their channel's median. Escapes hold true values and are written
+        # after; for every other symbol the sum is its true value, which is an int8.
+        layers, _, channels = packed.key_offsets.shape
+        out.view(layers, 2, -1, channels)[:, 0].add_(packed.key_offsets)
     if packed.positions.numel():
         out.index_put_((packed.positions,), packed.values)
 

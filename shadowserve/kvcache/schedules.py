@@ -1,0 +1,66 @@
+"""Fitted step schedules: per-(layer, K/V) step multipliers measured for one model, by name.
+
+``CodecConfig(layer_steps=NAME)`` takes one of these instead of a list. A schedule is fitted to one
+model's layer count; on a model with another count, a list is refused, but a named schedule applies
+its mean multiplier (geometric, keys and values apart) in every layer instead, so a quality level
+built on it keeps about its bits on any model. How they were fitted: docs/codec.md, "Steps per plane".
+
+Each value lists ``k0,v0,k1,v1,...`` for SmolLM2-135M's 30 layers: the step of every (layer, K/V)
+plane that minimizes KL + lambda x bits, given each plane's measured KL at the default step (alone,
+the rest exact; KL ~ step^2) and its measured symbol entropy at each step, on two stretches of text
+other than the one ``bench codec`` scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+SCHEDULES: dict[str, str] = {
+    # lambda 3e-5, with each plane's whole-symbol entropy (chunks keep one byte per symbol).
+    "smollm2-135m-high": (
+        "1,0.5,0.45,0.45,0.4,0.4,0.45,0.56,0.56,0.63,0.4,0.5,0.56,0.5,0.32,0.36,0.28,0.28,0.5,0.45,"
+        "0.225,0.56,0.5,1,0.28,0.25,0.25,0.28,0.18,0.18,0.18,0.16,0.25,0.32,0.16,0.18,0.16,0.125,0.25,0.2,"
+        "0.125,0.14,0.18,0.25,0.18,0.36,0.06,0.18,0.06,0.18,0.5,0.4,0.2,0.4,0.28,0.45,0.4,0.36,0.36,0.5"),
+    # lambda 1.9e-4 (nibble entropy with key offsets).
+    "smollm2-135m-balanced": (
+        "2.25,1.25,1,1.12,1,1,1.12,1.25,1.25,1.4,0.9,1.25,1.4,1.25,0.9,0.8,0.8,0.71,1.12,1.12,"
+        "0.56,1.4,1.12,3.2,0.71,0.63,0.71,0.71,0.56,0.5,0.5,0.45,0.63,0.8,0.56,0.5,0.56,0.4,0.63,0.56,"
+        "0.45,0.45,0.5,0.63,0.56,0.9,0.4,0.45,0.35,0.5,1.12,1,0.56,1,0.71,1.12,1,0.9,0.8,1.12"),
+    # lambda 5e-4.
+    "smollm2-135m-7x": (
+        "3.6,2,1.6,1.8,1.6,1.6,1.8,2,2,2.5,1.4,2,2,2,1.25,1.4,1.12,1.12,1.8,1.8,"
+        "0.8,2.25,1.8,4,1,0.9,1,1.12,0.8,0.71,0.71,0.71,1,1.25,0.8,0.71,0.8,0.56,0.9,0.8,"
+        "0.63,0.63,0.71,0.9,0.71,1.4,0.5,0.71,0.45,0.71,1.8,1.4,0.8,1.4,1.12,1.8,1.4,1.4,1.25,1.8"),
+    # lambda 8.5e-4.
+    "smollm2-135m-compact": (
+        "4,2.5,2,2.25,1.8,2.25,2.25,2.8,2.5,3.2,1.8,2.5,2.5,2.5,1.6,1.8,1.4,1.4,2.25,2.5,"
+        "1.12,2.8,2,4,1.4,1.25,1.25,1.4,1,0.9,0.9,0.8,1.25,1.6,0.9,0.9,0.9,0.71,1.12,1,"
+        "0.71,0.8,0.9,1.25,1,1.8,0.56,0.9,0.56,0.9,2.25,2,1,2,1.4,2.25,2,1.8,1.6,2.5"),
+}
+
+
+def multipliers(name: str) -> tuple[float, ...]:
+    """A named schedule's multipliers (``k0, v0, k1, v1, ...``)."""
+    return tuple(float(x) for x in SCHEDULES[name].split(","))
+
+
+def mean_pair(mults: tuple[float, ...]) -> tuple[float, float]:
+    """The geometric means of a per-plane schedule's key and value multipliers."""
+    keys, values = mults[0::2], mults[1::2]
+    return (math.exp(sum(map(math.log, keys)) / len(keys)), math.exp(sum(map(math.log, values)) / len(values)))
+
+
+def fit(kl: list, bits: list, grid: list[float], lam: float) -> tuple[float, ...]:
+    """The schedule minimizing sum(KL) + ``lam`` x bits per symbol, plane by plane.
+
+    ``kl[layer][kv]``: the plane's KL at multiplier 1 (alone), modelled as growing with the step
+    squared; ``bits[layer][kv][i]``: its entropy per symbol at multiplier ``grid[i]``. Averaged over
+    several texts by the caller. docs/codec-plane-fit.json holds the measurements the schedules above
+    came from (``fit`` of the two texts' mean, at the lambda it lists, gives each of them).
+    """
+    out = []
+    for layer_kl, layer_bits in zip(kl, bits):
+        for plane_kl, plane_bits in zip(layer_kl, layer_bits):
+            costs = [plane_kl * m * m + lam * b for m, b in zip(grid, plane_bits)]
+            out.append(grid[costs.index(min(costs))])
+    return tuple(out)
