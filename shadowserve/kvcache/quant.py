@@ -273,7 +273,9 @@ def pack_staging(layout: Layout, staging: np.ndarray, key_offsets: bool = False)
 
     Encode path: allocates the new staging and temporaries of the chunk's size.
     """
-    if not (layout.offsets_packable if key_offsets else layout.packable):
+    if key_offsets and not layout.offsets_packable:  # a chunk too small for the offsets' block
+        key_offsets = False
+    if not layout.packable:
         return None
     sym = torch.from_numpy(staging[layout.symbols_offset: layout.staging_nbytes]).view(torch.int8)
     rel = sym
@@ -286,7 +288,7 @@ def pack_staging(layout: Layout, staging: np.ndarray, key_offsets: bool = False)
     positions = escaped.nonzero().squeeze(1)
     k = positions.numel()
     if k > layout.max_escapes:
-        return None
+        return pack_staging(layout, staging) if key_offsets else None
     out = np.zeros(layout.packed_nbytes(k, key_offsets), dtype=np.uint8)
     out[: layout.scales_nbytes] = staging[: layout.scales_nbytes]
     nib = rel.masked_fill(escaped, 0).to(torch.int8).view(torch.uint8).view(-1, 2, layout.plane_nbytes // 2)

@@ -209,3 +209,15 @@ def test_a_named_schedule_is_unused_by_other_quantizers():
     kv = make_kv(seed=10)
     plain = KVCodec(CodecConfig(quant="int8"), FINGERPRINT)
     assert torch.equal(_decode(codec, codec.encode(kv))[2], _decode(plain, plain.encode(kv))[2])
+
+
+def test_chunks_too_small_for_the_offsets_block_pack_without_it():
+    shape = (2, 2, 1, 1, 8)  # one token: the offsets would cost as much as the symbols
+    layout = q.Layout(q.plan("rms", 2), 1, 8)
+    assert layout.packable and not layout.offsets_packable
+    codec = KVCodec(CodecConfig(key_offsets=True), FINGERPRINT)
+    kv = make_kv(shape, seed=11)
+    header, _, out = _decode(codec, codec.encode(kv), shape=shape)
+    assert codec.layout_of(shape).packing_of(header.staging_nbytes) == (layout.escapes_in(header.staging_nbytes), False)
+    plain = KVCodec(CodecConfig(), FINGERPRINT)
+    assert torch.equal(out, _decode(plain, plain.encode(kv), shape=shape)[2])
