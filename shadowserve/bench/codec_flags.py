@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 
 from shadowserve.config import CodecConfig
+from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS, codec_for_quality
 
 
 def add_codec_arguments(p: argparse.ArgumentParser) -> None:
-    """The codec flags every fetch benchmark takes (defaults: the default codec)."""
+    """The codec flags every fetch benchmark takes (defaults: the default quality level's codec)."""
+    p.add_argument("--kv-quality", default=DEFAULT_QUALITY, choices=list(QUALITY_LEVELS),
+                   help=f"KV codec by quality level (default {DEFAULT_QUALITY}); the flags below override it")
     p.add_argument("--quant", default=None, help="KV quantization (default: the default codec's)")
     p.add_argument("--lossless", default=None, help="lossless stage (default: the default codec's)")
     p.add_argument("--one-byte-symbols", action="store_true",
@@ -22,4 +25,6 @@ def codec_from_args(args: argparse.Namespace) -> CodecConfig:
     settings = {k: v for k, v in (("quant", args.quant), ("lossless", args.lossless)) if v}
     if args.min_saving is not None:
         settings["min_saving"] = args.min_saving
-    return CodecConfig(**settings, pack_nibbles=not args.one_byte_symbols)
+    if args.one_byte_symbols:
+        settings["pack_nibbles"] = False
+    return codec_for_quality(args.kv_quality, **settings)

@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     from shadowserve.bench.machine import machine_info
     from shadowserve.bench.metrics import compute_metrics, parse_goodput, request_latencies
     from shadowserve.bench.workloads import with_arrivals
-    from shadowserve.config import CodecConfig
+    from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
     from shadowserve.model.loader import load_model
     from shadowserve.store.launch import start_store_server
 
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_runs(modes, ttft_bws, load_bws, rates, ref_bw)
     server = start_store_server("--capacity", "8GiB")
     pin_to_dataplane_cores(server.pid)
-    h = Harness(loaded, server.url, CodecConfig(), kv_cache_memory=args.kv_cache_memory)
+    h = Harness(loaded, server.url, QUALITY_LEVELS[DEFAULT_QUALITY], kv_cache_memory=args.kv_cache_memory)
     runs: dict[tuple[str, float | None, float], list[dict]] = {}  # one metrics dict per pass
     figures: dict[str, dict] = {}
     grid = passes_of(plan, modes, args.passes)

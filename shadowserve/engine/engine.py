@@ -17,6 +17,7 @@ from shadowserve.engine.sampler import Sampler
 from shadowserve.engine.scheduler import Scheduler
 from shadowserve.engine.sequence import Request, RequestOutput, SamplingParams
 from shadowserve.errors import ConfigError, ModelError
+from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
 from shadowserve.model.loader import LoadedModel, load_model, torch_dtype
 
 
@@ -71,7 +72,7 @@ class LLMEngine:
         self.kv_manager = None
         if remote:
             try:
-                self.kv_manager = self._build_control_plane(store_url, codec or CodecConfig())
+                self.kv_manager = self._build_control_plane(store_url, codec or QUALITY_LEVELS[DEFAULT_QUALITY])
             except BaseException:
                 self.pool.close()  # a shared pool would otherwise outlive us in /dev/shm
                 self._restore_affinity()

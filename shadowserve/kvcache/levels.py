@@ -16,8 +16,8 @@ from shadowserve.errors import ConfigError
 
 DEFAULT_QUALITY = "balanced"
 
-# Ordered from most to least faithful. ``balanced`` is CodecConfig()'s own defaults, so code that
-# builds a CodecConfig without a level gets the default level.
+# Ordered from most to least faithful. CodecConfig()'s own defaults are the session-9 default codec
+# (``bench codec``'s "default" preset, kept for comparisons); what serves by default is ``balanced``.
 QUALITY_LEVELS: dict[str, CodecConfig] = {
     "lossless": CodecConfig(quant="none"),
     # Steps per (layer, K/V) plane fitted for SmolLM2-135M (kvcache/schedules.py; on other models
@@ -43,7 +43,7 @@ def codec_for_quality(quality: str = DEFAULT_QUALITY, /, **overrides: Any) -> Co
 
 def quality_of(codec: CodecConfig) -> str | None:
     """The level whose codec ``codec`` is (ignoring transport-only choices), or None for a custom one."""
-    transport = ("lossless", "level", "min_saving")
+    transport = ("lossless", "level", "min_saving", "pack_nibbles", "key_offsets")  # none changes decoded KV
     mine = {k: v for k, v in asdict(codec).items() if k not in transport}
     for name, config in QUALITY_LEVELS.items():
         if mine == {k: v for k, v in asdict(config).items() if k not in transport}:

@@ -113,7 +113,7 @@ def test_scoring_and_second_hop():
 def test_transcoded_chunks_are_the_bytes_a_cold_pass_would_save(tiny):
     """bench quality re-encodes losslessly saved chunks instead of computing each document once per codec:
     the bytes must be those the data plane's save stage writes for that codec."""
-    prompt = list(range(5, 5 + 2 * 256 + 7))
+    prompt = [(5 + 7 * i) % 380 for i in range(2 * 256 + 7)]  # tiny-random's vocabulary is 384
     exact_codec, codec = CodecConfig(quant="none", lossless="none"), QUALITY_LEVELS["balanced"]
     saved = {}
     for name, config in (("exact", exact_codec), ("balanced", codec)):
