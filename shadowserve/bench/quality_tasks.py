@@ -101,7 +101,7 @@ class TaskBuilder:
         self.tokenizer = tokenizer
         self.spec = spec
         text = "\n\n".join(topics[k].strip() for k in sorted(topics))
-        self.sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+        self.sentences = _units(text)
         chat = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}])
         self.chat_head, self.chat_tail = chat.split("\x00")
 
@@ -158,11 +158,11 @@ class TaskBuilder:
         start = rng.randrange(len(self.sentences))
         sentences: list[str] = []
         ends: list[int] = []  # token count after each sentence
-        while not ends or ends[-1] < target * 1.1:
+        while not ends or ends[-1] < target * 1.1 or len(sentences) < 2 * len(facts) + 2:
             s = self.sentences[(start + len(sentences)) % len(self.sentences)]
             sentences.append(s)
             ends.append((ends[-1] if ends else 0) + len(encode(s)) + 1)
-        usable = max(len(facts) + 1, sum(1 for e in ends if e <= budget * 0.95))
+        usable = min(len(sentences) - 1, max(len(facts) + 1, sum(1 for e in ends if e <= budget * 0.95)))
         # One slot per fact, spread over the usable sentences: fact i lands in the i-th stretch.
         n = len(facts)
         slots = [rng.randrange(1 + i * usable // n, max(2 + i * usable // n, (i + 1) * usable // n)) for i in range(n)]
@@ -172,6 +172,21 @@ class TaskBuilder:
         ids = encode(self.chat_head + " ".join(sentences))[: target - len(sep)] + sep
         depths = [min(1.0, ends[slot - 1] / target) for slot in slots]
         return tuple(ids), depths
+
+
+def _units(text: str, max_chars: int = 300) -> list[str]:
+    """The prose as sentences (and lines), long ones cut at word boundaries, so facts can go anywhere."""
+    units: list[str] = []
+    for piece in re.split(r"(?<=[.!?])\s+|\n+", text):
+        words, current = piece.split(), ""
+        for word in words:
+            if current and len(current) + len(word) >= max_chars:
+                units.append(current)
+                current = ""
+            current = f"{current} {word}" if current else word
+        if current:
+            units.append(current)
+    return units
 
 
 def _codes(rng: random.Random, n: int) -> list[int]:
