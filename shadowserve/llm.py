@@ -1,14 +1,42 @@
-"""``LLM``: the Python entry point, shaped like vLLM's (``LLM(model=...).generate(prompts, params)``)."""
+"""``LLM``: the Python entry point, shaped like vLLM's (``LLM(model=...).generate(prompts, params)``).
+
+Also ``create_engine``: the one place that wires the control plane's builder to an engine (the engine
+only knows its remote-KV port, never the control plane).
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import fields
 
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
+from shadowserve.controlplane.builder import engine_kv_manager
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.sequence import RequestOutput, SamplingParams
 from shadowserve.errors import ConfigError
-from shadowserve.kvcache.levels import DEFAULT_QUALITY, codec_for_quality
+from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS, codec_for_quality
+from shadowserve.model.loader import LoadedModel
+
+
+def create_engine(
+    config: EngineConfig,
+    loaded: LoadedModel | None = None,
+    progress: bool = True,
+    dataplane: DataPlaneConfig | None = None,
+    store_url: str | None = None,
+    codec: CodecConfig | None = None,
+) -> LLMEngine:
+    """An engine whose prefixes come from ``store_url`` through a data plane, unless it recomputes.
+
+    With no store URL or fetch mode ``recompute`` the engine computes every prefix itself. Without a
+    ``codec`` the default quality level's is used.
+    """
+    dataplane = dataplane or DataPlaneConfig(fetch_mode="recompute")
+    remote_kv = None
+    if store_url is not None and dataplane.fetch_mode != "recompute":
+        remote_kv = functools.partial(engine_kv_manager, dataplane, store_url,
+                                      codec or QUALITY_LEVELS[DEFAULT_QUALITY])
+    return LLMEngine(config, loaded, progress, dataplane, remote_kv)
 
 
 class LLM:
@@ -43,8 +71,8 @@ class LLM:
             fetch_mode=fetch_mode if store else "recompute",
             **{k: v for k, v in options.items() if k in plane_fields},
         )
-        self.engine = LLMEngine(self.config, progress=progress, dataplane=self.dataplane_config,
-                                store_url=store, codec=codec)
+        self.engine = create_engine(self.config, progress=progress, dataplane=self.dataplane_config,
+                                    store_url=store, codec=codec)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

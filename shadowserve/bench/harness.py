@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.sequence import Request, SamplingParams
+from shadowserve.llm import create_engine
 from shadowserve.model.loader import LoadedModel
 
 
@@ -47,8 +48,8 @@ class Harness:
         dp = DataPlaneConfig(fetch_mode=mode, pin_cores=True, chunk_size=self.chunk_size, save=save,
                              **{**sized, **plane})
         url = None if mode == "recompute" else (store_url or self.store_url)
-        return LLMEngine(self.engine_config(), loaded=self.loaded, progress=False, dataplane=dp, store_url=url,
-                         codec=self.codec)
+        return create_engine(self.engine_config(), loaded=self.loaded, progress=False, dataplane=dp, store_url=url,
+                             codec=self.codec)
 
     def local_engine(self, **overrides) -> LLMEngine:
         """An engine with no store (baselines with the KV already local), pinned like the others."""

@@ -30,6 +30,7 @@ from shadowserve.engine.sequence import SamplingParams
 from shadowserve.errors import FetchError
 from shadowserve.kvcache.chunking import chunk_keys, key_seed
 from shadowserve.kvcache.codec import KVCodec
+from shadowserve.llm import create_engine
 from shadowserve.model.loader import LoadedModel
 from shadowserve.store.base import open_store
 
@@ -58,8 +59,8 @@ class Contestant:
                  store_url: str, fetch_mode: str, chunk_size: int) -> None:
         self.name, self.codec_config, self.fetch_mode = name, codec, fetch_mode
         plane = DataPlaneConfig(fetch_mode=fetch_mode, chunk_size=chunk_size, save=False)
-        self.engine = LLMEngine(engine_config, loaded=loaded, progress=False, dataplane=plane,
-                                store_url=store_url, codec=codec)
+        self.engine = create_engine(engine_config, loaded=loaded, progress=False, dataplane=plane,
+                                    store_url=store_url, codec=codec)
         # After the engine: it picks the weight kernel, which is part of the model fingerprint.
         self.codec = KVCodec(codec, loaded.fingerprint)
         self.seed = key_seed(loaded.fingerprint, self.codec.kv_format_id)
@@ -83,9 +84,9 @@ class QualityRunner:
         self.engine_config = EngineConfig(model=loaded.name, kv_cache_memory=kv_cache_memory,
                                           enable_prefix_caching=True, max_num_seqs=64)
         exact_url = f"memory://{run_id}-exact?capacity=2GiB"
-        self.cold = LLMEngine(self.engine_config, loaded=loaded, progress=False,
-                              dataplane=DataPlaneConfig(fetch_mode="sync", chunk_size=self.chunk_size),
-                              store_url=exact_url, codec=EXACT_CODEC)
+        self.cold = create_engine(self.engine_config, loaded=loaded, progress=False,
+                                  dataplane=DataPlaneConfig(fetch_mode="sync", chunk_size=self.chunk_size),
+                                  store_url=exact_url, codec=EXACT_CODEC)
         self.exact_codec = KVCodec(EXACT_CODEC, loaded.fingerprint)
         self.exact_seed = key_seed(loaded.fingerprint, self.exact_codec.kv_format_id)
         self.exact_store = open_store(exact_url)

@@ -122,7 +122,7 @@ def _stage_busy(eng) -> dict:
     backend = eng.kv_manager.backend
     if hasattr(backend, "process"):
         time.sleep(1.5 * backend.spec.config.heartbeat_interval)
-        eng.kv_manager.poll()
+        eng.scheduler.collect_fetched()  # takes the heartbeat (and applies any fetch that ended)
     return dict(backend.stats().get("stage_busy_seconds", {}))
 
 

@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
     from shadowserve.bench.quality_tasks import TaskBuilder, TaskSpec, is_correct
     from shadowserve.config import DataPlaneConfig, EngineConfig
-    from shadowserve.engine.engine import LLMEngine
     from shadowserve.engine.sequence import SamplingParams
     from shadowserve.errors import ConfigError
     from shadowserve.kvcache.levels import codec_for_quality
+    from shadowserve.llm import create_engine
     from shadowserve.model.loader import load_model
     from shadowserve.store.launch import start_store_server
 
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     def one_pass(mode: str, label: str):
         dp = DataPlaneConfig(fetch_mode=mode, pin_cores=True)
-        eng = LLMEngine(engine_cfg, loaded=loaded, dataplane=dp, store_url=None if mode == "recompute" else url,
-                        codec=codec)
+        eng = create_engine(engine_cfg, loaded=loaded, dataplane=dp, store_url=None if mode == "recompute" else url,
+                            codec=codec)
         try:
             reqs = [eng.add_request(p, params) for p in prompts]
             with tqdm(total=len(reqs), desc=label, unit="req", leave=False) as bar:

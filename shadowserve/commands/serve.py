@@ -76,12 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from shadowserve.engine.engine import LLMEngine
+    from shadowserve.llm import create_engine
     from shadowserve.server.openai_api import OpenAIServer
 
     settings = settings_from_args(args)
-    engine = LLMEngine(settings.engine, progress=True, dataplane=settings.dataplane,
-                       store_url=settings.store_url, codec=settings.codec)
+    engine = create_engine(settings.engine, progress=True, dataplane=settings.dataplane,
+                           store_url=settings.store_url, codec=settings.codec)
     server = OpenAIServer(engine, settings.server)
     cfg = settings.server
     store = settings.store_url or "none"

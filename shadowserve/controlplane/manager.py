@@ -2,13 +2,15 @@
 
 It answers "how much of this prompt's prefix does the store hold?" without ever blocking the step
 loop (lookups run on a small thread pool; a request waits in WAITING until its answer is in),
-turns a hit into a FetchCommand for the request's own KV blocks, parks the request in FETCHING,
-and hands it back when the data plane reports completion. Failures, timeouts and a dead data plane
-all end the same way: the request computes the prefix itself. After a prefill, new full chunks go
-back to the store through the same data plane.
+turns a hit into a FetchCommand for the request's own KV blocks, and reports the fetch's end
+(``FetchEnded``) when the data plane completes it. Failures, timeouts and a dead data plane all end
+the same way: the request computes the prefix itself. After a prefill, new full chunks go back to
+the store through the same data plane.
 
-It knows nothing about our scheduler's internals beyond requests and the block manager, so other
-engines (the vLLM connector) can drive the same calls: ``lookup``, ``start_fetch``, ``poll``, ``save``.
+It implements the engine's remote-KV port (engine/remote_kv.py) and never writes a request: the
+caller's scheduler applies what ``poll`` returns. It reads requests and holds blocks only through
+the declared protocols (``KVRequest``, ``BlockHolder``), so other engines (the vLLM connector) drive
+the same calls: ``lookup``, ``start_fetch``, ``poll``, ``save``.
 """
 
 from __future__ import annotations
@@ -17,20 +19,38 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Protocol
 
 from shadowserve.config import DataPlaneConfig
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.dataplane.modes import FetchBackend
-from shadowserve.engine.block_manager import BlockManager
-from shadowserve.engine.sequence import Request, RequestStatus
+from shadowserve.engine.remote_kv import PENDING, FetchEnded, KVRequest, Pending, PromptRequest
 from shadowserve.errors import ShadowServeError
 
-PENDING = -1  # lookup answer not in yet (or another request is fetching the same chunks)
+
+class BlockHolder(Protocol):
+    """What the manager needs from whoever owns the KV blocks (our BlockManager, the vLLM ledger)."""
+
+    block_size: int
+
+    def hold(self, block_ids: list[int]) -> None:
+        """Take an extra reference: the data plane reads (save) or may still write (late fetch) them."""
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop a reference taken with ``hold``."""
+
+    def replace_blocks(self, request: KVRequest, first: int, last: int) -> bool:
+        """Give the request fresh blocks at positions [first, last); False if that cannot be done now."""
+
+
+class KeyFn(Protocol):
+    def __call__(self, token_ids: list[int]) -> list[bytes]:
+        """The chained keys of the full chunks of a prompt."""
 
 
 @dataclass
 class _Fetch:
-    request: Request
+    request: KVRequest
     first_chunk: int
     keys: tuple[bytes, ...]
     blocks: list[int]  # every destination block of this job, in order
@@ -53,13 +73,19 @@ class ManagerStats:
 
 
 class KVCacheManager:
+    """The control plane: implements the engine's RemoteKV port over a data-plane backend and a store.
+
+    Runs in the engine's process (vLLM: in its scheduler and in each worker); lookups run on its own
+    thread pool, fetches and saves on the backend (``synchronous``: inside ``submit``).
+    """
+
     def __init__(
         self,
         config: DataPlaneConfig,
-        block_manager: BlockManager,
+        block_manager: BlockHolder,
         backend: FetchBackend,
         lookup_store,
-        key_fn,
+        key_fn: KeyFn,
     ) -> None:
         """``key_fn(token_ids) -> list[bytes]`` gives the chained keys of the full chunks of a prompt."""
         self.config = config
@@ -82,15 +108,20 @@ class KVCacheManager:
         self._counted: set[str] = set()
         self._last_restart = time.monotonic()
 
+    @property
+    def synchronous(self) -> bool:
+        """A fetch runs inside ``start_fetch`` (sync mode): poll right after to collect it."""
+        return self.backend.synchronous
+
     # ---- lookup -------------------------------------------------------------------------------
 
-    def keys(self, req: Request) -> list[bytes]:
+    def keys(self, req: PromptRequest) -> list[bytes]:
         keys = self._keys.get(req.request_id)
         if keys is None:
             keys = self._keys[req.request_id] = self.key_fn(req.prompt_token_ids)
         return keys
 
-    def lookup(self, req: Request) -> int:
+    def lookup(self, req: PromptRequest) -> int | Pending:
         """Cached prefix tokens in the store for this request, or PENDING while the answer is out."""
         keys = self.keys(req)
         # Never the whole prompt: at least one token must run to produce logits.
@@ -124,8 +155,8 @@ class KVCacheManager:
 
     # ---- fetch --------------------------------------------------------------------------------
 
-    def start_fetch(self, req: Request, local_tokens: int, hit_tokens: int) -> bool:
-        """Fetch chunks [local_tokens, hit_tokens) into the request's blocks; True if it is now FETCHING.
+    def start_fetch(self, req: KVRequest, local_tokens: int, hit_tokens: int) -> bool:
+        """Fetch chunks [local_tokens, hit_tokens) into the request's blocks; True if a fetch started.
 
         ``local_tokens`` (already in the request's blocks) must be a multiple of the chunk size.
         """
@@ -140,14 +171,12 @@ class KVCacheManager:
                                     time.monotonic() + self.config.fetch_timeout)
         for k in keys:
             self._inflight_keys[k] = job
-        req.status = RequestStatus.FETCHING
-        req.fetch_start_time = time.perf_counter()
         self.backend.submit(FetchCommand(job, req.request_id, keys, per_chunk))
         return True
 
-    def poll(self) -> list[Request]:
-        """Apply completions, timeouts and liveness; return requests whose fetch has ended (now RUNNING)."""
-        ready: list[Request] = []
+    def poll(self) -> list[FetchEnded]:
+        """Take completions, timeouts and liveness; return the fetches that ended, for the caller to apply."""
+        ready: list[FetchEnded] = []
         for c in self.backend.poll():
             ready.extend(self._complete(c))
         now = time.monotonic()
@@ -161,7 +190,7 @@ class KVCacheManager:
                 self._fail_over()  # idle but dead: be ready before the next request, not after it fails
         return ready
 
-    def _complete(self, c: Completion) -> list[Request]:
+    def _complete(self, c: Completion) -> list[FetchEnded]:
         if c.kind == "save":
             blocks = self._saves.pop(c.job_id, None)
             if blocks is not None:
@@ -182,17 +211,12 @@ class KVCacheManager:
         self.stats.fetch_seconds += c.seconds
         if not c.ok:
             self.stats.fetch_failures += 1
-        req = f.request
-        req.num_fetched_tokens = c.ok_chunks * self.chunk_size
-        self.stats.fetched_tokens += req.num_fetched_tokens
-        req.num_computed_tokens = (f.first_chunk + c.ok_chunks) * self.chunk_size
-        # Chunks that failed (corrupt, vanished) get saved again after the prefill: the store heals.
-        req.remote_hit_tokens = req.num_computed_tokens
-        _leave_fetching(req)
-        self.bm.register_computed(req)  # fetched blocks become reusable by later local prefix matches
-        return [req]
+        fetched = c.ok_chunks * self.chunk_size
+        self.stats.fetched_tokens += fetched
+        # The scheduler then treats what landed as computed; chunks that failed are recomputed (and saved again).
+        return [FetchEnded(f.request, (f.first_chunk + c.ok_chunks) * self.chunk_size, fetched)]
 
-    def _abandon(self, job: int, why: str) -> list[Request]:
+    def _abandon(self, job: int, why: str) -> list[FetchEnded]:
         """Give up on a fetch whose data plane may still write: fresh blocks for the request."""
         f = self._fetches[job]
         req = f.request
@@ -205,11 +229,9 @@ class KVCacheManager:
         self._abandoned[job] = f.blocks
         self._clear_inflight(f)
         self.stats.fetch_failures += 1
-        req.num_computed_tokens = req.remote_hit_tokens = f.first_chunk * self.chunk_size
-        _leave_fetching(req)
-        return [req]
+        return [FetchEnded(req, f.first_chunk * self.chunk_size, None)]
 
-    def _fail_over(self) -> list[Request]:
+    def _fail_over(self) -> list[FetchEnded]:
         """The data plane died or hung: restart it (so nothing old can write) and recompute."""
         self.backend.restart()
         self.stats.dataplane_restarts += 1
@@ -225,9 +247,7 @@ class KVCacheManager:
         for f in self._fetches.values():
             self._clear_inflight(f)
             self.stats.fetch_failures += 1
-            f.request.num_computed_tokens = f.request.remote_hit_tokens = f.first_chunk * self.chunk_size
-            _leave_fetching(f.request)
-            ready.append(f.request)
+            ready.append(FetchEnded(f.request, f.first_chunk * self.chunk_size, None))
         self._fetches.clear()
         return ready
 
@@ -237,7 +257,7 @@ class KVCacheManager:
 
     # ---- save ---------------------------------------------------------------------------------
 
-    def save(self, req: Request, stored_tokens: int) -> None:
+    def save(self, req: KVRequest, stored_tokens: int) -> None:
         """After the prompt is computed, store its full chunks past ``stored_tokens`` (known to be there)."""
         if not self.config.save or req.request_id in self._saved_requests:
             return
@@ -256,7 +276,7 @@ class KVCacheManager:
 
     # ---- request lifecycle --------------------------------------------------------------------
 
-    def abort(self, req: Request) -> None:
+    def abort(self, req: KVRequest) -> None:
         """A FETCHING request is going away: its blocks stay held until the data plane lets go."""
         for job, f in list(self._fetches.items()):
             if f.request is req:
@@ -266,7 +286,7 @@ class KVCacheManager:
                 self._abandoned[job] = f.blocks
         self.forget(req)
 
-    def forget(self, req: Request) -> None:
+    def forget(self, req: PromptRequest) -> None:
         self._keys.pop(req.request_id, None)
         self._saved_requests.discard(req.request_id)
         self._counted.discard(req.request_id)
@@ -281,13 +301,6 @@ class KVCacheManager:
     def close(self) -> None:
         self._lookup_pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
-
-
-def _leave_fetching(req: Request) -> None:
-    """FETCHING -> RUNNING, with the fetch's end time on the request (its TTFT breakdown)."""
-    req.status = RequestStatus.RUNNING
-    req.fetch_end_time = now = time.perf_counter()
-    req.fetch_seconds = (req.fetch_seconds or 0.0) + now - req.fetch_start_time
 
 
 def _done_future(value: int) -> Future:

@@ -21,7 +21,7 @@ from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.dataplane.pipeline import BufferLayout
 from shadowserve.dataplane.process import DataPlaneProcess, DataPlaneSpec, build_pipeline
 from shadowserve.engine.kv_pool import CudaKVPoolHandle
-from shadowserve.errors import ConfigError
+from shadowserve.errors import ConfigError, FetchError
 
 # Room for the container header and incompressible data on top of the raw chunk size.
 _HEADER_SLACK = 64 * 1024
@@ -59,6 +59,16 @@ class FetchBackend:
 
     def close(self) -> None:
         pass
+
+
+class LookupOnlyBackend(FetchBackend):
+    """No data plane at all: for a control plane that only answers lookups (vLLM's scheduler process)."""
+
+    def submit(self, cmd: FetchCommand | SaveCommand) -> None:
+        raise FetchError("this control plane only answers lookups: fetches and saves run elsewhere")
+
+    def poll(self) -> list[Completion]:
+        return []
 
 
 class ThreadBackend(FetchBackend):

@@ -9,23 +9,24 @@ from collections.abc import Callable
 
 import torch
 
-from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig, parse_size
+from shadowserve.config import DataPlaneConfig, EngineConfig, parse_size
 from shadowserve.engine.block_manager import BlockManager
 from shadowserve.engine.kv_pool import KVPool, bytes_per_block
 from shadowserve.engine.model_runner import ModelRunner
+from shadowserve.engine.remote_kv import KVHost, NoRemoteKV, RemoteKV, RemoteKVFactory
 from shadowserve.engine.sampler import Sampler
 from shadowserve.engine.scheduler import Scheduler
 from shadowserve.engine.sequence import Request, RequestOutput, SamplingParams
-from shadowserve.errors import ConfigError, ModelError
-from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
+from shadowserve.errors import ModelError
 from shadowserve.model.loader import LoadedModel, load_model, torch_dtype
 
 
 class LLMEngine:
     """Owns the model, the KV pool and the scheduler; ``step()`` advances every active request.
 
-    With a store URL and a fetch mode other than ``recompute``, a control plane (KVCacheManager)
-    sits beside the scheduler and a data plane lands cached prefixes straight into the KV pool.
+    With ``remote_kv`` (a factory, e.g. the control plane's builder as wired by ``shadowserve.llm.
+    create_engine``), a remote KV cache sits behind the scheduler's port and a data plane lands cached
+    prefixes straight into the KV pool; without it every prefix is computed.
     """
 
     def __init__(
@@ -34,12 +35,11 @@ class LLMEngine:
         loaded: LoadedModel | None = None,
         progress: bool = True,
         dataplane: DataPlaneConfig | None = None,
-        store_url: str | None = None,
-        codec: CodecConfig | None = None,
+        remote_kv: RemoteKVFactory | None = None,
     ) -> None:
         self.config = config
         self.dataplane_config = dataplane or DataPlaneConfig(fetch_mode="recompute")
-        remote = store_url is not None and self.dataplane_config.fetch_mode != "recompute"
+        remote = remote_kv is not None
         engine_cores, self.dataplane_cores = self.dataplane_config.split_cores()
         self._unpinned: tuple[set[int], int] | None = None
         if self.dataplane_config.pin_cores:
@@ -64,47 +64,27 @@ class LLMEngine:
         shared = config.shared_kv_pool or (remote and self.dataplane_config.fetch_mode == "offload")
         self.pool = KVPool(arch, num_blocks, config.block_size, dtype, config.device, shared)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, self.tokenizer.eos_token_ids)
-        self.sampler = Sampler(config.seed)
-        self.runner = ModelRunner(self.loaded.model, self.pool, self.sampler)
-        self._ids = itertools.count()
-        self._on_token: dict[str, Callable[[Request, int], None]] = {}
-        self.kv_manager = None
-        if remote:
+        self.remote_kv: RemoteKV = NoRemoteKV()
+        if remote_kv is not None:
+            host = KVHost(self.pool, self.block_manager, arch, self.loaded.fingerprint, config.block_size,
+                          tuple(self.dataplane_cores))
             try:
-                self.kv_manager = self._build_control_plane(store_url, codec or QUALITY_LEVELS[DEFAULT_QUALITY])
+                self.remote_kv = remote_kv(host)
             except BaseException:
                 self.pool.close()  # a shared pool would otherwise outlive us in /dev/shm
                 self._restore_affinity()
                 raise
-            self.scheduler.kv_manager = self.kv_manager
+        self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, self.tokenizer.eos_token_ids,
+                                   self.remote_kv)
+        self.sampler = Sampler(config.seed)
+        self.runner = ModelRunner(self.loaded.model, self.pool, self.sampler)
+        self._ids = itertools.count()
+        self._on_token: dict[str, Callable[[Request, int], None]] = {}
 
-    def _build_control_plane(self, store_url: str, codec_config: CodecConfig):
-        from shadowserve.controlplane.manager import KVCacheManager
-        from shadowserve.dataplane.modes import buffer_layout, create_backend
-        from shadowserve.dataplane.process import DataPlaneSpec
-        from shadowserve.kvcache.chunking import chunk_keys, key_seed
-        from shadowserve.kvcache.codec import KVCodec
-        from shadowserve.store.base import open_store
-
-        dp = self.dataplane_config
-        if dp.fetch_mode == "offload" and store_url.startswith("memory:"):
-            raise ConfigError("a memory:// store lives inside this process, where the offload data plane "
-                              "cannot see it: use file:///dir, shadowserve://host:port or redis://")
-        if dp.chunk_size % self.config.block_size:
-            raise ConfigError(f"chunk_size {dp.chunk_size} must be a multiple of block_size {self.config.block_size}")
-        codec = KVCodec(codec_config, self.loaded.fingerprint)
-        seed = key_seed(self.loaded.fingerprint, codec.kv_format_id)
-        arch = self.loaded.arch
-        chunk_shape = (arch.num_hidden_layers, 2, dp.chunk_size, arch.num_key_value_heads, arch.head_dim)
-        layout = buffer_layout(chunk_shape, self.pool.tensor.element_size(), codec)
-        handle = self.pool.handle() if dp.fetch_mode == "offload" else None
-        spec = DataPlaneSpec(dp, store_url, codec_config, self.loaded.fingerprint, handle, layout,
-                             tuple(self.dataplane_cores))
-        lookup_store = open_store(store_url)
-        backend = create_backend(spec, self.pool.tensor)
-        return KVCacheManager(dp, self.block_manager, backend, lookup_store,
-                              lambda ids: chunk_keys(ids, dp.chunk_size, seed))
+    @property
+    def kv_manager(self):
+        """The remote KV cache behind the port (its stats, backend and health), or None for recompute."""
+        return None if isinstance(self.remote_kv, NoRemoteKV) else self.remote_kv
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -175,8 +155,7 @@ class LLMEngine:
 
     def check_liveness(self) -> None:
         """Let the control plane notice (and restart) a dead data plane while no request is running."""
-        if self.kv_manager is not None:
-            self.scheduler.collect_fetched()
+        self.scheduler.collect_fetched()
 
     def output_of(self, req: Request) -> RequestOutput:
         ttft, tpot = req.ttft, req.tpot
@@ -202,14 +181,14 @@ class LLMEngine:
     def flush(self, timeout: float = 60.0) -> None:
         """Wait until the data plane has settled every fetch and save (e.g. before a warm pass)."""
         deadline = time.monotonic() + timeout
-        while self.kv_manager is not None and self.kv_manager.busy and time.monotonic() < deadline:
-            self.kv_manager.poll()
+        while self.remote_kv.busy and time.monotonic() < deadline:
+            self.scheduler.collect_fetched()
             time.sleep(0.002)
 
     def close(self) -> None:
-        if self.kv_manager is not None:
-            self.kv_manager.close()
-            self.kv_manager = None
+        self.remote_kv.close()
+        self.remote_kv = NoRemoteKV()
+        self.scheduler.remote_kv = self.remote_kv
         self.pool.close()
         self._restore_affinity()
 

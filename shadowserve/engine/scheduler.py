@@ -4,6 +4,10 @@ Every step mixes decodes (one token per running request) with prefill chunks of 
 prefilled requests, within a token budget; a prompt longer than the budget is prefilled over
 several steps, so decodes never wait behind a whole long prefill. When KV memory runs out the
 newest running request is preempted (its blocks freed, recomputed later).
+
+The scheduler is the only code that moves requests between states (WAITING -> FETCHING -> RUNNING ->
+FINISHED) and writes their token counts: the remote KV cache behind its port (engine/remote_kv.py)
+answers lookups and reports fetch ends, and the scheduler applies them.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
 from shadowserve.config import EngineConfig
 from shadowserve.engine.block_manager import BlockManager
+from shadowserve.engine.remote_kv import PENDING, FetchEnded, NoRemoteKV, RemoteKV
 from shadowserve.engine.sequence import Request, RequestStatus
 
 
@@ -31,8 +37,15 @@ class ScheduledChunk:
 
 
 class Scheduler:
+    """Picks each step's work and owns every request's state; ``remote_kv`` is NoRemoteKV for recompute."""
+
     def __init__(
-        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int, eos_token_ids: tuple[int, ...]
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+        remote_kv: RemoteKV | None = None,
     ) -> None:
         self.config = config
         self._eos = frozenset(eos_token_ids)
@@ -42,7 +55,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.fetching: list[Request] = []  # holding blocks while the data plane lands their prefix
         self.num_preemptions = 0
-        self.kv_manager = None  # the control plane, when a remote KV store is configured
+        self.remote_kv: RemoteKV = remote_kv if remote_kv is not None else NoRemoteKV()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -55,8 +68,7 @@ class Scheduler:
             for req in queue:
                 if req.request_id == request_id:
                     queue.remove(req)
-                    if self.kv_manager is not None:
-                        self.kv_manager.abort(req)  # before the blocks are freed: the data plane may hold them
+                    self.remote_kv.abort(req)  # before the blocks are freed: the data plane may hold them
                     self._finish(req, "abort")
                     return req
         return None
@@ -64,8 +76,7 @@ class Scheduler:
     # ---- scheduling ---------------------------------------------------------------------------
 
     def schedule(self) -> list[ScheduledChunk]:
-        if self.kv_manager is not None:
-            self.collect_fetched()
+        self.collect_fetched()
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted = False
@@ -113,16 +124,14 @@ class Scheduler:
         local = len(cached) * bm.block_size
         remote = 0
         fresh = req.num_computed_tokens == 0 and not req.output_token_ids  # not a preempted request
-        if self.kv_manager is not None and fresh:
-            from shadowserve.controlplane.manager import PENDING
-
-            remote = self.kv_manager.lookup(req)
-            if remote == PENDING:
+        if fresh:
+            answer = self.remote_kv.lookup(req)
+            if answer is PENDING:
                 return "pending"
-            req.remote_hit_tokens = remote
+            remote = req.remote_hit_tokens = answer
             if remote > local:
                 # Fetches land whole chunks: keep only local blocks that form whole chunks.
-                cs = self.kv_manager.chunk_size
+                cs = self.remote_kv.chunk_size
                 local = local // cs * cs
                 cached = cached[: local // bm.block_size]
         if not bm.can_allocate(req, cached):
@@ -130,21 +139,41 @@ class Scheduler:
         bm.allocate(req, cached)
         req.num_computed_tokens = local
         req.num_cached_tokens = max(req.num_cached_tokens, local)
-        if remote > local and self.kv_manager.start_fetch(req, local, remote):
-            self.fetching.append(req)
-            if self.kv_manager.backend.synchronous:
-                self.collect_fetched()
-            return "ok"
+        if remote > local:
+            start = time.perf_counter()  # before the call: a synchronous fetch runs inside it
+            if self.remote_kv.start_fetch(req, local, remote):
+                req.status = RequestStatus.FETCHING
+                req.fetch_start_time = start
+                self.fetching.append(req)
+                if self.remote_kv.synchronous:
+                    self.collect_fetched()
+                return "ok"
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         return "ok"
 
     def collect_fetched(self) -> None:
         """Requests whose fetch ended (landed, partly landed, or failed) join the running batch."""
-        for req in self.kv_manager.poll():
+        for ended in self.remote_kv.poll():
+            req = self._apply_fetch_end(ended)
             if req in self.fetching:
                 self.fetching.remove(req)
                 self.running.append(req)
+
+    def _apply_fetch_end(self, ended: FetchEnded) -> Request:
+        """FETCHING -> RUNNING, with what landed and the fetch's end time on the request (its TTFT split)."""
+        req = cast(Request, ended.request)  # the very request this scheduler handed to start_fetch
+        req.num_computed_tokens = ended.computed_tokens
+        # Chunks that failed (corrupt, vanished) get saved again after the prefill: the store heals.
+        req.remote_hit_tokens = ended.computed_tokens
+        if ended.fetched_tokens is not None:
+            req.num_fetched_tokens = ended.fetched_tokens
+        req.status = RequestStatus.RUNNING
+        req.fetch_end_time = now = time.perf_counter()
+        req.fetch_seconds = (req.fetch_seconds or 0.0) + now - req.fetch_start_time
+        if ended.fetched_tokens is not None:
+            self.block_manager.register_computed(req)  # fetched blocks become reusable by later prefix matches
+        return req
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free_request(req)
@@ -164,8 +193,8 @@ class Scheduler:
             req = chunk.request
             req.num_computed_tokens += chunk.num_tokens
             self.block_manager.register_computed(req)
-            if self.kv_manager is not None and req.num_computed_tokens >= len(req.prompt_token_ids):
-                self.kv_manager.save(req, req.remote_hit_tokens)
+            if req.num_computed_tokens >= len(req.prompt_token_ids):
+                self.remote_kv.save(req, req.remote_hit_tokens)
             token = sampled.get(req.request_id)
             if token is None:
                 continue
@@ -189,8 +218,7 @@ class Scheduler:
         return None
 
     def _finish(self, req: Request, reason: str) -> None:
-        if self.kv_manager is not None:
-            self.kv_manager.forget(req)
+        self.remote_kv.forget(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finish_time = time.perf_counter()

@@ -12,11 +12,11 @@ import torch
 from shadowserve.bench.quality_stats import accuracy_interval, mcnemar_p, paired_difference
 from shadowserve.bench.quality_tasks import Question, TaskBuilder, TaskSpec, first_number, is_correct
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
-from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.sequence import SamplingParams
 from shadowserve.kvcache.chunking import chunk_keys, key_seed
 from shadowserve.kvcache.codec import KVCodec
 from shadowserve.kvcache.levels import QUALITY_LEVELS
+from shadowserve.llm import create_engine
 from shadowserve.store.base import open_store
 
 pytest.importorskip("scipy")
@@ -118,8 +118,8 @@ def test_transcoded_chunks_are_the_bytes_a_cold_pass_would_save(tiny):
     saved = {}
     for name, config in (("exact", exact_codec), ("balanced", codec)):
         url = f"memory://test-transcode-{name}-{id(prompt)}"
-        eng = LLMEngine(EngineConfig(model="tiny-random", kv_cache_memory="64MiB"), loaded=tiny, progress=False,
-                        dataplane=DataPlaneConfig(fetch_mode="sync"), store_url=url, codec=config)
+        eng = create_engine(EngineConfig(model="tiny-random", kv_cache_memory="64MiB"), loaded=tiny, progress=False,
+                            dataplane=DataPlaneConfig(fetch_mode="sync"), store_url=url, codec=config)
         try:
             eng.add_request(prompt, SamplingParams(max_tokens=1))
             while eng.has_unfinished():

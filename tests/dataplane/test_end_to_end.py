@@ -16,6 +16,7 @@ import pytest
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.sequence import RequestStatus, SamplingParams
+from shadowserve.llm import create_engine
 
 LOSSLESS = CodecConfig(quant="none", lossless="zstd")
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -30,8 +31,8 @@ def prompts(n: int, seed: int, shared_prefix: int = 200, suffix: int = 9) -> lis
 
 def engine(tiny, store_url: str | None, mode: str, codec: CodecConfig = LOSSLESS, **plane) -> LLMEngine:
     cfg = DataPlaneConfig(fetch_mode=mode, chunk_size=CHUNK, heartbeat_interval=0.2, heartbeat_timeout=3.0, **plane)
-    return LLMEngine(EngineConfig(model="tiny-random", kv_cache_memory="16MiB"), loaded=tiny,
-                     dataplane=cfg, store_url=store_url, codec=codec)
+    return create_engine(EngineConfig(model="tiny-random", kv_cache_memory="16MiB"), loaded=tiny,
+                         dataplane=cfg, store_url=store_url, codec=codec)
 
 
 def run(eng: LLMEngine, ps, params=GREEDY):

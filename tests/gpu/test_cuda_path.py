@@ -21,6 +21,7 @@ from shadowserve.dataplane.pipeline import Pipeline
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.sequence import RequestStatus, SamplingParams
 from shadowserve.kvcache.codec import KVCodec
+from shadowserve.llm import create_engine
 from shadowserve.store.memory import MemoryStore
 from tests.dataplane.test_end_to_end import prompts, run
 
@@ -41,8 +42,8 @@ def tiny_gpu():
 
 def engine(loaded, url: str | None, mode: str, codec: CodecConfig = LOSSLESS, **plane) -> LLMEngine:
     cfg = DataPlaneConfig(fetch_mode=mode, chunk_size=CHUNK, heartbeat_interval=0.2, heartbeat_timeout=5.0, **plane)
-    return LLMEngine(EngineConfig(model="tiny-random", device="cuda", kv_cache_memory="16MiB"), loaded=loaded,
-                     dataplane=cfg, store_url=url, codec=codec)
+    return create_engine(EngineConfig(model="tiny-random", device="cuda", kv_cache_memory="16MiB"), loaded=loaded,
+                         dataplane=cfg, store_url=url, codec=codec)
 
 
 def reference(loaded, ps):

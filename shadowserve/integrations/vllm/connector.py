@@ -21,17 +21,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from shadowserve.controlplane.builder import KVTarget, build_kv_manager, build_lookup_manager
 from shadowserve.errors import ConfigError
 from shadowserve.integrations.vllm.config import ConnectorConfig, model_fingerprint, parse_extra_config
+from shadowserve.integrations.vllm.cores import auto_dataplane_cores
+from shadowserve.integrations.vllm.kv_view import SharedTensorHandle, pool_view, share
 from shadowserve.integrations.vllm.metadata import ShadowServeMetadata
+from shadowserve.integrations.vllm.scheduler_side import NoBlocks, SchedulerSide
+from shadowserve.integrations.vllm.worker_side import BlockLedger, TrackedBackend, WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
-
-    from shadowserve.integrations.vllm.scheduler_side import SchedulerSide
-    from shadowserve.integrations.vllm.worker_side import WorkerSide
 
 log = logging.getLogger(__name__)
 
@@ -57,38 +59,21 @@ class ShadowServeConnector(KVConnectorBase_V1):
 
     # ---- construction -------------------------------------------------------------------------
 
-    def _key_fn(self):
-        from shadowserve.kvcache.chunking import chunk_keys, key_seed
-        from shadowserve.kvcache.codec import kv_format_id_of
-
-        seed = key_seed(self.fingerprint, kv_format_id_of(self.config.codec))
-        chunk = self.config.dataplane.chunk_size
-        return lambda ids: chunk_keys(list(ids), chunk, seed)
-
     def _init_scheduler(self, vllm_config: VllmConfig) -> None:
-        from shadowserve.integrations.vllm.scheduler_side import SchedulerSide
-        from shadowserve.store.base import open_store
-
         kvt = vllm_config.kv_transfer_config
         if self.config.load_failure == "recompute" and kvt.kv_load_failure_policy != "recompute":
             # A failed fetch is a cache miss by design: vLLM must recompute, not fail the request.
             log.info("shadowserve: setting kv_load_failure_policy=recompute (load_failure in extra config)")
             kvt.kv_load_failure_policy = "recompute"
-        store = open_store(self.config.store_url) if self.config.enabled else None
-        self.scheduler = SchedulerSide(self.config, self.block_size, self._key_fn(), store)
+        # Lookups only: vLLM's own KV cache manager owns every block, and fetches run on the workers.
+        manager = build_lookup_manager(self.config.dataplane, self.config.store_url if self.config.enabled else None,
+                                       self.config.codec, self.fingerprint, NoBlocks(self.block_size))
+        self.scheduler = SchedulerSide(self.config, self.block_size, manager)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Hand vLLM's KV buffer to our data plane (in shared memory for the offload process)."""
         if not self.config.enabled:
             return
-        from shadowserve.controlplane.manager import KVCacheManager
-        from shadowserve.dataplane.modes import buffer_layout, create_backend
-        from shadowserve.dataplane.process import DataPlaneSpec
-        from shadowserve.integrations.vllm.cores import auto_dataplane_cores
-        from shadowserve.integrations.vllm.kv_view import SharedTensorHandle, pool_view, share
-        from shadowserve.integrations.vllm.worker_side import BlockLedger, TrackedBackend, WorkerSide
-        from shadowserve.kvcache.codec import KVCodec
-
         dp = self.config.dataplane
         if dp.dataplane_cores == "auto" and (free := auto_dataplane_cores()):
             dp = dataclasses.replace(dp, dataplane_cores=free)  # the cores vLLM's binding left to us
@@ -99,14 +84,12 @@ class ShadowServeConnector(KVConnectorBase_V1):
             share(pool)
             handle = SharedTensorHandle(pool)
             _allow_children()
-        codec = KVCodec(self.config.codec, self.fingerprint)
-        layout = buffer_layout((layers, 2, dp.chunk_size, kv_heads, head_dim), pool.element_size(), codec)
         _, plane_cores = dp.split_cores()
-        spec = DataPlaneSpec(dp, self.config.store_url, self.config.codec, self.fingerprint, handle, layout,
-                             tuple(plane_cores), kv_layout="head_major")
-        backend = TrackedBackend(create_backend(spec, pool))
-        manager = KVCacheManager(dp, BlockLedger(self.block_size), backend, None, self._key_fn())
-        self.worker = WorkerSide(manager, backend, self.block_size, dp.fetch_timeout)
+        target = KVTarget(pool, handle, layers, kv_heads, head_dim, kv_layout="head_major")
+        manager = build_kv_manager(dp, self.config.store_url, self.config.codec, self.fingerprint, target,
+                                   tuple(plane_cores), BlockLedger(self.block_size), lookups=False,
+                                   wrap_backend=TrackedBackend)
+        self.worker = WorkerSide(manager, self.block_size, dp.fetch_timeout)
         log.info("shadowserve: %s data plane on cores %s writing into vLLM's KV %s", dp.fetch_mode,
                  plane_cores, tuple(pool.shape))
 

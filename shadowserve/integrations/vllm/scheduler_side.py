@@ -11,25 +11,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from shadowserve.controlplane.manager import PENDING, KVCacheManager
-from shadowserve.dataplane.modes import FetchBackend
+from shadowserve.controlplane.manager import BlockHolder, KVCacheManager
+from shadowserve.engine.remote_kv import PENDING, KVRequest
 from shadowserve.integrations.vllm.config import ConnectorConfig
 from shadowserve.integrations.vllm.metadata import LoadSpec, SaveSpec, ShadowServeMetadata
 
 
-class _NoBlocks:
+class NoBlocks(BlockHolder):
     """The scheduler side only looks up; vLLM's own KV cache manager owns every block."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
 
+    def hold(self, block_ids: list[int]) -> None:
+        raise NotImplementedError("the scheduler side never holds blocks: saves run on the worker")
+
+    def release(self, block_ids: list[int]) -> None:
+        raise NotImplementedError("the scheduler side never holds blocks: saves run on the worker")
+
+    def replace_blocks(self, request: KVRequest, first: int, last: int) -> bool:
+        return False
+
 
 class SchedulerSide:
-    def __init__(self, config: ConnectorConfig, block_size: int, key_fn, lookup_store) -> None:
+    """vLLM's scheduler-process half of the connector; ``manager`` answers lookups only."""
+
+    def __init__(self, config: ConnectorConfig, block_size: int, manager: KVCacheManager) -> None:
         self.config = config
         self.block_size = block_size
-        # A backend that never runs anything: lookups only (fetches and saves run on the worker).
-        self.manager = KVCacheManager(config.dataplane, _NoBlocks(block_size), FetchBackend(), lookup_store, key_fn)
+        self.manager = manager
         self._requests: dict[str, Any] = {}  # request id -> vLLM Request, until it finishes
         self._matched: dict[str, tuple[int, int]] = {}  # request id -> (local tokens, hit tokens)
         self._planned: dict[str, int] = {}  # request id -> its preemption count when its load was planned
@@ -48,7 +58,7 @@ class SchedulerSide:
             # no computed tokens). Compute it; offering the same hit again could fail forever.
             return 0, False
         hit = self.manager.lookup(request)
-        if hit == PENDING:
+        if hit is PENDING:
             return None, False
         self._hits[request.request_id] = hit
         if hit <= num_computed_tokens:

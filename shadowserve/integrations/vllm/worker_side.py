@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from shadowserve.controlplane.manager import KVCacheManager
+from shadowserve.controlplane.manager import BlockHolder, KVCacheManager
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.dataplane.modes import FetchBackend
-from shadowserve.engine.sequence import RequestStatus
+from shadowserve.engine.remote_kv import FetchEnded, KVRequest
 from shadowserve.integrations.vllm.metadata import LoadSpec, SaveSpec, ShadowServeMetadata
 
 log = logging.getLogger(__name__)
@@ -27,24 +27,16 @@ SKIP = -1  # a block id the data plane must leave alone (vLLM already holds it)
 
 
 @dataclass
-class WorkerRequest:
-    """The fields of a request the KVCacheManager reads and writes, for one vLLM request."""
+class WorkerRequest(KVRequest):
+    """One vLLM request as the KVCacheManager reads it (a ``KVRequest``), plus the tokens it should load."""
 
     request_id: str
     prompt_token_ids: list[int]
     block_ids: list[int]
     hit_tokens: int = 0
-    status: RequestStatus = RequestStatus.WAITING
-    num_computed_tokens: int = 0
-    num_fetched_tokens: int = 0
-    remote_hit_tokens: int = 0
-    output_token_ids: list[int] = field(default_factory=list)
-    fetch_start_time: float | None = None
-    fetch_end_time: float | None = None
-    fetch_seconds: float | None = None
 
 
-class BlockLedger:
+class BlockLedger(BlockHolder):
     """Counts the manager's holds on vLLM blocks; vLLM allocates and frees them, never we."""
 
     def __init__(self, block_size: int) -> None:
@@ -63,10 +55,7 @@ class BlockLedger:
                 if self.held[b] <= 0:
                     del self.held[b]
 
-    def register_computed(self, request) -> None:
-        """vLLM caches loaded blocks itself once the load is reported finished."""
-
-    def replace_blocks(self, request, first: int, last: int) -> bool:
+    def replace_blocks(self, request: KVRequest, first: int, last: int) -> bool:
         """vLLM's blocks cannot be swapped from here: a late fetch is waited for, not abandoned."""
         return False
 
@@ -116,15 +105,18 @@ class TrackedBackend(FetchBackend):
 
 
 class WorkerSide:
-    def __init__(self, manager: KVCacheManager, backend: TrackedBackend, block_size: int,
-                 preemption_timeout: float) -> None:
+    """vLLM's worker-process half of the connector; ``manager`` runs over a ``TrackedBackend``."""
+
+    def __init__(self, manager: KVCacheManager, block_size: int, preemption_timeout: float) -> None:
+        if not isinstance(manager.backend, TrackedBackend):
+            raise TypeError("the worker side needs its manager's backend wrapped in a TrackedBackend")
         self.manager = manager
-        self.backend = backend
+        self.backend: TrackedBackend = manager.backend
         self.block_size = block_size
         self.preemption_timeout = preemption_timeout
         self._loading: dict[str, WorkerRequest] = {}
         self._loaded_ok: dict[str, int] = {}  # request id -> prompt tokens that really landed
-        self._ready: list[WorkerRequest] = []  # loads ended, not yet reported to vLLM
+        self._ready: list[FetchEnded] = []  # loads ended, not yet reported to vLLM
         self._save_requests: set[str] = set()  # vLLM delays freeing these until we report them
         self._finished: set[str] = set()
         self._errors: set[int] = set()
@@ -145,8 +137,8 @@ class WorkerSide:
             req = WorkerRequest(spec.request_id, list(spec.prompt_token_ids), blocks, spec.hit_tokens)
             self._loading[spec.request_id] = req
             if not self.manager.start_fetch(req, spec.local_tokens, spec.hit_tokens):
-                req.num_computed_tokens = spec.hit_tokens  # nothing to fetch (cannot happen: hits are chunks)
-                self._ready.append(req)
+                # Nothing to fetch (cannot happen: hits are whole chunks): report it landed.
+                self._ready.append(FetchEnded(req, spec.hit_tokens, None))
 
     def collect(self) -> None:
         """Take completions off the data plane; what ended is reported at the next ``take_finished``."""
@@ -156,11 +148,13 @@ class WorkerSide:
         """(finished sends, finished receives) since the last call; failed blocks go to ``take_errors``."""
         self.collect()
         recving = set()
-        for req in self._ready:
+        for ended in self._ready:
+            req = ended.request
+            assert isinstance(req, WorkerRequest)
             rid = req.request_id
             self._loading.pop(rid, None)
             recving.add(rid)
-            landed = max(req.num_computed_tokens, 0)
+            landed = max(ended.computed_tokens, 0)
             self._loaded_ok[rid] = landed
             if landed < req.hit_tokens:
                 failed = req.block_ids[landed // self.block_size : req.hit_tokens // self.block_size]
