@@ -30,7 +30,7 @@ def __getattr__(name: str):
 
         return LLM
     if name == "SamplingParams":
-        from shadowserve.engine.sequence import SamplingParams
+        from shadowserve.engine.request import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from shadowserve.cores import split_cores
 from shadowserve.errors import ConfigError
 
 _SIZE_UNITS = {
@@ -198,49 +199,6 @@ class StoreConfig:
 FETCH_MODES = ("recompute", "sync", "thread", "offload", "gpu")
 
 
-def machine_cpus() -> list[int]:
-    """CPUs a process started here may be moved to, whatever this process is pinned to.
-
-    The cgroup's effective cpuset when the kernel says (cgroup v2), else the online CPUs. A process
-    pinned to some cores (``taskset``, a benchmark's engine) may still reserve others for its data plane.
-    """
-    import os
-
-    for path in ("/sys/fs/cgroup/cpuset.cpus.effective", "/sys/devices/system/cpu/online"):
-        if cpus := read_cpu_list(path):
-            return cpus
-    return sorted(os.sched_getaffinity(0))
-
-
-def read_cpu_list(path: str) -> list[int]:
-    """A kernel CPU list file (``0-3,8``) as CPU ids; [] when it is missing, empty or unreadable."""
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-        return parse_cores(text, None) if text else []
-    except (OSError, ConfigError):
-        return []
-
-
-def parse_cores(spec: str, available: list[int] | None) -> list[int]:
-    """Parse ``"1"``, ``"2-3"`` or ``"0,2"`` into CPU ids, checked against ``available`` (when given)."""
-    cores: list[int] = []
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = part.split("-")
-                cores.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                cores.append(int(part))
-    except ValueError:
-        raise ConfigError(f"invalid core list {spec!r}: use forms like 1, 2-3 or 0,2") from None
-    bad = [c for c in cores if available is not None and c not in available]
-    if bad or not cores:
-        raise ConfigError(f"core list {spec!r} names cores outside the usable set {available}")
-    return sorted(set(cores))
-
-
 @dataclass(frozen=True)
 class DataPlaneConfig:
     """Where and how the fetch/save pipeline runs, and how the control plane guards it."""
@@ -282,18 +240,8 @@ class DataPlaneConfig:
                 "dequantize": self.dequantize_workers, "scatter": 1, "save": self.save_workers}
 
     def split_cores(self) -> tuple[list[int], list[int]]:
-        """(engine cores, data-plane cores): "auto" splits the cores this process may use; an explicit
-        list may also name cores this process is kept off (the engine's process pinned elsewhere)."""
-        import os
-
-        available = sorted(os.sched_getaffinity(0))
-        if self.dataplane_cores == "auto":
-            n = max(1, len(available) // 4)
-            plane = available[-n:]
-        else:
-            plane = parse_cores(self.dataplane_cores, sorted(set(available) | set(machine_cpus())))
-        engine = [c for c in available if c not in plane] or available
-        return engine, plane
+        """(engine cores, data-plane cores) for ``dataplane_cores`` (see ``shadowserve.cores``)."""
+        return split_cores(self.dataplane_cores)
 
 
 QUANT_MODES = ("rms", "cachegen", "uniform", "int8", "kivi", "none")

@@ -12,7 +12,7 @@ from dataclasses import fields
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.controlplane.builder import engine_kv_manager
 from shadowserve.engine.engine import LLMEngine
-from shadowserve.engine.sequence import RequestOutput, SamplingParams
+from shadowserve.engine.request import RequestOutput, SamplingParams
 from shadowserve.errors import ConfigError
 from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS, codec_for_quality
 from shadowserve.model.loader import LoadedModel

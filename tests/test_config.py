@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from shadowserve.config import DataPlaneConfig, machine_cpus, parse_cores
+from shadowserve.config import DataPlaneConfig
+from shadowserve.cores import machine_cpus, parse_cores
 from shadowserve.errors import ConfigError
 
 

@@ -128,7 +128,7 @@ def _load(model_name: str):
         from transformers import AutoTokenizer, LlamaForCausalLM
     except ImportError as exc:  # a bench/test extra, not a core dependency
         raise ModelError("bench codec needs transformers and accelerate (pip install shadowserve[bench])") from exc
-    from shadowserve.model.fetch import smollm2_gguf_path
+    from shadowserve.model.weights_download import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

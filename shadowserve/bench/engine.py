@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from shadowserve.config import EngineConfig
     from shadowserve.engine.engine import LLMEngine
-    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.engine.request import SamplingParams
     from shadowserve.model.loader import load_model
 
     if args.threads:
@@ -167,7 +167,7 @@ def _hf_model(name: str):
         raise ConfigError("the transformers baseline needs `pip install transformers` (or pass --no-hf)") from None
     import torch
 
-    from shadowserve.model.fetch import smollm2_gguf_path
+    from shadowserve.model.weights_download import smollm2_gguf_path
 
     if name != "smollm2-135m":
         from shadowserve.errors import ConfigError

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from shadowserve.bench.drivers import Driver, RequestRecord, RequestSpec
 from shadowserve.engine.engine import LLMEngine
-from shadowserve.engine.sequence import Request, SamplingParams
+from shadowserve.engine.request import Request, SamplingParams
 from shadowserve.errors import ShadowServeError
 
 

@@ -117,8 +117,8 @@ def _pipeline_pass(args, pool, chunk_shape, chunk_bytes, plans, views) -> dict:
     """The whole pipeline in this process, its codec doing no work: store -> slots -> GPU blocks."""
     from shadowserve.config import CodecConfig, DataPlaneConfig
     from shadowserve.dataplane.messages import FetchCommand
-    from shadowserve.dataplane.modes import buffer_layout
     from shadowserve.dataplane.pipeline import Pipeline
+    from shadowserve.dataplane.spec import buffer_layout
     from shadowserve.kvcache.codec import KVCodec
     from shadowserve.store.memory import MemoryStore
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
-from shadowserve.engine.sequence import Request, SamplingParams
+from shadowserve.engine.request import Request, SamplingParams
 from shadowserve.llm import create_engine
 from shadowserve.model.loader import LoadedModel
 
@@ -86,15 +86,6 @@ def load_for(args):
     from shadowserve.model.loader import load_model
 
     return load_model(args.model, args.dtype, device=args.device, progress=False)
-
-
-def pin_to_dataplane_cores(pid: int) -> None:
-    """Keep a helper process (the store server: the "remote" machine) off the engine's cores."""
-    _, plane = DataPlaneConfig().split_cores()
-    try:
-        os.sched_setaffinity(pid, plane)
-    except OSError:
-        pass
 
 
 def itl_median_ms(reqs: list[Request]) -> float:

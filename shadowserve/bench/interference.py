@@ -16,6 +16,7 @@ import argparse
 import statistics
 
 from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
+from shadowserve.cores import pin_to_dataplane_cores
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,8 +38,8 @@ def _tpot(reqs) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shadowserve.bench.harness import Harness, doc_prompt, load_for, pin_to_dataplane_cores, write_json
-    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.bench.harness import Harness, doc_prompt, load_for, write_json
+    from shadowserve.engine.request import SamplingParams
     from shadowserve.store.launch import start_store_server
 
     loaded = load_for(args)
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 def _measure(h, mode, decoders, docs, decode_params, n_fetchers) -> dict:
     """Idle TPOT, loaded TPOT and the replayed baseline for one mode (one fresh engine)."""
     from shadowserve.bench.harness import itl_median_ms
-    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.engine.request import SamplingParams
 
     eng = h.engine(mode)
     try:
@@ -124,7 +125,7 @@ def _measure(h, mode, decoders, docs, decode_params, n_fetchers) -> dict:
 
 def _replay(h, decoders, decode_params, docs, schedule) -> float:
     """The same batch with the same requests joining at the same steps, their prefix already local."""
-    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.engine.request import SamplingParams
 
     eng = h.local_engine(enable_prefix_caching=True)
     try:

@@ -104,10 +104,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from shadowserve.bench.engine_driver import EngineDriver
-    from shadowserve.bench.harness import Harness, pin_to_dataplane_cores, write_json
+    from shadowserve.bench.harness import Harness, write_json
     from shadowserve.bench.machine import machine_info
     from shadowserve.bench.metrics import compute_metrics, format_table, parse_goodput
     from shadowserve.bench.workloads import with_arrivals
+    from shadowserve.cores import pin_to_dataplane_cores
     from shadowserve.model.loader import load_model
     from shadowserve.store.launch import start_store_server
 

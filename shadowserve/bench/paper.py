@@ -184,11 +184,12 @@ def run(args: argparse.Namespace) -> int:
 
     from shadowserve.bench import plots, stages
     from shadowserve.bench.engine_driver import EngineDriver
-    from shadowserve.bench.harness import Harness, doc_prompt, pin_to_dataplane_cores, write_json
+    from shadowserve.bench.harness import Harness, doc_prompt, write_json
     from shadowserve.bench.load import build_workload, drive, store_url
     from shadowserve.bench.machine import machine_info
     from shadowserve.bench.metrics import compute_metrics, parse_goodput, request_latencies
     from shadowserve.bench.workloads import with_arrivals
+    from shadowserve.cores import pin_to_dataplane_cores
     from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
     from shadowserve.model.loader import load_model
     from shadowserve.store.launch import start_store_server

@@ -26,13 +26,13 @@ import torch
 from shadowserve.bench.quality_tasks import Document, Question, TaskBuilder, first_number
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
-from shadowserve.engine.sequence import SamplingParams
+from shadowserve.engine.request import SamplingParams
 from shadowserve.errors import FetchError
 from shadowserve.kvcache.chunking import chunk_keys, key_seed
 from shadowserve.kvcache.codec import KVCodec
 from shadowserve.llm import create_engine
 from shadowserve.model.loader import LoadedModel
-from shadowserve.store.base import open_store
+from shadowserve.store import open_store
 
 EXACT_CODEC = CodecConfig(quant="none", lossless="none")
 # Greedy tokens per answer: a code is a space and five one-digit tokens; a guard is one word (1-2 tokens).

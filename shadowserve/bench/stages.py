@@ -55,11 +55,11 @@ def measure(h, prompt: list[int], repeats: int, dataplane_cores: str = "auto", s
 
     from shadowserve.config import DataPlaneConfig
     from shadowserve.dataplane.messages import FetchCommand
-    from shadowserve.dataplane.modes import buffer_layout
     from shadowserve.dataplane.pipeline import Pipeline
+    from shadowserve.dataplane.spec import buffer_layout
     from shadowserve.kvcache.chunking import chunk_keys, key_seed
     from shadowserve.kvcache.codec import KVCodec
-    from shadowserve.store.base import open_store
+    from shadowserve.store import open_store
 
     h.unpin()  # engines pinned this process to their cores; split the cores afresh
     cfg = DataPlaneConfig(fetch_mode="thread", chunk_size=h.chunk_size, dataplane_cores=dataplane_cores,
@@ -217,9 +217,10 @@ def print_report(r: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shadowserve.bench.harness import Harness, doc_prompt, pin_to_dataplane_cores, write_json
+    from shadowserve.bench.harness import Harness, doc_prompt, write_json
     from shadowserve.bench.load import store_url
     from shadowserve.bench.machine import machine_info
+    from shadowserve.cores import pin_to_dataplane_cores
     from shadowserve.model.loader import load_model
     from shadowserve.store.launch import start_store_server
 

@@ -24,6 +24,7 @@ import statistics
 import time
 
 from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
+from shadowserve.cores import pin_to_dataplane_cores
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +46,7 @@ def stage_times(h, prompt: list[int], repeats: int = 3) -> dict:
 
     from shadowserve.kvcache.chunking import chunk_keys, key_seed
     from shadowserve.kvcache.codec import KVCodec
-    from shadowserve.store.base import open_store
+    from shadowserve.store import open_store
 
     codec = KVCodec(h.codec, h.loaded.fingerprint)
     keys = chunk_keys(prompt, h.chunk_size, key_seed(h.loaded.fingerprint, codec.kv_format_id))
@@ -98,7 +99,7 @@ def _stages_once(codec, store, keys, shape, recv, dtype) -> dict:
 def suffix_prefill_s(h, prompt: list[int]) -> float:
     """The suffix prefill alone (fastest of 2): the prefix already in local blocks, nothing to fetch."""
     from shadowserve.bench.harness import run_to_end
-    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.engine.request import SamplingParams
 
     local = h.local_engine(enable_prefix_caching=True)
     try:
@@ -146,11 +147,10 @@ def run(args: argparse.Namespace) -> int:
         Harness,
         doc_prompt,
         load_for,
-        pin_to_dataplane_cores,
         run_to_end,
         write_json,
     )
-    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.engine.request import SamplingParams
     from shadowserve.errors import ConfigError
     from shadowserve.store.launch import start_store_server
 

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from shadowserve.bench.quality_tasks import TaskBuilder, TaskSpec, is_correct
     from shadowserve.config import DataPlaneConfig, EngineConfig
-    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.engine.request import SamplingParams
     from shadowserve.errors import ConfigError
     from shadowserve.kvcache.levels import codec_for_quality
     from shadowserve.llm import create_engine

@@ -14,8 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shadowserve.errors import ModelError
-    from shadowserve.model.fetch import SMOLLM2_MEMBER, cache_dir, smollm2_gguf_path
     from shadowserve.model.registry import MODELS
+    from shadowserve.model.weights_download import SMOLLM2_MEMBER, cache_dir, smollm2_gguf_path
 
     if args.models_cmd == "list":
         width = max(len(n) for n in MODELS)

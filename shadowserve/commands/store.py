@@ -49,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     import sys
 
     from shadowserve.config import StoreConfig, parse_duration, parse_rate, parse_size
-    from shadowserve.store.base import read_token_file
+    from shadowserve.store.registry import read_token_file
     from shadowserve.store.server import StoreServer
 
     config = StoreConfig(

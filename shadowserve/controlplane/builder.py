@@ -14,13 +14,13 @@ import torch
 
 from shadowserve.config import CodecConfig, DataPlaneConfig
 from shadowserve.controlplane.manager import BlockHolder, KeyFn, KVCacheManager
-from shadowserve.dataplane.modes import FetchBackend, LookupOnlyBackend, buffer_layout, create_backend
-from shadowserve.dataplane.process import DataPlaneSpec
+from shadowserve.dataplane.backends import FetchBackend, LookupOnlyBackend, create_backend
+from shadowserve.dataplane.spec import DataPlaneSpec, buffer_layout
 from shadowserve.engine.remote_kv import KVHost
 from shadowserve.errors import ConfigError
 from shadowserve.kvcache.chunking import chunk_keys, key_seed
 from shadowserve.kvcache.codec import KVCodec, kv_format_id_of
-from shadowserve.store.base import open_store
+from shadowserve.store import open_store
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def engine_kv_manager(
     if config.chunk_size % host.block_size:
         raise ConfigError(f"chunk_size {config.chunk_size} must be a multiple of block_size {host.block_size}")
     arch = host.arch
-    handle = host.pool.handle() if config.fetch_mode == "offload" else None
-    target = KVTarget(host.pool.tensor, handle, arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
+    handle = host.kv_pool.handle() if config.fetch_mode == "offload" else None
+    target = KVTarget(host.kv_pool.tensor, handle, arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
     return build_kv_manager(config, store_url, codec_config, host.fingerprint, target, host.dataplane_cores,
                             host.block_manager)

@@ -22,8 +22,8 @@ from itertools import count
 from typing import Protocol
 
 from shadowserve.config import DataPlaneConfig
+from shadowserve.dataplane.backends import FetchBackend
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
-from shadowserve.dataplane.modes import FetchBackend
 from shadowserve.engine.remote_kv import PENDING, FetchEnded, KVRequest, Pending, PromptRequest
 from shadowserve.errors import ShadowServeError
 

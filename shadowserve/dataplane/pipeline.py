@@ -69,21 +69,21 @@ class _Chunk:
 
 
 class Pipeline:
-    """Runs fetch and save jobs over fixed buffers, writing KV straight into ``kv_pool`` blocks."""
+    """Runs fetch and save jobs over fixed buffers, writing KV straight into ``kv_tensor`` blocks."""
 
     def __init__(
         self,
         config: DataPlaneConfig,
         store,
         codec,
-        kv_pool: torch.Tensor,
+        kv_tensor: torch.Tensor,
         layout: BufferLayout,
         on_thread_start: Callable[[], None] | None = None,
         kv_layout: str = "engine",
     ) -> None:
         self.config, self.store, self.codec = config, store, codec
         # The layout adapter: our engine's pool, or another engine's (kv_targets.py).
-        self._target = kv_target(kv_pool, config.chunk_size, kv_layout)
+        self._target = kv_target(kv_tensor, config.chunk_size, kv_layout)
         self.blocks_per_chunk = self._target.blocks_per_chunk
         self.chunk_shape = self._target.chunk_shape
         self._on_thread_start = on_thread_start

@@ -13,42 +13,16 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
-from shadowserve.config import DataPlaneConfig
+import torch
+
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
-from shadowserve.dataplane.pipeline import BufferLayout, Pipeline
-from shadowserve.engine.kv_pool import KVPoolHandle
+from shadowserve.dataplane.spec import DataPlaneSpec, build_pipeline
 from shadowserve.errors import FetchError
-
-
-@dataclass(frozen=True)
-class DataPlaneSpec:
-    """Everything a data-plane process needs to build its pipeline (picklable)."""
-
-    config: DataPlaneConfig
-    store_url: str
-    codec_config: object
-    fingerprint: str
-    pool: KVPoolHandle  # or any handle with attach() -> object with .tensor and .close()
-    layout: BufferLayout
-    cores: tuple[int, ...]
-    kv_layout: str = "engine"  # how the pool pages KV (dataplane/kv_targets.py)
-
-
-def build_pipeline(spec: DataPlaneSpec, kv_tensor, on_thread_start=None) -> Pipeline:
-    from shadowserve.kvcache.codec import KVCodec
-    from shadowserve.store.base import open_store
-
-    store = open_store(spec.store_url)
-    codec = KVCodec(spec.codec_config, spec.fingerprint)
-    return Pipeline(spec.config, store, codec, kv_tensor, spec.layout, on_thread_start, spec.kv_layout)
 
 
 def _child_main(spec: DataPlaneSpec, commands, events) -> None:
     """Entry point of the data-plane process."""
-    import torch
-
     if spec.cores:
         os.sched_setaffinity(0, spec.cores)
     # The pipeline's parallelism is its stage workers; torch's intra-op threads on top of them would
@@ -64,7 +38,7 @@ def _child_main(spec: DataPlaneSpec, commands, events) -> None:
                 os._exit(0)  # the engine is gone; nothing left to serve
 
     try:
-        pool = spec.pool.attach()
+        pool = spec.pool_handle.attach()
         pipeline = build_pipeline(spec, pool.tensor)
     except Exception as exc:
         send(("failed", f"{type(exc).__name__}: {exc}"))

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import xxhash
 
-from shadowserve.engine.sequence import Request
+from shadowserve.engine.request import Request
 
 
 def block_hash(prev: int, tokens: Sequence[int]) -> int:

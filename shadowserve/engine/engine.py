@@ -14,9 +14,9 @@ from shadowserve.engine.block_manager import BlockManager
 from shadowserve.engine.kv_pool import KVPool, bytes_per_block
 from shadowserve.engine.model_runner import ModelRunner
 from shadowserve.engine.remote_kv import KVHost, NoRemoteKV, RemoteKV, RemoteKVFactory
+from shadowserve.engine.request import Request, RequestOutput, SamplingParams
 from shadowserve.engine.sampler import Sampler
 from shadowserve.engine.scheduler import Scheduler
-from shadowserve.engine.sequence import Request, RequestOutput, SamplingParams
 from shadowserve.errors import ModelError
 from shadowserve.model.loader import LoadedModel, load_model, torch_dtype
 
@@ -62,22 +62,22 @@ class LLMEngine:
             arch, config.block_size, dtype
         )
         shared = config.shared_kv_pool or (remote and self.dataplane_config.fetch_mode == "offload")
-        self.pool = KVPool(arch, num_blocks, config.block_size, dtype, config.device, shared)
+        self.kv_pool = KVPool(arch, num_blocks, config.block_size, dtype, config.device, shared)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.remote_kv: RemoteKV = NoRemoteKV()
         if remote_kv is not None:
-            host = KVHost(self.pool, self.block_manager, arch, self.loaded.fingerprint, config.block_size,
+            host = KVHost(self.kv_pool, self.block_manager, arch, self.loaded.fingerprint, config.block_size,
                           tuple(self.dataplane_cores))
             try:
                 self.remote_kv = remote_kv(host)
             except BaseException:
-                self.pool.close()  # a shared pool would otherwise outlive us in /dev/shm
+                self.kv_pool.close()  # a shared pool would otherwise outlive us in /dev/shm
                 self._restore_affinity()
                 raise
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, self.tokenizer.eos_token_ids,
                                    self.remote_kv)
         self.sampler = Sampler(config.seed)
-        self.runner = ModelRunner(self.loaded.model, self.pool, self.sampler)
+        self.runner = ModelRunner(self.loaded.model, self.kv_pool, self.sampler)
         self._ids = itertools.count()
         self._on_token: dict[str, Callable[[Request, int], None]] = {}
 
@@ -189,7 +189,7 @@ class LLMEngine:
         self.remote_kv.close()
         self.remote_kv = NoRemoteKV()
         self.scheduler.remote_kv = self.remote_kv
-        self.pool.close()
+        self.kv_pool.close()
         self._restore_affinity()
 
     def _restore_affinity(self) -> None:

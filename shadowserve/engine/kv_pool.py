@@ -4,33 +4,19 @@ Layout ``[layers, 2 (K,V), num_blocks, block_size, kv_heads, head_dim]``: each l
 is one contiguous run of blocks, which is what attention gathers and what the data plane
 scatters a fetched chunk into. In shared memory, another process attaches by name and writes
 KV straight into the destination blocks with no copy through the engine. On CUDA the pool is
-shared by CUDA IPC instead: the data-plane process maps the very same device allocation.
+shared by CUDA IPC instead: the data-plane process maps the very same device allocation. The
+handles that cross to that process live with the data plane (dataplane/shared_pool.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import torch
 
+from shadowserve.dataplane.shared_pool import DTYPES, CudaKVPoolHandle, KVPoolHandle
 from shadowserve.errors import ConfigError
 from shadowserve.model.arch import ModelArch
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class KVPoolHandle:
-    """Picklable description of a shared pool; enough for another process to attach to it."""
-
-    shm_name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def attach(self) -> AttachedKVPool:
-        """Map the pool in this (data-plane) process."""
-        return AttachedKVPool(self)
 
 
 def pool_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -40,43 +26,6 @@ def pool_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int, 
 def bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * arch.num_hidden_layers * block_size * arch.num_key_value_heads * arch.head_dim * elem
-
-
-@dataclass(frozen=True)
-class CudaKVPoolHandle:
-    """A CUDA pool shared by IPC: torch's CUDA-tensor reduction (an IPC handle of the device
-    allocation plus a shared reference count), kept as plain data until ``attach`` maps it.
-
-    Only the attached pool holds the mapped tensor, so a data plane that shuts down cleanly drops
-    its reference and the engine can reclaim the memory when it closes (``torch.cuda.ipc_collect``).
-    A data plane that is killed never drops it: that pool stays allocated until the engine's
-    process exits (torch keeps a block whose consumers have not released it).
-    """
-
-    rebuild: object
-    args: tuple
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> CudaKVPoolHandle:
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        rebuild, args = reduce_tensor(tensor)
-        return cls(rebuild, args)
-
-    def attach(self) -> AttachedCudaKVPool:
-        return AttachedCudaKVPool(self.rebuild(*self.args))
-
-
-class AttachedCudaKVPool:
-    """The data plane's mapping of the engine's device pool (same memory, no copy)."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "cuda":
-            raise ConfigError("a CUDA KV pool handle must carry a CUDA tensor")
-        self.tensor = tensor
-
-    def close(self) -> None:
-        self.tensor = None
 
 
 class KVPool:
@@ -118,7 +67,7 @@ class KVPool:
             return CudaKVPoolHandle.of(self.tensor)
         if self._shm is None:
             raise ConfigError("this KV pool is not in shared memory (set shared_kv_pool)")
-        name = next(k for k, v in _DTYPES.items() if v == self.dtype)
+        name = next(k for k, v in DTYPES.items() if v == self.dtype)
         return KVPoolHandle(self._shm.name, self.shape, name)
 
     def close(self) -> None:
@@ -134,25 +83,3 @@ class KVPool:
             except FileNotFoundError:
                 pass
             self._shm = None
-
-
-class AttachedKVPool:
-    """Another process's view of a shared pool (the data plane writes through it)."""
-
-    def __init__(self, handle: KVPoolHandle) -> None:
-        from shadowserve.dataplane.buffers import attach_shared_memory
-
-        self._shm = attach_shared_memory(handle.shm_name)
-        numel = 1
-        for d in handle.shape:
-            numel *= d
-        self.tensor = torch.frombuffer(self._shm.buf, dtype=_DTYPES[handle.dtype], count=numel).view(handle.shape)
-        # Map every page into this process now: otherwise the first chunk written into each block
-        # pays a page fault on the hot path (measured: ~200 ms more TTFT for an 8K-token prefix).
-        flat = torch.frombuffer(self._shm.buf, dtype=torch.uint8)
-        int(flat[::4096].sum())
-        del flat
-
-    def close(self) -> None:
-        self.tensor = None
-        self._shm.close()

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from shadowserve.engine.kv_pool import KVPool
+from shadowserve.engine.request import Request
 from shadowserve.engine.sampler import Sampler
 from shadowserve.engine.scheduler import ScheduledChunk
-from shadowserve.engine.sequence import Request
 from shadowserve.model.attention import (
     AttentionMetadata,
     DecodeSequence,
@@ -34,9 +34,9 @@ PER_SEQUENCE_DECODE_MIN_CONTEXT = 512
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: KVPool, sampler: Sampler) -> None:
-        self.model, self.pool, self.sampler = model, pool, sampler
-        self.block_size = pool.block_size
+    def __init__(self, model: LlamaForCausalLM, kv_pool: KVPool, sampler: Sampler) -> None:
+        self.model, self.kv_pool, self.sampler = model, kv_pool, sampler
+        self.block_size = kv_pool.block_size
         self.device = model.device
         self.on_gpu = self.device.type == "cuda"
         self._decode_scratch: torch.Tensor | None = None
@@ -49,8 +49,8 @@ class ModelRunner:
         """
         buf = self._decode_scratch
         if buf is None or buf.shape[1] < rows:
-            shape = (2, rows) + tuple(self.pool.tensor.shape[3:])
-            buf = self._decode_scratch = torch.empty(shape, dtype=self.pool.tensor.dtype, device=self.device)
+            shape = (2, rows) + tuple(self.kv_pool.tensor.shape[3:])
+            buf = self._decode_scratch = torch.empty(shape, dtype=self.kv_pool.tensor.dtype, device=self.device)
         return buf
 
     def _context_blocks(self, blocks: np.ndarray, tokens: int) -> tuple[int | None, torch.Tensor | None]:
@@ -81,7 +81,7 @@ class ModelRunner:
         cols = np.arange(max_blocks * bs)
         # Additive mask, built once per step: SDPA would convert a boolean one in every layer.
         bias = np.where(cols[None, :] < ctx[:, None], 0.0, -np.inf).astype(np.float32)
-        dtype = self.pool.tensor.dtype
+        dtype = self.kv_pool.tensor.dtype
         meta.decode_mask = torch.as_tensor(bias, device=self.device).to(dtype)[:, None, None, :]
         meta.decode_scratch = self._decode_workspace(len(decodes) * max_blocks)
 
@@ -123,7 +123,7 @@ class ModelRunner:
         input_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         pos_t = torch.as_tensor(np.concatenate(positions), device=self.device)
         rows_t = torch.as_tensor(sample_rows, dtype=torch.long, device=self.device)  # uploaded before the forward
-        hidden = self.model(input_ids, pos_t, self.pool.tensor, meta)
+        hidden = self.model(input_ids, pos_t, self.kv_pool.tensor, meta)
         if not sample_rows:
             if self.on_gpu:
                 # Saves of this step's chunks are read by another process (or stream) next: the KV

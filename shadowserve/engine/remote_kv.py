@@ -139,7 +139,7 @@ class NoRemoteKV:
 class KVHost:
     """What an engine offers a remote KV cache to wire itself to: its KV memory, blocks, model and cores."""
 
-    pool: KVPool
+    kv_pool: KVPool
     block_manager: BlockManager
     arch: ModelArch
     fingerprint: str  # names the KV the model computes (seeds the chunk keys)

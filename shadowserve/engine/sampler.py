@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shadowserve.engine.sequence import Request
+from shadowserve.engine.request import Request
 
 
 class Sampler:

@@ -20,7 +20,7 @@ from typing import cast
 from shadowserve.config import EngineConfig
 from shadowserve.engine.block_manager import BlockManager
 from shadowserve.engine.remote_kv import PENDING, FetchEnded, NoRemoteKV, RemoteKV
-from shadowserve.engine.sequence import Request, RequestStatus
+from shadowserve.engine.request import Request, RequestStatus
 
 
 @dataclass

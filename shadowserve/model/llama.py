@@ -152,14 +152,14 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_pool: torch.Tensor, meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_tensor: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Run the stack on a flat batch of N new tokens; returns final hidden states [N, hidden]."""
         x = F.embedding(input_ids, self.embed_tokens)
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_pool[i], meta)
+            x = layer(x, cos, sin, kv_tensor[i], meta)
         return rms_norm(x, self.norm, self.arch.rms_norm_eps)
 
     @torch.inference_mode()

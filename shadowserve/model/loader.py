@@ -66,7 +66,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", p
     if spec is not None and spec.source == "random":
         return _load_random(spec.name, spec.arch, spec.seed, tdtype, dtype, device)
     if spec is not None and spec.source == "smollm2-gguf":
-        from shadowserve.model.fetch import smollm2_gguf_path
+        from shadowserve.model.weights_download import smollm2_gguf_path
 
         return _load_gguf(smollm2_gguf_path(progress=progress), spec.name, tdtype, dtype, device, progress)
     path = Path(name_or_path).expanduser()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shadowserve.engine.sequence import RequestOutput, SamplingParams
+from shadowserve.engine.request import RequestOutput, SamplingParams
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 

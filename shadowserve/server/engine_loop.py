@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shadowserve.engine.engine import LLMEngine
-from shadowserve.engine.sequence import Request, RequestOutput, SamplingParams
+from shadowserve.engine.request import Request, RequestOutput, SamplingParams
 from shadowserve.errors import ShadowServeError
 
 log = logging.getLogger("shadowserve.server")

@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 from prometheus_client.registry import Collector
 
 from shadowserve.engine.engine import LLMEngine
-from shadowserve.engine.sequence import RequestOutput
+from shadowserve.engine.request import RequestOutput
 
 PREFIX = "shadowserve_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shadowserve.config import ServerConfig, parse_size
 from shadowserve.engine.engine import LLMEngine
-from shadowserve.engine.sequence import SamplingParams
+from shadowserve.engine.request import SamplingParams
 from shadowserve.errors import ConfigError
 from shadowserve.server.body_limit import BodyLimitMiddleware
 from shadowserve.server.choices import Choice

@@ -1,25 +1,15 @@
-"""The ``KVStore`` contract every backend meets, and ``open_store(url)`` that picks one.
+"""The ``KVStore`` contract every backend meets, and the helpers they share.
 
-URLs (query parameters apply to every scheme unless noted):
-
-* ``memory://`` a private in-process store; ``memory://NAME`` one shared by name in-process.
-  ``?capacity=1GiB`` turns on LRU eviction.
-* ``file:///dir`` one file per key, written atomically (temp file + rename).
-* ``shadowserve://host:port`` our store server; ``?token_file=F`` or ``?token=T`` for auth,
-  ``?pool=N`` idle connections kept.
-* ``redis://[user:password@]host:port/db`` and ``redis+cluster://host:port`` (Redis/Valkey).
-* ``?timeout=30s&connect_timeout=5s`` for network backends.
-* ``?bandwidth=10gbit&latency=0.2ms`` emulates a link on the receive path (see ``shaping``).
+``open_store(url)``, which picks a backend by URL scheme, is in ``store/registry.py``: it sits above
+every backend, while this module sits below them all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import parse_qsl, urlsplit
 
-from shadowserve.config import StoreConfig, parse_duration
-from shadowserve.errors import ConfigError, StoreError
+from shadowserve.errors import StoreError
 
 MAX_KEY_LEN = 1024
 
@@ -109,114 +99,3 @@ class StoreBase:
 
     def __exit__(self, *exc: object) -> None:
         self.close()  # type: ignore[attr-defined]
-
-
-_COMMON_PARAMS = {"bandwidth", "latency"}
-_NET_PARAMS = {"timeout", "connect_timeout"}
-
-
-def _params(query: str, allowed: set[str], url: str) -> dict[str, str]:
-    params = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = set(params) - allowed - _COMMON_PARAMS
-    if unknown:
-        raise ConfigError(f"unknown parameter(s) {', '.join(sorted(unknown))} in store url {url!r}")
-    return params
-
-
-def open_store(url: str | StoreConfig) -> Any:
-    """Open the store a URL (or a ``StoreConfig``) names; see the module docstring for URLs."""
-    config = url if isinstance(url, StoreConfig) else StoreConfig(url=url)
-    url = config.url
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    timeout, connect_timeout = config.timeout, config.connect_timeout
-
-    def net_timeouts(params: dict[str, str]) -> tuple[float, float]:
-        t = parse_duration(params["timeout"]) if "timeout" in params else timeout
-        c = parse_duration(params["connect_timeout"]) if "connect_timeout" in params else connect_timeout
-        if t <= 0 or c <= 0:
-            raise ConfigError(f"timeouts must be > 0 in {url!r}")
-        return t, c
-
-    if scheme == "memory":
-        from shadowserve.config import parse_size
-        from shadowserve.store.memory import MemoryStore
-
-        params = _params(parts.query, {"capacity"}, url)
-        capacity = parse_size(params["capacity"]) if "capacity" in params else None
-        store: Any = MemoryStore.named(parts.netloc + parts.path, capacity)
-    elif scheme == "file":
-        from shadowserve.store.disk import FileStore
-
-        params = _params(parts.query, set(), url)
-        path = parts.netloc + parts.path
-        if not path:
-            raise ConfigError(f"file store url {url!r} has no directory (use file:///path/to/dir)")
-        store = FileStore(path)
-    elif scheme == "shadowserve":
-        from shadowserve.store.client import StoreClient
-
-        params = _params(parts.query, _NET_PARAMS | {"token", "token_file", "pool"}, url)
-        t, c = net_timeouts(params)
-        token = params.get("token")
-        token_file = params.get("token_file", config.token_file)
-        if token is None and token_file:
-            token = read_token_file(token_file)
-        host, port = _host_port(parts, url, default_port=7480)
-        from shadowserve.store.shaping import LinkShape
-
-        shape = LinkShape.from_options(
-            params.get("bandwidth", config.bandwidth), params.get("latency", config.latency)
-        )
-        return StoreClient(
-            host, port, token=token, timeout=t, connect_timeout=c, shape=shape,
-            pool_size=int(params.get("pool", 16)),
-        )
-    elif scheme in ("redis", "redis+cluster", "rediss"):
-        from shadowserve.store.redis import RedisStore
-
-        params = _params(parts.query, _NET_PARAMS, url)
-        t, c = net_timeouts(params)
-        host, port = _host_port(parts, url, default_port=6379)
-        db = 0
-        if parts.path.strip("/"):
-            try:
-                db = int(parts.path.strip("/"))
-            except ValueError as exc:
-                raise ConfigError(f"redis database must be a number in {url!r}") from exc
-        store = RedisStore(
-            host, port, db=db, cluster=scheme == "redis+cluster", username=parts.username,
-            password=parts.password, timeout=t, connect_timeout=c, ssl=scheme == "rediss",
-        )
-    else:
-        raise ConfigError(
-            f"unknown store url {url!r}: use memory://, file:///dir, shadowserve://host:port, "
-            "redis://host:port/db or redis+cluster://host:port"
-        )
-    from shadowserve.store.shaping import LinkShape, ShapedStore
-
-    shape = LinkShape.from_options(params.get("bandwidth", config.bandwidth), params.get("latency", config.latency))
-    return ShapedStore(store, shape) if shape.active else store
-
-
-def _host_port(parts: Any, url: str, default_port: int) -> tuple[str, int]:
-    try:
-        port = parts.port or default_port
-    except ValueError as exc:
-        raise ConfigError(f"bad port in store url {url!r}") from exc
-    host = parts.hostname
-    if not host:
-        raise ConfigError(f"store url {url!r} has no host")
-    return host, port
-
-
-def read_token_file(path: str) -> str:
-    """The shared auth token: the file's content without surrounding whitespace."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read token file {path!r}: {exc.strerror}") from exc
-    if not token:
-        raise ConfigError(f"token file {path!r} is empty")
-    return token

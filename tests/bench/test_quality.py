@@ -12,12 +12,12 @@ import torch
 from shadowserve.bench.quality_stats import accuracy_interval, mcnemar_p, paired_difference
 from shadowserve.bench.quality_tasks import Question, TaskBuilder, TaskSpec, first_number, is_correct
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
-from shadowserve.engine.sequence import SamplingParams
+from shadowserve.engine.request import SamplingParams
 from shadowserve.kvcache.chunking import chunk_keys, key_seed
 from shadowserve.kvcache.codec import KVCodec
 from shadowserve.kvcache.levels import QUALITY_LEVELS
 from shadowserve.llm import create_engine
-from shadowserve.store.base import open_store
+from shadowserve.store import open_store
 
 pytest.importorskip("scipy")
 

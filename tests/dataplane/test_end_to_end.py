@@ -15,7 +15,7 @@ import pytest
 
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
-from shadowserve.engine.sequence import RequestStatus, SamplingParams
+from shadowserve.engine.request import RequestStatus, SamplingParams
 from shadowserve.llm import create_engine
 
 LOSSLESS = CodecConfig(quant="none", lossless="zstd")
@@ -232,7 +232,7 @@ def test_close_releases_the_kv_pool(tiny, tmp_path, mode):
     import weakref
 
     eng = engine(tiny, f"file://{tmp_path}/store", mode)
-    pool = weakref.ref(eng.pool.tensor)
+    pool = weakref.ref(eng.kv_pool.tensor)
     eng.close()
     assert pool() is None
 

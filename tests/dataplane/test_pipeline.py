@@ -9,8 +9,8 @@ import torch
 
 from shadowserve.config import CodecConfig, DataPlaneConfig
 from shadowserve.dataplane.messages import FetchCommand, SaveCommand
-from shadowserve.dataplane.modes import buffer_layout
 from shadowserve.dataplane.pipeline import Pipeline
+from shadowserve.dataplane.spec import buffer_layout
 from shadowserve.kvcache.codec import KVCodec
 from shadowserve.store.memory import MemoryStore
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shadowserve.engine.block_manager import BlockManager, block_hash
-from shadowserve.engine.sequence import Request, SamplingParams
+from shadowserve.engine.request import Request, SamplingParams
 
 
 def req(tokens: list[int], rid: str = "r") -> Request:

@@ -8,7 +8,7 @@ import pytest
 
 from shadowserve.config import EngineConfig
 from shadowserve.engine.engine import LLMEngine
-from shadowserve.engine.sequence import RequestStatus, SamplingParams
+from shadowserve.engine.request import RequestStatus, SamplingParams
 from shadowserve.errors import ConfigError, ModelError
 
 

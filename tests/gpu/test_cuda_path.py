@@ -16,10 +16,10 @@ import torch
 
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.dataplane.messages import FetchCommand, SaveCommand
-from shadowserve.dataplane.modes import buffer_layout
 from shadowserve.dataplane.pipeline import Pipeline
+from shadowserve.dataplane.spec import buffer_layout
 from shadowserve.engine.engine import LLMEngine
-from shadowserve.engine.sequence import RequestStatus, SamplingParams
+from shadowserve.engine.request import RequestStatus, SamplingParams
 from shadowserve.kvcache.codec import KVCodec
 from shadowserve.llm import create_engine
 from shadowserve.store.memory import MemoryStore
@@ -72,7 +72,7 @@ def test_two_dimensional_copies_are_available():
 
 def test_engine_runs_on_the_gpu(tiny_gpu):
     eng = engine(tiny_gpu, None, "recompute")
-    assert eng.pool.tensor.is_cuda
+    assert eng.kv_pool.tensor.is_cuda
     ps = prompts(4, seed=0)
     outs = run(eng, ps, SamplingParams(max_tokens=12, ignore_eos=True))
     assert all(len(r.output_token_ids) == 12 for r in outs)
@@ -108,14 +108,14 @@ def test_lossy_codec_lands_the_same_kv_as_the_host_decoder(tiny_gpu, tmp_path, m
         eng.step()
     assert req.num_fetched_tokens == 256
     blocks = req.block_ids[: 256 // BS]
-    landed = eng.pool.tensor[:, :, blocks].reshape(4, 2, 256, -1).cpu()
+    landed = eng.kv_pool.tensor[:, :, blocks].reshape(4, 2, 256, -1).cpu()
     from shadowserve.kvcache.chunking import chunk_keys, key_seed
-    from shadowserve.store.base import open_store
+    from shadowserve.store import open_store
 
     kc = KVCodec(codec, tiny_gpu.fingerprint)
     keys = chunk_keys(ps[0], CHUNK, key_seed(tiny_gpu.fingerprint, kc.kv_format_id))
     store = open_store(url)
-    expect = torch.cat([kc.decode(store.get(k), torch.empty(landed.shape[0], 2, CHUNK, *eng.pool.shape[-2:]))
+    expect = torch.cat([kc.decode(store.get(k), torch.empty(landed.shape[0], 2, CHUNK, *eng.kv_pool.shape[-2:]))
                         .reshape(landed.shape[0], 2, CHUNK, -1) for k in keys[: 256 // CHUNK]], dim=2)
     assert torch.equal(landed, expect)
     run(eng, [])

@@ -29,7 +29,7 @@ from vllm.config import KVTransferConfig  # noqa: E402
 from shadowserve.config import CodecConfig  # noqa: E402
 from shadowserve.integrations.vllm.random_model import save_random_llama  # noqa: E402
 from shadowserve.kvcache.codec import KVCodec  # noqa: E402
-from shadowserve.store.base import open_store  # noqa: E402
+from shadowserve.store import open_store  # noqa: E402
 from shadowserve.store.launch import start_store_server  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -33,7 +33,7 @@ def test_corrupt_gguf(tmp_path):
 
 
 def test_truncated_real_gguf(tmp_path):
-    from shadowserve.model.fetch import smollm2_gguf_path
+    from shadowserve.model.weights_download import smollm2_gguf_path
 
     data = smollm2_gguf_path(progress=False).read_bytes()
     cut = tmp_path / "cut.gguf"

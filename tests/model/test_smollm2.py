@@ -18,7 +18,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def hf_reference():
     transformers = pytest.importorskip("transformers")
-    from shadowserve.model.fetch import smollm2_gguf_path
+    from shadowserve.model.weights_download import smollm2_gguf_path
 
     path = smollm2_gguf_path(progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -47,7 +47,7 @@ def test_tokenizer_matches_transformers(smollm2, hf_reference):
 def test_greedy_tokens_match_transformers(smollm2, hf_reference):
     from shadowserve.config import EngineConfig
     from shadowserve.engine.engine import LLMEngine
-    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.engine.request import SamplingParams
 
     model, _ = hf_reference
     engine = LLMEngine(EngineConfig(model="smollm2-135m", kv_cache_memory="256MiB"), loaded=smollm2)
@@ -66,7 +66,7 @@ def test_greedy_tokens_match_transformers(smollm2, hf_reference):
 def test_batched_equals_one_at_a_time(smollm2):
     from shadowserve.config import EngineConfig
     from shadowserve.engine.engine import LLMEngine
-    from shadowserve.engine.sequence import SamplingParams
+    from shadowserve.engine.request import SamplingParams
 
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     engine = LLMEngine(EngineConfig(model="smollm2-135m", kv_cache_memory="256MiB",

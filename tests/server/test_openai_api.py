@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shadowserve.engine.sequence import SamplingParams
+from shadowserve.engine.request import SamplingParams
 from tests.server.conftest import scrape
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency")

@@ -83,7 +83,7 @@ def _child(args: argparse.Namespace) -> dict:
     if kvt is not None:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-        from shadowserve.store.base import open_store
+        from shadowserve.store import open_store
 
         worker = get_kv_transfer_group()
         sched = llm.llm_engine.engine_core.engine_core.scheduler.connector
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not names:
         raise ConfigError(f"unknown --configs {', '.join(unknown) or '(none)'}: choose from {', '.join(CONFIGS)}")
 
-    from shadowserve.bench.harness import pin_to_dataplane_cores
+    from shadowserve.cores import pin_to_dataplane_cores
     from shadowserve.integrations.vllm.random_model import save_random_llama
     from shadowserve.store.launch import start_store_server
 

@@ -22,10 +22,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from shadowserve.controlplane.builder import KVTarget, build_kv_manager, build_lookup_manager
+from shadowserve.cores import auto_dataplane_cores
+from shadowserve.dataplane.shared_pool import SharedTensorHandle
 from shadowserve.errors import ConfigError
 from shadowserve.integrations.vllm.config import ConnectorConfig, model_fingerprint, parse_extra_config
-from shadowserve.integrations.vllm.cores import auto_dataplane_cores
-from shadowserve.integrations.vllm.kv_view import SharedTensorHandle, pool_view, share
+from shadowserve.integrations.vllm.kv_view import kv_tensor_view, share
 from shadowserve.integrations.vllm.metadata import ShadowServeMetadata
 from shadowserve.integrations.vllm.scheduler_side import NoBlocks, SchedulerSide
 from shadowserve.integrations.vllm.worker_side import BlockLedger, TrackedBackend, WorkerSide
@@ -77,21 +78,21 @@ class ShadowServeConnector(KVConnectorBase_V1):
         dp = self.config.dataplane
         if dp.dataplane_cores == "auto" and (free := auto_dataplane_cores()):
             dp = dataclasses.replace(dp, dataplane_cores=free)  # the cores vLLM's binding left to us
-        pool = pool_view(kv_caches, self._head_dim)
-        layers, _, kv_heads, _, _, head_dim = pool.shape
+        kv_tensor = kv_tensor_view(kv_caches, self._head_dim)
+        layers, _, kv_heads, _, _, head_dim = kv_tensor.shape
         handle = None
         if dp.fetch_mode == "offload":
-            share(pool)
-            handle = SharedTensorHandle(pool)
+            share(kv_tensor)
+            handle = SharedTensorHandle(kv_tensor)
             _allow_children()
         _, plane_cores = dp.split_cores()
-        target = KVTarget(pool, handle, layers, kv_heads, head_dim, kv_layout="head_major")
+        target = KVTarget(kv_tensor, handle, layers, kv_heads, head_dim, kv_layout="head_major")
         manager = build_kv_manager(dp, self.config.store_url, self.config.codec, self.fingerprint, target,
                                    tuple(plane_cores), BlockLedger(self.block_size), lookups=False,
                                    wrap_backend=TrackedBackend)
         self.worker = WorkerSide(manager, self.block_size, dp.fetch_timeout)
         log.info("shadowserve: %s data plane on cores %s writing into vLLM's KV %s", dp.fetch_mode,
-                 plane_cores, tuple(pool.shape))
+                 plane_cores, tuple(kv_tensor.shape))
 
     # ---- scheduler side -----------------------------------------------------------------------
 

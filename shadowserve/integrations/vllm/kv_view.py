@@ -1,4 +1,4 @@
-"""vLLM's per-layer KV tensors as the one pool tensor our data plane writes into.
+"""vLLM's per-layer KV tensors as the one KV tensor our data plane writes into.
 
 On the CPU, vLLM (LBHNC layout) allocates every layer's KV in one buffer, layer after layer; each
 layer is ``[num_blocks, kv_heads, block_size, 2 * head_size]`` whose rows hold a block's keys then
@@ -6,20 +6,19 @@ its values per head. So the whole cache is a single ``[layers, blocks, kv_heads,
 head_dim]`` tensor (the ``head_major`` layout of dataplane/kv_targets.py) over the same memory.
 
 For the offload data plane the buffer moves into shared memory in place (``share_memory_`` swaps
-the storage's pages under every view vLLM holds, after one copy at start-up), and the handle passes
-it to the data-plane process as a file descriptor when that process is spawned.
+the storage's pages under every view vLLM holds, after one copy at start-up), and a
+``SharedTensorHandle`` (dataplane/shared_pool.py) passes it to the data-plane process as a file
+descriptor when that process is spawned.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from shadowserve.errors import ConfigError
 
 
-def pool_view(kv_caches: dict[str, torch.Tensor], head_dim: int) -> torch.Tensor:
+def kv_tensor_view(kv_caches: dict[str, torch.Tensor], head_dim: int) -> torch.Tensor:
     """One ``[layers, blocks, kv_heads, 2, block_size, head_dim]`` view over vLLM's KV buffer."""
     tensors = list(kv_caches.values())
     if not tensors:
@@ -44,22 +43,6 @@ def pool_view(kv_caches: dict[str, torch.Tensor], head_dim: int) -> torch.Tensor
     return view
 
 
-def share(pool: torch.Tensor) -> None:
-    """Move the pool's storage into shared memory in place (every existing view follows)."""
-    pool.untyped_storage().share_memory_()
-
-
-@dataclass(frozen=True)
-class SharedTensorHandle:
-    """A shared CPU tensor for the data-plane process (pickled as a file descriptor at spawn)."""
-
-    tensor: torch.Tensor
-
-    def attach(self) -> SharedTensorHandle:
-        """Called in the data-plane process: map every page now, not on the first chunk's hot path."""
-        flat = self.tensor.view(-1).view(torch.uint8)
-        int(flat[::4096].sum())
-        return self
-
-    def close(self) -> None:
-        pass
+def share(kv_tensor: torch.Tensor) -> None:
+    """Move the KV tensor's storage into shared memory in place (every existing view follows)."""
+    kv_tensor.untyped_storage().share_memory_()

@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from shadowserve.controlplane.manager import BlockHolder, KVCacheManager
+from shadowserve.dataplane.backends import FetchBackend
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
-from shadowserve.dataplane.modes import FetchBackend
 from shadowserve.engine.remote_kv import FetchEnded, KVRequest
 from shadowserve.integrations.vllm.metadata import LoadSpec, SaveSpec, ShadowServeMetadata
 

@@ -1,64 +1,63 @@
-"""Fetch modes behind one interface: where the one pipeline runs.
+"""The data-plane backends (one per fetch mode) behind one declared interface: where the pipeline runs.
 
 - ``sync``: inside the engine step (the engine waits for the pipeline: CacheGen-Sync).
 - ``thread``: on background threads of the engine process, pinned to the data-plane cores.
 - ``offload``: in the isolated data-plane process on its reserved cores (ShadowServe).
 - ``gpu``: like ``thread``, but dequantization runs on the serving GPU (CacheGen-Async; CUDA only).
-- ``recompute`` has no backend at all.
+- ``recompute`` has no backend at all (the engine's port is ``NoRemoteKV``).
+
+Like vLLM's kv_offload split between a manager and workers, every ``FetchBackend`` method is called
+by the control plane in the engine's process; the pipeline behind it runs on that process's threads
+or in the data-plane process, and reports back only through ``poll``.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 import threading
 from collections import deque
 
-import numpy as np
-
 from shadowserve.dataplane.buffers import SlotPool
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.dataplane.pipeline import BufferLayout
-from shadowserve.dataplane.process import DataPlaneProcess, DataPlaneSpec, build_pipeline
-from shadowserve.engine.kv_pool import CudaKVPoolHandle
+from shadowserve.dataplane.process import DataPlaneProcess
+from shadowserve.dataplane.shared_pool import CudaKVPoolHandle
+from shadowserve.dataplane.spec import DataPlaneSpec, build_pipeline
 from shadowserve.errors import ConfigError, FetchError
 
-# Room for the container header and incompressible data on top of the raw chunk size.
-_HEADER_SLACK = 64 * 1024
 
+class FetchBackend(abc.ABC):
+    """What the control plane talks to (every method runs in the engine's process, never blocking
+    on the store except ``submit`` of a ``synchronous`` backend); completions come back by ``poll``."""
 
-def buffer_layout(chunk_shape: tuple[int, ...], element_size: int, codec=None) -> BufferLayout:
-    """Slot sizes for one chunk: an encoded chunk never exceeds raw size plus header slack."""
-    raw = int(np.prod(chunk_shape)) * element_size
-    receive = staging = raw + _HEADER_SLACK
-    if codec is not None:
-        receive = max(receive, int(codec.max_encoded_nbytes(chunk_shape)))
-        staging = max(staging, int(codec.max_staging_nbytes(chunk_shape)))
-    return BufferLayout(receive_bytes=receive, staging_bytes=staging, kv_bytes=raw)
+    synchronous = False  # True: ``submit`` returns only when the job is done (the engine step waits)
 
-
-class FetchBackend:
-    """What the control plane talks to; completions are collected by ``poll``."""
-
-    synchronous = False
-
+    @abc.abstractmethod
     def submit(self, cmd: FetchCommand | SaveCommand) -> None:
-        raise NotImplementedError
+        """Queue a fetch (write chunks into the given blocks) or a save (read them); its Completion
+        comes from a later ``poll``. The blocks must not be reused until then (the caller holds them)."""
 
+    @abc.abstractmethod
     def poll(self) -> list[Completion]:
-        raise NotImplementedError
+        """Completions since the last call, without waiting."""
 
     def healthy(self) -> bool:
+        """False when the pipeline died or stopped beating: the caller fails over with ``restart``."""
         return True
 
+    @abc.abstractmethod
     def restart(self) -> None:
         """Make sure no previously submitted job can still write; fail-over is the caller's job."""
 
     def stats(self) -> dict:
+        """The pipeline's counters (stage busy seconds, buffer occupancy); {} before the first report."""
         return {}
 
+    @abc.abstractmethod
     def close(self) -> None:
-        pass
+        """Stop the pipeline; afterwards nothing it ran can touch the KV memory."""
 
 
 class LookupOnlyBackend(FetchBackend):
@@ -69,6 +68,12 @@ class LookupOnlyBackend(FetchBackend):
 
     def poll(self) -> list[Completion]:
         return []
+
+    def restart(self) -> None:
+        pass  # nothing runs, so nothing can still write
+
+    def close(self) -> None:
+        pass
 
 
 class ThreadBackend(FetchBackend):
@@ -133,7 +138,7 @@ class OffloadBackend(FetchBackend):
             SlotPool("receive", cfg.receive_slots, lay.receive_bytes),
             SlotPool("staging", cfg.staging_slots, lay.staging_bytes),
         ]
-        if not isinstance(spec.pool, CudaKVPoolHandle):
+        if not isinstance(spec.pool_handle, CudaKVPoolHandle):
             self._segments.append(SlotPool("kv", cfg.kv_slots, lay.kv_bytes))
         names = [s.shm_name for s in self._segments] + [None] * (3 - len(self._segments))
         lay = BufferLayout(lay.receive_bytes, lay.staging_bytes, lay.kv_bytes, *names)
@@ -167,6 +172,7 @@ class OffloadBackend(FetchBackend):
 
 
 def create_backend(spec: DataPlaneSpec, kv_tensor) -> FetchBackend:
+    """The backend of ``spec.config.fetch_mode`` over ``kv_tensor`` (offload reaches it via ``spec.pool_handle``)."""
     mode = spec.config.fetch_mode
     if mode == "sync":
         return SyncBackend(spec, kv_tensor)

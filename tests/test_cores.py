@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shadowserve.integrations.vllm.cores import auto_dataplane_cores, cpus_left_free, omp_bound_cpus
+from shadowserve.cores import auto_dataplane_cores, cpus_left_free, omp_bound_cpus
 
 
 def test_reads_the_binding_in_each_form_vllm_sets():
