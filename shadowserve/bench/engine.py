@@ -9,6 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pydoc_data.topics import topics
+
+import torch
+
+from shadowserve.config import EngineConfig
+from shadowserve.engine.engine import LLMEngine
+from shadowserve.engine.request import SamplingParams
+from shadowserve.errors import ConfigError
+from shadowserve.model.loader import load_model
+from shadowserve.model.weights_download import smollm2_gguf_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,8 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _text_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
-    from pydoc_data.topics import topics
-
     keys = sorted(topics)
     ids: list[int] = []
     for i in range(len(keys)):
@@ -37,13 +45,6 @@ def _text_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from shadowserve.config import EngineConfig
-    from shadowserve.engine.engine import LLMEngine
-    from shadowserve.engine.request import SamplingParams
-    from shadowserve.model.loader import load_model
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.decode_tokens < 2:
@@ -162,16 +163,8 @@ def _hf_model(name: str):
     try:
         import transformers
     except ImportError:
-        from shadowserve.errors import ConfigError
-
         raise ConfigError("the transformers baseline needs `pip install transformers` (or pass --no-hf)") from None
-    import torch
-
-    from shadowserve.model.weights_download import smollm2_gguf_path
-
     if name != "smollm2-135m":
-        from shadowserve.errors import ConfigError
-
         raise ConfigError("the transformers baseline is wired for smollm2-135m only (or pass --no-hf)")
     path = smollm2_gguf_path()
     return transformers.AutoModelForCausalLM.from_pretrained(

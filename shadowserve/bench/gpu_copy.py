@@ -20,6 +20,20 @@ import statistics
 import threading
 import time
 
+import torch
+
+from shadowserve.bench.harness import write_json
+from shadowserve.config import CodecConfig, DataPlaneConfig
+from shadowserve.dataplane.buffers import SlotPool
+from shadowserve.dataplane.kv_targets import CudaEngineKV
+from shadowserve.dataplane.messages import FetchCommand
+from shadowserve.dataplane.pipeline import Pipeline
+from shadowserve.dataplane.spec import buffer_layout
+from shadowserve.kvcache.codec import KVCodec
+from shadowserve.model.loader import torch_dtype
+from shadowserve.model.registry import MODELS
+from shadowserve.store.memory import MemoryStore
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama3-8b-shape", help="a registry model: only its KV shape is used")
@@ -32,14 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from shadowserve.bench.harness import write_json
-    from shadowserve.dataplane.buffers import SlotPool
-    from shadowserve.dataplane.kv_targets import CudaEngineKV
-    from shadowserve.model.loader import torch_dtype
-    from shadowserve.model.registry import MODELS
-
     if not torch.cuda.is_available():
         print("error: bench gpu_copy needs a CUDA GPU")
         return 2
@@ -115,13 +121,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _pipeline_pass(args, pool, chunk_shape, chunk_bytes, plans, views) -> dict:
     """The whole pipeline in this process, its codec doing no work: store -> slots -> GPU blocks."""
-    from shadowserve.config import CodecConfig, DataPlaneConfig
-    from shadowserve.dataplane.messages import FetchCommand
-    from shadowserve.dataplane.pipeline import Pipeline
-    from shadowserve.dataplane.spec import buffer_layout
-    from shadowserve.kvcache.codec import KVCodec
-    from shadowserve.store.memory import MemoryStore
-
     codec = KVCodec(CodecConfig(quant="none", lossless="none"), "bench")
     store = MemoryStore()
     blobs = [codec.encode(views[i]) for i in range(4)]

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
+from pydoc_data.topics import topics
 
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.request import Request, SamplingParams
 from shadowserve.llm import create_engine
-from shadowserve.model.loader import LoadedModel
+from shadowserve.model.loader import LoadedModel, load_model
 
 
 @dataclass
@@ -83,15 +85,11 @@ def add_model_arguments(p, kv_cache_memory: str = "2GiB") -> None:
 
 def load_for(args):
     """The benchmark's model, loaded once for every engine it builds."""
-    from shadowserve.model.loader import load_model
-
     return load_model(args.model, args.dtype, device=args.device, progress=False)
 
 
 def itl_median_ms(reqs: list[Request]) -> float:
     """Median inter-token latency: the typical decode step, robust to the odd prefill-heavy step."""
-    import statistics
-
     gaps = [b - a for r in reqs for a, b in zip(r.token_times, r.token_times[1:])]
     return statistics.median(gaps) * 1e3
 
@@ -107,8 +105,6 @@ def run_to_end(eng: LLMEngine, reqs: list[Request], timeout: float = 600.0) -> l
 
 def doc_prompt(tokenizer, tokens: int, offset: int, suffix: str = "\n\nQuestion: what is this about?") -> list[int]:
     """A real-text document of exactly ``tokens`` tokens (a chunk multiple) plus a short question."""
-    from pydoc_data.topics import topics
-
     ids: list[int] = []
     keys = sorted(topics)
     i = offset

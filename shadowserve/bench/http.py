@@ -11,6 +11,20 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from tqdm import tqdm
+
+from shadowserve.bench.engine_driver import EngineDriver
+from shadowserve.bench.harness import write_json
+from shadowserve.bench.http_driver import HTTPDriver
+from shadowserve.bench.load import drive
+from shadowserve.bench.machine import machine_info
+from shadowserve.bench.metrics import compute_metrics
+from shadowserve.bench.workloads import prefix_repetition, topic_tokens
+from shadowserve.config import EngineConfig
+from shadowserve.engine.engine import LLMEngine
+from shadowserve.model.loader import load_model
+from shadowserve.server.launch import start_api_server
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
@@ -27,20 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from shadowserve.bench.engine_driver import EngineDriver
-    from shadowserve.bench.harness import write_json
-    from shadowserve.bench.http_driver import HTTPDriver
-    from shadowserve.bench.load import drive
-    from shadowserve.bench.machine import machine_info
-    from shadowserve.bench.metrics import compute_metrics
-    from shadowserve.bench.workloads import prefix_repetition, topic_tokens
-    from shadowserve.config import EngineConfig
-    from shadowserve.engine.engine import LLMEngine
-    from shadowserve.model.loader import load_model
-    from shadowserve.server.launch import start_api_server
-
     loaded = load_model(args.model, "float32", progress=False)
     stream = topic_tokens(loaded.tokenizer)
     cfg = EngineConfig(model=args.model, kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False,

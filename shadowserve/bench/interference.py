@@ -16,12 +16,21 @@ import argparse
 import statistics
 
 from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
+from shadowserve.bench.harness import (
+    Harness,
+    add_model_arguments,
+    doc_prompt,
+    itl_median_ms,
+    load_for,
+    run_to_end,
+    write_json,
+)
 from shadowserve.cores import pin_to_dataplane_cores
+from shadowserve.engine.request import SamplingParams
+from shadowserve.store.launch import start_store_server
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from shadowserve.bench.harness import add_model_arguments
-
     add_model_arguments(p)
     p.add_argument("--modes", default="sync,thread,offload")
     p.add_argument("--batch", type=int, default=8, help="decoding requests")
@@ -38,10 +47,6 @@ def _tpot(reqs) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shadowserve.bench.harness import Harness, doc_prompt, load_for, write_json
-    from shadowserve.engine.request import SamplingParams
-    from shadowserve.store.launch import start_store_server
-
     loaded = load_for(args)
     server = None if args.store else start_store_server("--capacity", "16GiB")
     if server is not None:
@@ -83,9 +88,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _measure(h, mode, decoders, docs, decode_params, n_fetchers) -> dict:
     """Idle TPOT, loaded TPOT and the replayed baseline for one mode (one fresh engine)."""
-    from shadowserve.bench.harness import itl_median_ms
-    from shadowserve.engine.request import SamplingParams
-
     eng = h.engine(mode)
     try:
         # Warm-up, then the idle measurement: the batch decodes alone.
@@ -125,8 +127,6 @@ def _measure(h, mode, decoders, docs, decode_params, n_fetchers) -> dict:
 
 def _replay(h, decoders, decode_params, docs, schedule) -> float:
     """The same batch with the same requests joining at the same steps, their prefix already local."""
-    from shadowserve.engine.request import SamplingParams
-
     eng = h.local_engine(enable_prefix_caching=True)
     try:
         run_batch(eng, docs, SamplingParams(max_tokens=1))  # every document's KV now in local blocks
@@ -143,6 +143,4 @@ def _replay(h, decoders, decode_params, docs, schedule) -> float:
 
 
 def run_batch(eng, prompts, params):
-    from shadowserve.bench.harness import run_to_end
-
     return run_to_end(eng, [eng.add_request(p, params) for p in prompts])

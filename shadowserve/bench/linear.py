@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
+
+import torch
 
 # (in, out, times per step) for SmolLM2-135M: fused qkv, o, fused gate/up, down; the LM head once.
 SMOLLM2_SHAPES = [(576, 960, 30), (576, 576, 30), (576, 3072, 30), (1536, 576, 30), (576, 49152, 1)]
@@ -26,8 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _kernel(name: str, w, x):
     """A zero-argument callable computing x @ w.T with kernel ``name`` (weights prepared up front)."""
-    import torch
-
     if name == "dense":
         return lambda: torch.nn.functional.linear(x, w)
     if name == "fp16":
@@ -53,10 +54,6 @@ def _kernel(name: str, w, x):
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
-    import torch
-
     torch.set_num_threads(args.threads)
     kernels = [k for k in args.kernels.split(",") if k]
     batches = [int(b) for b in args.batch_sizes.split(",") if b]

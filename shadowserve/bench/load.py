@@ -9,11 +9,24 @@ and every metric is computed from the driver's per-request records.
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 
+from tqdm import tqdm
+
+from shadowserve.bench import workloads as w
 from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
 from shadowserve.bench.drivers import Driver, RequestRecord, RequestSpec
+from shadowserve.bench.engine_driver import EngineDriver
+from shadowserve.bench.harness import Harness, write_json
+from shadowserve.bench.http_driver import HTTPDriver
+from shadowserve.bench.machine import machine_info
+from shadowserve.bench.metrics import compute_metrics, format_table, parse_goodput
+from shadowserve.bench.workloads import with_arrivals
+from shadowserve.cores import pin_to_dataplane_cores
 from shadowserve.errors import ConfigError
+from shadowserve.model.loader import load_model
+from shadowserve.store.launch import start_store_server
 
 WORKLOADS = ("long-doc-qa", "chat", "prefix-repetition")
 
@@ -67,8 +80,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_workload(args: argparse.Namespace, tokenizer, max_model_len: int):
     """The workload the flags describe, with prompts capped to fit the model's context."""
-    from shadowserve.bench import workloads as w
-
     out_hi = args.output_len[1]
     room = max_model_len - out_hi - 32  # question / suffix tokens
     if args.workload == "long-doc-qa":
@@ -101,17 +112,6 @@ def drive(driver: Driver, specs: list[RequestSpec], max_concurrency: int | None,
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from shadowserve.bench.engine_driver import EngineDriver
-    from shadowserve.bench.harness import Harness, write_json
-    from shadowserve.bench.machine import machine_info
-    from shadowserve.bench.metrics import compute_metrics, format_table, parse_goodput
-    from shadowserve.bench.workloads import with_arrivals
-    from shadowserve.cores import pin_to_dataplane_cores
-    from shadowserve.model.loader import load_model
-    from shadowserve.store.launch import start_store_server
-
     slos = parse_goodput(args.goodput)
     percentiles = [float(q) for q in args.percentiles.split(",") if q]
     if args.url:
@@ -160,17 +160,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_http(args: argparse.Namespace, slos: dict, percentiles: list[float]) -> int:
     """The same workload and metrics against a running server; its fetch mode is the server's own."""
-    import time
-
-    from tqdm import tqdm
-
-    from shadowserve.bench.harness import write_json
-    from shadowserve.bench.http_driver import HTTPDriver
-    from shadowserve.bench.machine import machine_info
-    from shadowserve.bench.metrics import compute_metrics, format_table
-    from shadowserve.bench.workloads import with_arrivals
-    from shadowserve.model.loader import load_model
-
     loaded = load_model(args.model, "float32", progress=False)  # for its tokenizer and context length
     workload = build_workload(args, loaded.tokenizer, loaded.arch.max_position_embeddings)
     specs = with_arrivals(workload.specs, args.request_rate, args.seed)

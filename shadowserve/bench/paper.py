@@ -19,7 +19,19 @@ import statistics
 import sys
 import time
 
-from shadowserve.bench.load import add_workload_arguments
+from tqdm import tqdm
+
+from shadowserve.bench import plots, stages
+from shadowserve.bench.engine_driver import EngineDriver
+from shadowserve.bench.harness import Harness, doc_prompt, write_json
+from shadowserve.bench.load import add_workload_arguments, build_workload, drive, store_url
+from shadowserve.bench.machine import machine_info
+from shadowserve.bench.metrics import compute_metrics, max_rate_meeting_slo, parse_goodput, request_latencies
+from shadowserve.bench.workloads import with_arrivals
+from shadowserve.cores import pin_to_dataplane_cores
+from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
+from shadowserve.model.loader import load_model
+from shadowserve.store.launch import start_store_server
 
 # name: (quick, full). Flags given on the command line win over both.
 PRESETS = {
@@ -123,8 +135,6 @@ def _lookup(runs: dict, mode: str, bw: float, rate: float) -> dict | None:
 
 def build_figures(runs: dict, modes: list[str], ttft_bws, load_bws, rates, ref_bw, slos_ms, target) -> dict:
     """The three load figures' data from the grid's metrics."""
-    from shadowserve.bench.metrics import max_rate_meeting_slo
-
     def pick(m: dict, keys) -> dict:
         return {k: m.get(k) for k in keys}
 
@@ -180,20 +190,6 @@ def summarize(figs: dict, target: float, paper_low_bw: float = 20.0) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from shadowserve.bench import plots, stages
-    from shadowserve.bench.engine_driver import EngineDriver
-    from shadowserve.bench.harness import Harness, doc_prompt, write_json
-    from shadowserve.bench.load import build_workload, drive, store_url
-    from shadowserve.bench.machine import machine_info
-    from shadowserve.bench.metrics import compute_metrics, parse_goodput, request_latencies
-    from shadowserve.bench.workloads import with_arrivals
-    from shadowserve.cores import pin_to_dataplane_cores
-    from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
-    from shadowserve.model.loader import load_model
-    from shadowserve.store.launch import start_store_server
-
     _apply_presets(args)
     args.workload = "long-doc-qa"
     started = time.time()

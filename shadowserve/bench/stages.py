@@ -16,7 +16,23 @@ import statistics
 import threading
 import time
 
+import numpy as np
+import torch
+
 from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
+from shadowserve.bench.harness import Harness, doc_prompt, write_json
+from shadowserve.bench.load import store_url
+from shadowserve.bench.machine import machine_info
+from shadowserve.config import DataPlaneConfig
+from shadowserve.cores import pin_to_dataplane_cores
+from shadowserve.dataplane.messages import FetchCommand
+from shadowserve.dataplane.pipeline import Pipeline
+from shadowserve.dataplane.spec import buffer_layout
+from shadowserve.kvcache.chunking import chunk_keys, key_seed
+from shadowserve.kvcache.codec import KVCodec
+from shadowserve.model.loader import load_model
+from shadowserve.store import open_store
+from shadowserve.store.launch import start_store_server
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,17 +66,6 @@ def measure(h, prompt: list[int], repeats: int, dataplane_cores: str = "auto", s
             store_url: str | None = None, decompress_workers: int = 1, sample_s: float = 0.005,
             dequantize_workers: int = 1) -> dict:
     """Stages alone, then the pipeline, over the prompt's stored chunks (the store must hold them)."""
-    import numpy as np
-    import torch
-
-    from shadowserve.config import DataPlaneConfig
-    from shadowserve.dataplane.messages import FetchCommand
-    from shadowserve.dataplane.pipeline import Pipeline
-    from shadowserve.dataplane.spec import buffer_layout
-    from shadowserve.kvcache.chunking import chunk_keys, key_seed
-    from shadowserve.kvcache.codec import KVCodec
-    from shadowserve.store import open_store
-
     h.unpin()  # engines pinned this process to their cores; split the cores afresh
     cfg = DataPlaneConfig(fetch_mode="thread", chunk_size=h.chunk_size, dataplane_cores=dataplane_cores,
                           decompress_workers=decompress_workers, dequantize_workers=dequantize_workers)
@@ -217,13 +222,6 @@ def print_report(r: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shadowserve.bench.harness import Harness, doc_prompt, write_json
-    from shadowserve.bench.load import store_url
-    from shadowserve.bench.machine import machine_info
-    from shadowserve.cores import pin_to_dataplane_cores
-    from shadowserve.model.loader import load_model
-    from shadowserve.store.launch import start_store_server
-
     loaded = load_model(args.model, "float32", progress=False)
     server = start_store_server("--capacity", "8GiB")
     pin_to_dataplane_cores(server.pid)

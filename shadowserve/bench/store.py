@@ -23,6 +23,12 @@ import threading
 import time
 from typing import Any
 
+from shadowserve.config import parse_rate, parse_size
+from shadowserve.errors import ConfigError
+from shadowserve.store import open_store
+from shadowserve.store.launch import free_port, redis_available, start_redis, start_store_server, stop_pid
+from shadowserve.store.netns import SERVER_ADDR, ShapedLink, netns_available
+
 _REQ = struct.Struct("<QQ")  # value size, which of the server's buffers
 _RAW_BUFFERS = 8  # as many distinct values as the stores serve, so no system gets a cache-hot source
 
@@ -60,8 +66,6 @@ print(n * size / (time.perf_counter() - start))
 
 def _netns_rates(rates: list[tuple[str, float]], size: int, duration: float) -> list[dict[str, Any]]:
     """GET throughput through a tbf-shaped veth link (server and client in their own namespaces)."""
-    from shadowserve.store.netns import SERVER_ADDR, ShapedLink, netns_available
-
     ok, why = netns_available()
     if not ok:
         print(f"\nnetns link skipped: {why}")
@@ -157,11 +161,6 @@ def _fmt_rate(bps: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shadowserve.config import parse_rate, parse_size
-    from shadowserve.errors import ConfigError
-    from shadowserve.store import open_store
-    from shadowserve.store.launch import free_port, redis_available, start_redis, start_store_server, stop_pid
-
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     rates = [(r.strip(), parse_rate(r)) for r in args.rates.split(",") if r.strip()]
     if not sizes or args.duration <= 0 or args.repeat < 1:

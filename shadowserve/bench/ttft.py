@@ -23,13 +23,29 @@ import math
 import statistics
 import time
 
+import numpy as np
+import torch
+
 from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
+from shadowserve.bench.harness import (
+    Harness,
+    add_model_arguments,
+    doc_prompt,
+    load_for,
+    run_to_end,
+    write_json,
+)
+from shadowserve.controlplane.manager import ManagerStats
 from shadowserve.cores import pin_to_dataplane_cores
+from shadowserve.engine.request import SamplingParams
+from shadowserve.errors import ConfigError
+from shadowserve.kvcache.chunking import chunk_keys, key_seed
+from shadowserve.kvcache.codec import KVCodec
+from shadowserve.store import open_store
+from shadowserve.store.launch import start_store_server
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from shadowserve.bench.harness import add_model_arguments
-
     add_model_arguments(p, kv_cache_memory="3GiB")
     p.add_argument("--modes", default="sync,thread,offload")
     p.add_argument("--bandwidths", default="1,2,5,10,20", help="link rates in Gbit/s")
@@ -42,12 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def stage_times(h, prompt: list[int], repeats: int = 3) -> dict:
     """Each pipeline stage alone over the prompt's stored chunks (seconds, fastest of ``repeats``)."""
-    import numpy as np
-
-    from shadowserve.kvcache.chunking import chunk_keys, key_seed
-    from shadowserve.kvcache.codec import KVCodec
-    from shadowserve.store import open_store
-
     codec = KVCodec(h.codec, h.loaded.fingerprint)
     keys = chunk_keys(prompt, h.chunk_size, key_seed(h.loaded.fingerprint, codec.kv_format_id))
     store = open_store(h.store_url)
@@ -65,9 +75,6 @@ def stage_times(h, prompt: list[int], repeats: int = 3) -> dict:
 
 
 def _stages_once(codec, store, keys, shape, recv, dtype) -> dict:
-    import numpy as np
-    import torch
-
     t = time.perf_counter()
     blobs = []
     for k in keys:
@@ -98,9 +105,6 @@ def _stages_once(codec, store, keys, shape, recv, dtype) -> dict:
 
 def suffix_prefill_s(h, prompt: list[int]) -> float:
     """The suffix prefill alone (fastest of 2): the prefix already in local blocks, nothing to fetch."""
-    from shadowserve.bench.harness import run_to_end
-    from shadowserve.engine.request import SamplingParams
-
     local = h.local_engine(enable_prefix_caching=True)
     try:
         run_to_end(local, [local.add_request(prompt, SamplingParams(max_tokens=1))])
@@ -111,8 +115,6 @@ def suffix_prefill_s(h, prompt: list[int]) -> float:
 
 
 def _plane_stats(eng):
-    from shadowserve.controlplane.manager import ManagerStats
-
     return dataclasses.replace(eng.kv_manager.stats) if eng.kv_manager is not None else ManagerStats()
 
 
@@ -143,17 +145,6 @@ def _breakdown(fetch_ms: list[float], after_ms: list[float], fetch_bound_s: floa
 
 
 def run(args: argparse.Namespace) -> int:
-    from shadowserve.bench.harness import (
-        Harness,
-        doc_prompt,
-        load_for,
-        run_to_end,
-        write_json,
-    )
-    from shadowserve.engine.request import SamplingParams
-    from shadowserve.errors import ConfigError
-    from shadowserve.store.launch import start_store_server
-
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     loaded = load_for(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pydoc_data.topics import topics
 
 from shadowserve.bench.drivers import RequestSpec
 from shadowserve.model.tokenizer import Tokenizer
@@ -24,8 +25,6 @@ QUESTIONS = (
 
 def documents(tokenizer: Tokenizer, count: int, tokens_each: int) -> list[str]:
     """``count`` distinct documents of about ``tokens_each`` tokens, cut from the help() topics."""
-    from pydoc_data.topics import topics
-
     texts, current, size = [], [], 0
     for key in sorted(topics):
         body = topics[key].strip()
@@ -66,8 +65,6 @@ class Workload:
 
 def topic_tokens(tokenizer: Tokenizer) -> list[int]:
     """Every help() topic, in a fixed order, as one token stream (~113K SmolLM2 tokens)."""
-    from pydoc_data.topics import topics
-
     return tokenizer.encode("\n\n".join(topics[k].strip() for k in sorted(topics)))
 
 

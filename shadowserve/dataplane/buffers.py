@@ -14,6 +14,7 @@ from collections import deque
 from multiprocessing import shared_memory
 
 import numpy as np
+import torch
 
 from shadowserve.errors import FetchError
 
@@ -46,8 +47,6 @@ class SlotPool:
         self._shm = None
         self._pinned = None
         if pinned:
-            import torch
-
             if shm_name is not None:
                 raise ValueError("a pinned slot pool is private to its process; it cannot attach to shared memory")
             self._pinned = torch.empty((self.num_slots, self.slot_bytes), dtype=torch.uint8, pin_memory=True)
@@ -122,8 +121,6 @@ class SlotPool:
 
     def tensor(self, index: int):
         """The slot's bytes as a uint8 torch tensor (a view; pinned when the pool is)."""
-        import torch
-
         return self._pinned[index] if self._pinned is not None else torch.from_numpy(self.array[index])
 
     @property

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shadowserve.dataplane.cuda_copy import load_copy_2d
+
 KV_LAYOUTS = ("engine", "head_major")
 
 
@@ -147,8 +149,6 @@ class CudaEngineKV:
         self._pool = pool
         self._rows = pool.view(layers * 2, num_blocks, -1)
         self._tls = threading.local()
-        from shadowserve.dataplane.cuda_copy import load_copy_2d
-
         self.copy_2d = load_copy_2d()  # one call per run of blocks; None: one torch copy per plane
 
     plan = staticmethod(_plan)

@@ -23,6 +23,7 @@ import torch
 
 from shadowserve.config import DataPlaneConfig
 from shadowserve.dataplane.buffers import SlotPool
+from shadowserve.dataplane.gpu_decode import GpuDequantizer
 from shadowserve.dataplane.kv_targets import ChunkPlan, kv_target
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.errors import ConfigError, ShadowServeError
@@ -100,8 +101,6 @@ class Pipeline:
                         else SlotPool("kv", config.kv_slots, layout.kv_bytes, layout.kv_shm))
         self._gpu = None
         if gpu_decode:
-            from shadowserve.dataplane.gpu_decode import GpuDequantizer
-
             self._gpu = GpuDequantizer(codec, self._target, self.staging.num_slots, self.staging.slot_bytes)
         numel = int(np.prod(self.chunk_shape))
         # Tensor views over the kv slots, made once: the hot path never creates tensors for buffers.

@@ -22,7 +22,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import deflate
+import lz4.block
 import numpy as np
+import zstandard
 
 from shadowserve.errors import ChunkFormatError, ConfigError
 
@@ -153,15 +156,11 @@ class DeflateStage(LosslessStage):
     native = _lib is not None
 
     def compress(self, data: Any) -> bytes:
-        import deflate
-
         return deflate.deflate_compress(as_u8(data), self.level)
 
     def decompress_into(self, src: Any, dst: np.ndarray) -> None:
         s = as_u8(src)
         if self._lib is None:
-            import deflate
-
             try:
                 out = deflate.deflate_decompress(s, dst.nbytes)
             except Exception as exc:  # the binding raises its own error types
@@ -200,8 +199,6 @@ class ZstdStage(LosslessStage):
     _compressors = threading.local()
 
     def compress(self, data: Any) -> bytes:
-        import zstandard
-
         cache = self._compressors.__dict__.setdefault("by_level", {})
         comp = cache.get(self.level)
         if comp is None:
@@ -211,8 +208,6 @@ class ZstdStage(LosslessStage):
     def decompress_into(self, src: Any, dst: np.ndarray) -> None:
         s = as_u8(src)
         if self._lib is None:
-            import zstandard
-
             try:
                 out = zstandard.ZstdDecompressor().decompress(s, max_output_size=dst.nbytes)
             except zstandard.ZstdError as exc:
@@ -241,8 +236,6 @@ class Lz4Stage(LosslessStage):
     native = _lib is not None
 
     def compress(self, data: Any) -> bytes:
-        import lz4.block
-
         mode = "high_compression" if self.level > 0 else "default"
         return lz4.block.compress(as_u8(data), mode=mode, compression=self.level, store_size=False)
 
@@ -251,8 +244,6 @@ class Lz4Stage(LosslessStage):
         if dst.nbytes >= 2**31 or s.nbytes >= 2**31:
             raise ChunkFormatError("lz4 blocks are limited to 2 GiB")
         if self._lib is None:
-            import lz4.block
-
             try:
                 out = lz4.block.decompress(s, uncompressed_size=dst.nbytes)
             except lz4.block.LZ4BlockError as exc:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import xxhash
+from safetensors.torch import load_file
+from tqdm import tqdm
 
 from shadowserve.errors import ModelError
 from shadowserve.model.arch import ModelArch
@@ -25,6 +27,7 @@ from shadowserve.model.tokenizer import (
     tokenizer_from_gguf_fields,
     tokenizer_from_hf_dir,
 )
+from shadowserve.model.weights_download import smollm2_gguf_path
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,8 +69,6 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", p
     if spec is not None and spec.source == "random":
         return _load_random(spec.name, spec.arch, spec.seed, tdtype, dtype, device)
     if spec is not None and spec.source == "smollm2-gguf":
-        from shadowserve.model.weights_download import smollm2_gguf_path
-
         return _load_gguf(smollm2_gguf_path(progress=progress), spec.name, tdtype, dtype, device, progress)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -183,8 +184,6 @@ def _load_gguf(path: Path, name: str, tdtype: torch.dtype, dtype: str, device: s
     weights: dict[str, torch.Tensor] = {}
     tensors = reader.tensors
     if progress:
-        from tqdm import tqdm
-
         tensors = tqdm(tensors, desc=f"loading {name}", unit="tensor", leave=False)
     for t in tensors:
         try:
@@ -226,8 +225,6 @@ def _gguf_to_hf_name(name: str) -> str | None:
 
 
 def _load_hf_dir(path: Path, tdtype: torch.dtype, dtype: str, device: str) -> LoadedModel:
-    from safetensors.torch import load_file
-
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ModelError(f"{path} is not an HF model directory: no config.json")

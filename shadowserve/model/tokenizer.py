@@ -10,6 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
 from shadowserve.errors import ModelError
 
 
@@ -83,9 +86,6 @@ def byte_tokenizer() -> Tokenizer:
 
 def tokenizer_from_gguf_fields(fields: dict[str, Any]) -> Tokenizer:
     """Rebuild a GPT-2-style byte-level BPE tokenizer from GGUF ``tokenizer.ggml.*`` metadata."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
     kind = fields.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ModelError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
@@ -117,8 +117,6 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any]) -> Tokenizer:
 
 def tokenizer_from_hf_dir(path: Path, eos_token_ids: tuple[int, ...], bos_token_id: int | None) -> Tokenizer:
     """Load ``tokenizer.json`` (and the chat template from ``tokenizer_config.json``) of an HF model dir."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     file = path / "tokenizer.json"
     if not file.exists():
         raise ModelError(f"{path} has no tokenizer.json")

@@ -19,6 +19,7 @@ from typing import Any
 
 from shadowserve.config import parse_rate
 from shadowserve.errors import StoreError
+from shadowserve.store.launch import stop_pid
 
 SERVER_ADDR = "192.0.2.1"
 CLIENT_ADDR = "192.0.2.2"
@@ -111,8 +112,6 @@ class ShapedLink:
 
     def close(self) -> None:
         """Stop our processes (by PID) and delete our namespaces; safe to call twice."""
-        from shadowserve.store.launch import stop_pid
-
         for proc in self._procs:
             stop_pid(proc)
         self._procs.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing as mp
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -183,8 +184,6 @@ def _allow_children() -> None:
     process breaks (process.py), so it can never outlive the worker. Restarts need it too, so the
     flag stays off for the worker's life.
     """
-    import multiprocessing as mp
-
     proc = mp.current_process()
     if proc._config.get("daemon"):
         proc._config["daemon"] = False

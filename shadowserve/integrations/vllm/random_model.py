@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
 
 def save_random_llama(
     path: str | Path,
@@ -25,8 +28,6 @@ def save_random_llama(
 
     ``hidden_size // num_heads`` is the head dim: vLLM's CPU attention needs 32, 64, 80, 96, 112 or 128.
     """
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = Path(path)
