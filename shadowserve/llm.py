@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from dataclasses import fields
 
+from tqdm import tqdm
+
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.controlplane.builder import engine_kv_manager
 from shadowserve.engine.engine import LLMEngine
@@ -93,8 +95,6 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(reqs)
         bar = None
         if use_tqdm:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(reqs), desc="generating", unit="req")
         while self.engine.has_unfinished():
             for out in self.engine.step():

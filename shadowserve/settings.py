@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import yaml
+
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig, ServerConfig, StoreConfig
 from shadowserve.errors import ConfigError
 from shadowserve.kvcache.levels import DEFAULT_QUALITY, codec_for_quality, quality_of
@@ -145,8 +147,6 @@ def build_settings(merged: Layer) -> Settings:
 
 
 def read_yaml(path: str) -> Layer:
-    import yaml
-
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -234,6 +234,4 @@ def _coerce(value: Any, type_name: str, name: str, source: str) -> Any:
 
 
 def to_yaml(settings: Settings) -> str:
-    import yaml
-
     return yaml.safe_dump(settings.as_dict(), sort_keys=False)

@@ -1,6 +1,6 @@
 """``shadowserve bench SUITE``: every benchmark suite behind one command.
 
-Each suite is a module ``shadowserve.bench.<suite>`` with ``add_arguments(parser)`` and
+Each suite is a module ``shadowserve.bench.suites.<suite>`` with ``add_arguments(parser)`` and
 ``run(args) -> int``; it prints a table and, with ``--json FILE``, writes the numbers it printed.
 """
 
@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
     for name, help_text in SUITES.items():
         try:
-            module = importlib.import_module(f"shadowserve.bench.{name}")
+            module = importlib.import_module(f"shadowserve.bench.suites.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"shadowserve.bench.{name}":
+            if exc.name != f"shadowserve.bench.suites.{name}":
                 raise
             continue
         p = sub.add_parser(name, help=help_text, description=help_text)

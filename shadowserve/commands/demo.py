@@ -1,7 +1,7 @@
 """``shadowserve demo``: the main job end to end on the embedded default store and the real model.
 
 Starts a local store server, answers long-document questions with gold answers (secret codes hidden
-in real prose, bench/quality_tasks.py) on SmolLM2-135M without any remote cache (``recompute``),
+in real prose, bench/common/quality_tasks.py) on SmolLM2-135M without any remote cache (``recompute``),
 then once more to save every document's KV to the store (the cold pass), and then in each fetch mode
 with a fresh engine, so every question's document is fetched from the store instead of computed.
 Prints TTFT/TPOT per pass, task accuracy against the gold answers, and how many answers match
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from shadowserve.bench.quality_tasks import TaskBuilder, TaskSpec, is_correct
+    from shadowserve.bench.common.quality_tasks import TaskBuilder, TaskSpec, is_correct
     from shadowserve.config import DataPlaneConfig, EngineConfig
     from shadowserve.engine.request import SamplingParams
     from shadowserve.errors import ConfigError

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -235,8 +236,6 @@ class KVCodec:
 def _tensor_u8(arr: np.ndarray) -> torch.Tensor:
     """A uint8 tensor sharing ``arr``'s memory (read-only buffers are only ever read)."""
     if not arr.flags.writeable:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr)

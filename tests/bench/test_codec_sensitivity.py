@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shadowserve.bench import codec as bench_codec
+from shadowserve.bench.suites import codec as bench_codec
 from shadowserve.config import CodecConfig
 
 transformers = pytest.importorskip("transformers")

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from shadowserve.bench.drivers import RequestSpec
-from shadowserve.bench.metrics import compute_metrics
+from shadowserve.bench.common.drivers import RequestSpec
+from shadowserve.bench.common.metrics import compute_metrics
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def api():
 
 @pytest.mark.timeout(120)
 def test_http_driver_streams_and_times_every_request(api):
-    from shadowserve.bench.http_driver import HTTPDriver
+    from shadowserve.bench.common.http_driver import HTTPDriver
 
     driver = HTTPDriver(api.url)
     assert driver.model
@@ -40,7 +40,7 @@ def test_http_driver_streams_and_times_every_request(api):
 
 @pytest.mark.timeout(120)
 def test_http_driver_reports_rejections(api):
-    from shadowserve.bench.http_driver import HTTPDriver
+    from shadowserve.bench.common.http_driver import HTTPDriver
 
     records = HTTPDriver(api.url).run([RequestSpec((5,) * 5000, 4)])
     assert not records[0].ok and "HTTP 4" in records[0].error

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from shadowserve.bench.drivers import RequestSpec
-from shadowserve.bench.engine_driver import EngineDriver
-from shadowserve.bench.metrics import compute_metrics
+from shadowserve.bench.common.drivers import RequestSpec
+from shadowserve.bench.common.engine_driver import EngineDriver
+from shadowserve.bench.common.metrics import compute_metrics
 
 
 @pytest.fixture()
@@ -103,7 +103,7 @@ def test_bench_paper_quick_smoke(tmp_path):
 
 
 def test_paper_grid_interleaves_modes():
-    from shadowserve.bench.paper import interleaved, plan_runs
+    from shadowserve.bench.suites.paper import interleaved, plan_runs
 
     modes = ["recompute", "thread", "offload"]
     tasks = interleaved(plan_runs(modes, [1.0, 40.0], [40.0], [5.0, 10.0], 40.0), modes)
@@ -115,7 +115,7 @@ def test_paper_grid_interleaves_modes():
 
 
 def test_paper_passes_alternate_mode_order_and_take_medians():
-    from shadowserve.bench.paper import median_runs, passes_of, plan_runs
+    from shadowserve.bench.suites.paper import median_runs, passes_of, plan_runs
 
     modes = ["thread", "offload"]
     grid = passes_of(plan_runs(modes, [10.0], [10.0], [1.0], 10.0), modes, 3)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from shadowserve.bench.drivers import RequestRecord
-from shadowserve.bench.metrics import (
+from shadowserve.bench.common.drivers import RequestRecord
+from shadowserve.bench.common.metrics import (
     compute_metrics,
     format_table,
     max_rate_meeting_slo,

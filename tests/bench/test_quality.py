@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from shadowserve.bench.quality_stats import accuracy_interval, mcnemar_p, paired_difference
-from shadowserve.bench.quality_tasks import Question, TaskBuilder, TaskSpec, first_number, is_correct
+from shadowserve.bench.common.quality_stats import accuracy_interval, mcnemar_p, paired_difference
+from shadowserve.bench.common.quality_tasks import Question, TaskBuilder, TaskSpec, first_number, is_correct
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.request import SamplingParams
 from shadowserve.kvcache.chunking import chunk_keys, key_seed

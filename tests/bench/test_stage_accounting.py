@@ -77,8 +77,8 @@ def test_pipeline_counts_each_stage_and_resets():
 @pytest.mark.timeout(120)
 def test_stage_measure_on_tiny_random(tiny, tmp_path):
     """bench stages end to end on tiny-random: real store server, real chunks, counters consistent."""
-    from shadowserve.bench import stages
-    from shadowserve.bench.harness import Harness, doc_prompt
+    from shadowserve.bench.common.harness import Harness, doc_prompt
+    from shadowserve.bench.suites import stages
     from shadowserve.store.launch import start_store_server
 
     with start_store_server("--capacity", "256MiB") as server:

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from shadowserve.bench import workloads as w
+from shadowserve.bench.common import workloads as w
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,9 @@ import time
 import numpy as np
 import torch
 
-from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
-from shadowserve.bench.harness import Harness, doc_prompt, write_json
-from shadowserve.bench.load import store_url
-from shadowserve.bench.machine import machine_info
+from shadowserve.bench.common.codec_flags import add_codec_arguments, codec_from_args
+from shadowserve.bench.common.harness import Harness, doc_prompt, store_url, write_json
+from shadowserve.bench.common.machine import machine_info
 from shadowserve.config import DataPlaneConfig
 from shadowserve.cores import pin_to_dataplane_cores
 from shadowserve.dataplane.messages import FetchCommand

@@ -14,15 +14,19 @@ import argparse
 import json
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from pydoc_data.topics import topics
+from typing import Any
+
+import numpy as np
+import torch
 
 from shadowserve.config import CodecConfig
-
-if TYPE_CHECKING:  # torch is imported inside functions: `shadowserve --help` must not pay for it
-    import torch
 from shadowserve.errors import ConfigError, ModelError
+from shadowserve.kvcache import KVCodec
+from shadowserve.kvcache import quant as q
 from shadowserve.kvcache.levels import QUALITY_LEVELS
 from shadowserve.kvcache.schedules import SCHEDULES
+from shadowserve.model.weights_download import smollm2_gguf_path
 
 # name -> config; the first is the default codec.
 PRESETS: dict[str, CodecConfig] = {
@@ -82,8 +86,6 @@ class CodecBench:
 
     def __init__(self, model_name: str = "smollm2-135m", context: int = 2048, eval_tokens: int = 256,
                  chunk_size: int = 256, model_threads: int = 2) -> None:
-        import torch
-
         if context < chunk_size or context % chunk_size:
             raise ConfigError("--context must be a positive multiple of --chunk-size")
         self.model_name, self.context, self.chunk_size = model_name, context, chunk_size
@@ -109,10 +111,6 @@ class CodecBench:
 
     def measure(self, name: str, config: CodecConfig, repeat: int = 3) -> dict[str, Any]:
         """One codec's row: size, single-thread encode/decode speed, and accuracy of its decoded KV."""
-        import torch
-
-        from shadowserve.kvcache import KVCodec
-
         codec = KVCodec(config, self.fingerprint)
         torch.set_num_threads(1)
         timing = _time_codec(codec, self.chunks, repeat)
@@ -123,13 +121,10 @@ class CodecBench:
 
 
 def _load(model_name: str):
-    import torch
     try:
         from transformers import AutoTokenizer, LlamaForCausalLM
     except ImportError as exc:  # a bench/test extra, not a core dependency
         raise ModelError("bench codec needs transformers and accelerate (pip install shadowserve[bench])") from exc
-    from shadowserve.model.weights_download import smollm2_gguf_path
-
     path = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
@@ -138,14 +133,11 @@ def _load(model_name: str):
 
 
 def _text() -> str:
-    from pydoc_data.topics import topics
-
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def _prefill(model, ids: torch.Tensor) -> torch.Tensor:
     """Exact KV of ``ids`` as [layers, 2, tokens, kv_heads, head_dim] fp32."""
-    import torch
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
     layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # [2, H, T, D]
@@ -154,7 +146,6 @@ def _prefill(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _score(model, kv: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the eval tokens given ``kv`` as the cached context (teacher-forced)."""
-    import torch
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -184,10 +175,6 @@ def _layer_sensitivity(model, kv: torch.Tensor, ev: torch.Tensor, ref: torch.Ten
 
     Quantization only (the lossless stage does not change values), over the whole context at once.
     """
-    import torch
-
-    from shadowserve.kvcache import quant as q
-
     layers, _, tokens, heads, head_dim = kv.shape
     rules = q.plan(config.quant, layers, config.bins, config.key_step, config.value_step,
                    config.layer_step_multipliers, adapt=config.layer_steps in SCHEDULES)
@@ -207,8 +194,6 @@ def _layer_sensitivity(model, kv: torch.Tensor, ev: torch.Tensor, ref: torch.Ten
 
 def _time_codec(codec, chunks: list[torch.Tensor], repeat: int) -> dict[str, Any]:
     """Encode every chunk, then time decode halves into one reused staging buffer and out tensor."""
-    import numpy as np
-    import torch
     shape = tuple(chunks[0].shape)
     fp16_bytes = sum(c.numel() * 2 for c in chunks)
     best_enc = math.inf

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from shadowserve.bench.drivers import RequestRecord
+from shadowserve.bench.common.drivers import RequestRecord
 from shadowserve.errors import ConfigError
 
 SLO_METRICS = ("ttft", "tpot", "e2el")

@@ -13,13 +13,13 @@ import statistics
 
 from tqdm import tqdm
 
-from shadowserve.bench.engine_driver import EngineDriver
-from shadowserve.bench.harness import write_json
-from shadowserve.bench.http_driver import HTTPDriver
-from shadowserve.bench.load import drive
-from shadowserve.bench.machine import machine_info
-from shadowserve.bench.metrics import compute_metrics
-from shadowserve.bench.workloads import prefix_repetition, topic_tokens
+from shadowserve.bench.common.drivers import drive
+from shadowserve.bench.common.engine_driver import EngineDriver
+from shadowserve.bench.common.harness import write_json
+from shadowserve.bench.common.http_driver import HTTPDriver
+from shadowserve.bench.common.machine import machine_info
+from shadowserve.bench.common.metrics import compute_metrics
+from shadowserve.bench.common.workloads import prefix_repetition, topic_tokens
 from shadowserve.config import EngineConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.model.loader import load_model

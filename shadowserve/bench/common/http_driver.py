@@ -14,7 +14,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 
-from shadowserve.bench.drivers import Driver, RequestRecord, RequestSpec
+from shadowserve.bench.common.drivers import Driver, RequestRecord, RequestSpec
 
 
 class HTTPDriver(Driver):

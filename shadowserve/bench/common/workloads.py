@@ -6,11 +6,13 @@ arrivals are added separately (:func:`with_arrivals`), and everything is determi
 
 from __future__ import annotations
 
+import argparse
 import random
 from dataclasses import dataclass, field
 from pydoc_data.topics import topics
 
-from shadowserve.bench.drivers import RequestSpec
+from shadowserve.bench.common.drivers import RequestSpec
+from shadowserve.errors import ConfigError
 from shadowserve.model.tokenizer import Tokenizer
 
 QUESTIONS = (
@@ -165,3 +167,55 @@ def prefix_repetition(tokenizer: Tokenizer, num_requests: int, prefix_len: int =
     specs = [RequestSpec(tuple(prefixes[i] + _slice(stream, rng.randrange(len(stream)), suffix_len)), output_len)
              for i in which]
     return Workload("prefix-repetition", specs, prefixes)
+
+
+# ---- from command-line flags (bench load, bench paper) ---------------------------------------
+
+WORKLOADS = ("long-doc-qa", "chat", "prefix-repetition")
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    try:
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LO:HI, got {text!r}") from None
+    if not 1 <= a <= b:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
+    return a, b
+
+
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """Workload and arrival flags (shared with ``bench paper``)."""
+    p.add_argument("--workload", choices=WORKLOADS, default="long-doc-qa")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-documents", type=int, default=4, help="long-doc-qa: documents")
+    p.add_argument("--questions-per-doc", type=int, default=2, help="long-doc-qa: questions per document")
+    p.add_argument("--doc-tokens", type=_range, default=(2048, 16384),
+                   help="long-doc-qa: document length range LO:HI (capped to fit the model's context)")
+    p.add_argument("--output-len", type=_range, default=(16, 256), help="output tokens, N or LO:HI")
+    p.add_argument("--num-conversations", type=int, default=4, help="chat: conversations")
+    p.add_argument("--rounds", type=int, default=3, help="chat: rounds per conversation")
+    p.add_argument("--system-tokens", type=int, default=1024, help="chat: shared system prompt tokens")
+    p.add_argument("--num-prompts", type=int, default=16, help="prefix-repetition: requests")
+    p.add_argument("--prefix-len", type=int, default=2048, help="prefix-repetition: prefix tokens")
+    p.add_argument("--suffix-len", type=int, default=128, help="prefix-repetition: suffix tokens")
+    p.add_argument("--num-prefixes", type=int, default=4, help="prefix-repetition: distinct prefixes")
+
+
+def build_workload(args: argparse.Namespace, tokenizer, max_model_len: int):
+    """The workload the flags describe, with prompts capped to fit the model's context."""
+    out_hi = args.output_len[1]
+    room = max_model_len - out_hi - 32  # question / suffix tokens
+    if args.workload == "long-doc-qa":
+        lo, hi = args.doc_tokens
+        hi = min(hi, room)
+        if hi < 16:
+            raise ConfigError(f"the model's context ({max_model_len}) leaves no room for documents")
+        return long_doc_qa(tokenizer, args.num_documents, args.questions_per_doc, (min(lo, hi), hi),
+                             args.output_len, args.seed)
+    if args.workload == "chat":
+        return multi_round_chat(tokenizer, args.num_conversations, args.rounds, args.system_tokens,
+                                  output_len=args.output_len, seed=args.seed)
+    return prefix_repetition(tokenizer, args.num_prompts, min(args.prefix_len, room), args.suffix_len,
+                               args.num_prefixes, args.output_len[0], args.seed)

@@ -3,13 +3,14 @@
 A load run is three separate steps so each can change alone: a workload makes a list of
 :class:`RequestSpec`; a :class:`Driver` executes them (in-process over an engine, or over HTTP
 against ``shadowserve serve``) and returns one :class:`RequestRecord` per spec; the metrics are
-computed from the records only (``shadowserve.bench.metrics``). A new driver only has to turn specs
+computed from the records only (``shadowserve.bench.common.metrics``). A new driver only has to turn specs
 into records with honest timestamps.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -50,3 +51,11 @@ class Driver(abc.ABC):
         """Send every spec at ``start + spec.arrival_s`` (never more than ``max_concurrency`` in
         flight) and return one record per spec, in spec order. ``progress``, if given, is called
         with no arguments each time a request ends."""
+
+
+def drive(driver: Driver, specs: list[RequestSpec], max_concurrency: int | None,
+          progress: Callable[[], None] | None = None) -> list[RequestRecord]:
+    """Run the specs, after one short untimed request (first-step costs stay out of the numbers)."""
+    warm = RequestSpec(specs[0].prompt_ids, 2)
+    driver.run([warm])
+    return driver.run(specs, max_concurrency, progress)

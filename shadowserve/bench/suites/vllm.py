@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
                 # Documents of their own per run (random tokens, same lengths): one configuration's
                 # saves must not turn another's cold question into a hit.
                 seed = args.seed + 1000 * n + names.index(name)
-                cmd = [sys.executable, "-m", "shadowserve.bench.vllm", "--child-config",
+                cmd = [sys.executable, "-m", "shadowserve.bench.suites.vllm", "--child-config",
                        json.dumps(CONFIGS[name]), "--child-name", name, "--store-url", srv.url, "--model", model,
                        *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in flags if k != "seed"),
                        f"--seed={seed}",

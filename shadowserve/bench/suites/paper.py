@@ -21,13 +21,19 @@ import time
 
 from tqdm import tqdm
 
-from shadowserve.bench import plots, stages
-from shadowserve.bench.engine_driver import EngineDriver
-from shadowserve.bench.harness import Harness, doc_prompt, write_json
-from shadowserve.bench.load import add_workload_arguments, build_workload, drive, store_url
-from shadowserve.bench.machine import machine_info
-from shadowserve.bench.metrics import compute_metrics, max_rate_meeting_slo, parse_goodput, request_latencies
-from shadowserve.bench.workloads import with_arrivals
+from shadowserve.bench.common import plots
+from shadowserve.bench.common.drivers import drive
+from shadowserve.bench.common.engine_driver import EngineDriver
+from shadowserve.bench.common.harness import Harness, doc_prompt, store_url, write_json
+from shadowserve.bench.common.machine import machine_info
+from shadowserve.bench.common.metrics import (
+    compute_metrics,
+    max_rate_meeting_slo,
+    parse_goodput,
+    request_latencies,
+)
+from shadowserve.bench.common.workloads import add_workload_arguments, build_workload, with_arrivals
+from shadowserve.bench.suites import stages
 from shadowserve.cores import pin_to_dataplane_cores
 from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
 from shadowserve.model.loader import load_model

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from pydoc_data.topics import topics
 
 from shadowserve.model.tokenizer import Tokenizer
 
@@ -96,8 +97,6 @@ class TaskBuilder:
     """Builds the seeded documents of a :class:`TaskSpec`; the same spec always gives the same ids."""
 
     def __init__(self, tokenizer: Tokenizer, spec: TaskSpec) -> None:
-        from pydoc_data.topics import topics
-
         self.tokenizer = tokenizer
         self.spec = spec
         text = "\n\n".join(topics[k].strip() for k in sorted(topics))

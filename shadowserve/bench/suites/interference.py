@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
-from shadowserve.bench.harness import (
+from shadowserve.bench.common.codec_flags import add_codec_arguments, codec_from_args
+from shadowserve.bench.common.harness import (
     Harness,
     add_model_arguments,
     doc_prompt,

@@ -10,54 +10,20 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 
 from tqdm import tqdm
 
-from shadowserve.bench import workloads as w
-from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
-from shadowserve.bench.drivers import Driver, RequestRecord, RequestSpec
-from shadowserve.bench.engine_driver import EngineDriver
-from shadowserve.bench.harness import Harness, write_json
-from shadowserve.bench.http_driver import HTTPDriver
-from shadowserve.bench.machine import machine_info
-from shadowserve.bench.metrics import compute_metrics, format_table, parse_goodput
-from shadowserve.bench.workloads import with_arrivals
+from shadowserve.bench.common.codec_flags import add_codec_arguments, codec_from_args
+from shadowserve.bench.common.drivers import RequestSpec, drive
+from shadowserve.bench.common.engine_driver import EngineDriver
+from shadowserve.bench.common.harness import Harness, store_url, write_json
+from shadowserve.bench.common.http_driver import HTTPDriver
+from shadowserve.bench.common.machine import machine_info
+from shadowserve.bench.common.metrics import compute_metrics, format_table, parse_goodput
+from shadowserve.bench.common.workloads import add_workload_arguments, build_workload, with_arrivals
 from shadowserve.cores import pin_to_dataplane_cores
-from shadowserve.errors import ConfigError
 from shadowserve.model.loader import load_model
 from shadowserve.store.launch import start_store_server
-
-WORKLOADS = ("long-doc-qa", "chat", "prefix-repetition")
-
-
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    try:
-        a, b = int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or LO:HI, got {text!r}") from None
-    if not 1 <= a <= b:
-        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
-    return a, b
-
-
-def add_workload_arguments(p: argparse.ArgumentParser) -> None:
-    """Workload and arrival flags (shared with ``bench paper``)."""
-    p.add_argument("--workload", choices=WORKLOADS, default="long-doc-qa")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-documents", type=int, default=4, help="long-doc-qa: documents")
-    p.add_argument("--questions-per-doc", type=int, default=2, help="long-doc-qa: questions per document")
-    p.add_argument("--doc-tokens", type=_range, default=(2048, 16384),
-                   help="long-doc-qa: document length range LO:HI (capped to fit the model's context)")
-    p.add_argument("--output-len", type=_range, default=(16, 256), help="output tokens, N or LO:HI")
-    p.add_argument("--num-conversations", type=int, default=4, help="chat: conversations")
-    p.add_argument("--rounds", type=int, default=3, help="chat: rounds per conversation")
-    p.add_argument("--system-tokens", type=int, default=1024, help="chat: shared system prompt tokens")
-    p.add_argument("--num-prompts", type=int, default=16, help="prefix-repetition: requests")
-    p.add_argument("--prefix-len", type=int, default=2048, help="prefix-repetition: prefix tokens")
-    p.add_argument("--suffix-len", type=int, default=128, help="prefix-repetition: suffix tokens")
-    p.add_argument("--num-prefixes", type=int, default=4, help="prefix-repetition: distinct prefixes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,39 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="benchmark a running server (http://host:port) instead of in-process engines; "
                         "it is warmed by sending it the workload's prefixes first")
     p.add_argument("--api-key", default=None, help="bearer token for --url")
-
-
-def build_workload(args: argparse.Namespace, tokenizer, max_model_len: int):
-    """The workload the flags describe, with prompts capped to fit the model's context."""
-    out_hi = args.output_len[1]
-    room = max_model_len - out_hi - 32  # question / suffix tokens
-    if args.workload == "long-doc-qa":
-        lo, hi = args.doc_tokens
-        hi = min(hi, room)
-        if hi < 16:
-            raise ConfigError(f"the model's context ({max_model_len}) leaves no room for documents")
-        return w.long_doc_qa(tokenizer, args.num_documents, args.questions_per_doc, (min(lo, hi), hi),
-                             args.output_len, args.seed)
-    if args.workload == "chat":
-        return w.multi_round_chat(tokenizer, args.num_conversations, args.rounds, args.system_tokens,
-                                  output_len=args.output_len, seed=args.seed)
-    return w.prefix_repetition(tokenizer, args.num_prompts, min(args.prefix_len, room), args.suffix_len,
-                               args.num_prefixes, args.output_len[0], args.seed)
-
-
-def store_url(base: str, bandwidth_gbps: float | None) -> str:
-    """The store URL with an emulated link of ``bandwidth_gbps`` (None: unshaped)."""
-    if bandwidth_gbps is None:
-        return base
-    return f"{base}{'&' if '?' in base else '?'}bandwidth={bandwidth_gbps:g}gbit"
-
-
-def drive(driver: Driver, specs: list[RequestSpec], max_concurrency: int | None,
-          progress: Callable[[], None] | None = None) -> list[RequestRecord]:
-    """Run the specs, after one short untimed request (first-step costs stay out of the numbers)."""
-    warm = RequestSpec(specs[0].prompt_ids, 2)
-    driver.run([warm])
-    return driver.run(specs, max_concurrency, progress)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,10 +1,10 @@
 """``shadowserve bench quality``: task accuracy with gold answers, per quality level and codec.
 
 Lossy KV is judged the way a user judges it: on questions with known answers over long documents
-(bench/quality_tasks.py), each codec answering the same questions as recompute with the document's
-KV fetched through the data plane (bench/quality_runner.py). Per codec it reports accuracy with a 95%
+(bench/common/quality_tasks.py), each codec answering the same questions as recompute with the document's
+KV fetched through the data plane (bench/common/quality_runner.py). Per codec it reports accuracy with a 95%
 Wilson interval, the paired difference from recompute with a 95% document-cluster bootstrap interval
-and McNemar's exact test (bench/quality_stats.py), the share of answers token-identical to
+and McNemar's exact test (bench/common/quality_stats.py), the share of answers token-identical to
 recompute, and the ``bench codec`` figures of the same codec on long text: ratio vs fp16, KL,
 perplexity change, teacher-forced top-1 agreement and decode GB/s per core.
 """
@@ -16,12 +16,17 @@ import json
 import time
 from typing import Any
 
-from shadowserve.bench.codec import PRESETS, CodecBench
-from shadowserve.bench.quality_stats import accuracy_interval, mcnemar_p, paired_difference
-from shadowserve.bench.quality_tasks import TASKS, TaskSpec
+from tqdm import tqdm
+
+from shadowserve.bench.common.quality_runner import QualityRunner
+from shadowserve.bench.common.quality_stats import accuracy_interval, mcnemar_p, paired_difference
+from shadowserve.bench.common.quality_tasks import TASKS, TaskBuilder, TaskSpec
+from shadowserve.bench.suites.codec import PRESETS, CodecBench
 from shadowserve.config import CodecConfig
 from shadowserve.errors import ConfigError
 from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
+from shadowserve.model.loader import load_model
+from shadowserve.store.launch import start_store_server
 
 DEFAULT_CODECS = "default,cachegen-zstd,int8-zstd"
 QUICK = {"needle_documents": 2, "chain_documents": 2, "chunks_per_document": 2, "needles": 3, "chains": 2}
@@ -55,13 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from shadowserve.bench.quality_runner import QualityRunner
-    from shadowserve.bench.quality_tasks import TaskBuilder
-    from shadowserve.model.loader import load_model
-    from shadowserve.store.launch import start_store_server
-
     sizes = dict(QUICK) if args.quick else {
         "needle_documents": args.needle_documents, "chain_documents": args.chain_documents,
         "chunks_per_document": args.chunks_per_document, "needles": args.needles, "chains": args.chains}

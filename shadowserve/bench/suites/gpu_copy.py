@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from shadowserve.bench.harness import write_json
+from shadowserve.bench.common.harness import write_json
 from shadowserve.config import CodecConfig, DataPlaneConfig
 from shadowserve.dataplane.buffers import SlotPool
 from shadowserve.dataplane.kv_targets import CudaEngineKV

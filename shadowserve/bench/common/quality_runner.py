@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shadowserve.bench.quality_tasks import Document, Question, TaskBuilder, first_number
+from shadowserve.bench.common.quality_tasks import Document, Question, TaskBuilder, first_number
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.request import SamplingParams

@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
     raw_port = free_port()
     raw_proc = subprocess.Popen(
-        [sys.executable, "-m", "shadowserve.bench.store", "raw-server", str(raw_port), str(max_size)]
+        [sys.executable, "-m", "shadowserve.bench.suites.store", "raw-server", str(raw_port), str(max_size)]
     )
     ours = start_store_server("--capacity", f"{2 * keys_per_size * sum(sizes) + (64 << 20)}")
     use_redis = not args.no_redis and redis_available()[0]

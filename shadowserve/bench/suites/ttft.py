@@ -26,8 +26,8 @@ import time
 import numpy as np
 import torch
 
-from shadowserve.bench.codec_flags import add_codec_arguments, codec_from_args
-from shadowserve.bench.harness import (
+from shadowserve.bench.common.codec_flags import add_codec_arguments, codec_from_args
+from shadowserve.bench.common.harness import (
     Harness,
     add_model_arguments,
     doc_prompt,

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from shadowserve.bench.drivers import Driver, RequestRecord, RequestSpec
+from shadowserve.bench.common.drivers import Driver, RequestRecord, RequestSpec
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.request import Request, SamplingParams
 from shadowserve.errors import ShadowServeError

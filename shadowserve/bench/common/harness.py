@@ -118,3 +118,10 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
+
+
+def store_url(base: str, bandwidth_gbps: float | None) -> str:
+    """The store URL with an emulated link of ``bandwidth_gbps`` (None: unshaped)."""
+    if bandwidth_gbps is None:
+        return base
+    return f"{base}{'&' if '?' in base else '?'}bandwidth={bandwidth_gbps:g}gbit"
