@@ -2,6 +2,10 @@
 
 Components receive their own config object explicitly; there is no global state. Human-friendly
 sizes (``256MiB``, ``8GiB``) and rates (``10gbit``, ``1.25GB/s``) are parsed here once.
+
+The three config modules: this one defines and validates each component's settings;
+``settings.py`` fills them from defaults < YAML < ``SHADOWSERVE_*`` env < flags for a serving
+process; ``commands/config.py`` is the ``shadowserve config show`` subcommand that prints the result.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""``shadowserve config show``: the effective settings after YAML, environment and flags are merged."""
+"""``shadowserve config show``: the effective settings after YAML, environment and flags are merged.
+
+Only the subcommand: the merging is ``shadowserve/settings.py``, the dataclasses ``shadowserve/config.py``.
+"""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from shadowserve.errors import ChunkFormatError, ConfigError
+from shadowserve.kvcache.schedules import mean_pair
 
 TOKEN, CHANNEL = "token", "channel"
 _FP16_MAX = 65504.0
@@ -89,8 +90,6 @@ def plan(quant: str, layers: int, bins: int = 16, key_step: float = 0.5,
         elif len(layer_steps) == 2 * layers:
             pairs = list(zip(layer_steps[0::2], layer_steps[1::2]))
         elif adapt and len(layer_steps) % 2 == 0:
-            from shadowserve.kvcache.schedules import mean_pair
-
             pairs = [mean_pair(layer_steps)] * layers
         else:
             raise ConfigError(f"layer_steps has {len(layer_steps)} multipliers but the model has {layers} layers "
