@@ -82,8 +82,12 @@ class LLMEngine:
         self._on_token: dict[str, Callable[[Request, int], None]] = {}
 
     @property
-    def kv_manager(self):
-        """The remote KV cache behind the port (its stats, backend and health), or None for recompute."""
+    def kv_manager(self) -> RemoteKV | None:
+        """The remote KV cache behind the port, or None for recompute.
+
+        Callers above the engine (server metrics and health, benchmarks, tests) read the control plane's
+        stats and backend through it; the engine itself only ever calls the port.
+        """
         return None if isinstance(self.remote_kv, NoRemoteKV) else self.remote_kv
 
     # ---- requests -----------------------------------------------------------------------------
