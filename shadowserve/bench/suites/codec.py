@@ -57,6 +57,10 @@ PRESETS: dict[str, CodecConfig] = {
     # "Steps per plane"), on other stretches of text than the one this bench scores, with key offsets.
     "planes-high-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high"),
     "planes-balanced-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-balanced"),
+    # Session 10, after bench quality: a finer fit (about 4x) and the balanced fit with keys twice as fine.
+    "planes-4x-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-4x"),
+    "planes-balanced-finekeys-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-balanced",
+                                                    key_step=0.25),
     "planes-7x-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-7x"),
     "planes-compact-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
     "fp16-zstd": CodecConfig(quant="none", lossless="zstd", min_saving=0),  # zstd kept where it saves ~8%

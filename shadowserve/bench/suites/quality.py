@@ -29,6 +29,7 @@ from shadowserve.model.loader import load_model
 from shadowserve.store.launch import start_store_server
 
 DEFAULT_CODECS = "default,cachegen-zstd,int8-zstd"
+CODEC_FIGURES_MODEL = "smollm2-135m"
 QUICK = {"needle_documents": 2, "chain_documents": 2, "chunks_per_document": 2, "needles": 3, "chains": 2}
 
 
@@ -49,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codecs", default=DEFAULT_CODECS,
                    help=f"bench codec presets to try beside the four levels, comma-separated (default {DEFAULT_CODECS}; "
                         "'' for none)")
+    p.add_argument("--levels", default=",".join(QUALITY_LEVELS),
+                   help="quality levels to run, comma-separated (default: all four)")
     p.add_argument("--fetch-mode", default="offload", choices=["offload", "thread", "sync"],
                    help=f"how the {DEFAULT_QUALITY} level fetches from its store server (the others use sync, "
                         "which lands the same KV in-process)")
@@ -68,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("bench quality needs at least one document of at least one chunk")
     if not 1 <= spec.needles <= 16 or not 1 <= spec.chains <= 16:
         raise ConfigError("--needles and --chains must be in 1..16 (one colour per fact)")
-    extra = _extra_codecs("" if args.quick else args.codecs)
-    configs: dict[str, CodecConfig] = {**QUALITY_LEVELS, **extra}
+    levels = {n: QUALITY_LEVELS[n] for n in _names(args.levels, QUALITY_LEVELS, "quality level")}
+    extra = _extra_codecs("" if args.quick else args.codecs, levels)
+    configs: dict[str, CodecConfig] = {**levels, **extra}
 
     started = time.monotonic()
     loaded = load_model(args.model, "float32")
@@ -93,13 +97,14 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
     answer_seconds = time.monotonic() - started
 
-    bench = CodecBench(args.model if args.model == "smollm2-135m" else "smollm2-135m",
-                       256 * 2 if args.quick else args.context, 64 if args.quick else args.eval_tokens,
-                       model_threads=2)
+    # The codec figures come from bench codec's reference path (HF transformers on the SmolLM2 GGUF),
+    # whatever model answered: the report names it.
+    bench = CodecBench(CODEC_FIGURES_MODEL, 256 * 2 if args.quick else args.context,
+                       64 if args.quick else args.eval_tokens, model_threads=2)
     figures = {n: bench.measure(n, c, 1 if args.quick else args.repeat) for n, c in configs.items()}
     questions = [q for d in documents for q in d.questions]
     report = build_report(questions, runner, figures, configs, extra)
-    report.update({"model": args.model, "seed": spec.seed, "spec": spec.__dict__, "fetch_mode": args.fetch_mode,
+    report.update({"model": args.model, "codec_figures_model": CODEC_FIGURES_MODEL, "seed": spec.seed, "spec": spec.__dict__, "fetch_mode": args.fetch_mode,
                    "answer_seconds": answer_seconds})
     print_report(report)
     if args.json_path:
@@ -110,13 +115,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extra_codecs(names: str) -> dict[str, CodecConfig]:
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in PRESETS]
+def _names(text: str, known, what: str) -> list[str]:
+    chosen = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in known]
     if unknown:
-        raise ConfigError(f"unknown codec preset(s) {', '.join(unknown)}: choose from {', '.join(PRESETS)}")
-    # A preset equal to a level is measured once, under the level's name.
-    return {n: PRESETS[n] for n in chosen if n not in QUALITY_LEVELS and PRESETS[n] not in QUALITY_LEVELS.values()}
+        raise ConfigError(f"unknown {what}(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    return chosen
+
+
+def _extra_codecs(names: str, levels: dict[str, CodecConfig]) -> dict[str, CodecConfig]:
+    # A preset equal to a level that runs is measured once, under the level's name.
+    return {n: PRESETS[n] for n in _names(names, PRESETS, "codec preset")
+            if n not in levels and PRESETS[n] not in levels.values()}
 
 
 def build_report(questions, runner, figures: dict[str, dict[str, Any]], configs: dict[str, CodecConfig],
