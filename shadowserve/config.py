@@ -248,6 +248,28 @@ class DataPlaneConfig:
         return split_cores(self.dataplane_cores)
 
 
+# Each lossless stage's (default, lowest, highest) level; 0 in a config means the default. The level
+# never changes the decoded bytes, so it is not part of the codec id. kvcache/lossless.py reads it.
+LOSSLESS_LEVELS: dict[str, tuple[int, int, int]] = {
+    "deflate": (6, 0, 12),
+    "zstd": (1, -7, 22),
+    "lz4": (0, 0, 16),
+    "none": (0, 0, 0),
+}
+
+
+def check_lossless_level(stage: str, level: int) -> None:
+    """Raise ConfigError if ``level`` is outside what ``stage`` accepts (0 means its default)."""
+    if stage not in LOSSLESS_LEVELS:
+        raise ConfigError(f"unknown lossless stage {stage!r}: choose one of {', '.join(LOSSLESS_LEVELS)}")
+    _, lo, hi = LOSSLESS_LEVELS[stage]
+    if level != 0 and not lo <= level <= hi:
+        raise ConfigError(f"{stage} level must be in [{lo}, {hi}] (or 0 for the default), got {level}")
+
+
+# A fitted schedule's name (kvcache/schedules.py), as opposed to a list of numbers.
+_SCHEDULE_NAME = re.compile(r"^[a-z][a-z0-9._-]*$")
+
 QUANT_MODES = ("rms", "cachegen", "uniform", "int8", "kivi", "none")
 LOSSLESS_MODES = ("zstd", "deflate", "lz4", "none")
 
@@ -299,9 +321,7 @@ class CodecConfig:
             step = getattr(self, name)
             if not 0.01 <= step <= 16:
                 raise ConfigError(f"{name} must be in [0.01, 16] (a multiple of the token's RMS), got {step}")
-        from shadowserve.kvcache.lossless import check_level
-
-        check_level(self.lossless, self.level)
+        check_lossless_level(self.lossless, self.level)
         if not isinstance(self.pack_nibbles, bool):
             raise ConfigError(f"pack_nibbles must be true or false, got {self.pack_nibbles!r}")
         if not isinstance(self.key_offsets, bool):
@@ -309,30 +329,21 @@ class CodecConfig:
         if isinstance(self.min_saving, bool) or not isinstance(self.min_saving, (int, float)) \
                 or not 0 <= self.min_saving < 1:
             raise ConfigError(f"min_saving must be a number in [0, 1), got {self.min_saving!r}")
-        from shadowserve.kvcache.schedules import SCHEDULES
-
-        # A named schedule (a quality level's) is left unused by the other quantizers, so a raw
-        # ``quant`` override on top of a level works; an explicit list is a mistake with them.
-        if self.layer_steps and self.quant != "rms" and self.layer_steps not in SCHEDULES:
-            raise ConfigError(f"layer_steps applies to quant 'rms' only, not {self.quant!r}")
-        for m in self.layer_step_multipliers:
-            if not 0.05 <= m <= 20:
-                raise ConfigError(f"layer_steps multipliers must be in [0.05, 20], got {m:g}")
-
-    @property
-    def layer_step_multipliers(self) -> tuple[float, ...]:
-        """``layer_steps`` parsed: one multiplier per layer, or () for the same steps everywhere."""
-        if not self.layer_steps.strip():
-            return ()
-        from shadowserve.kvcache.schedules import SCHEDULES, multipliers
-
-        if self.layer_steps in SCHEDULES:
-            return multipliers(self.layer_steps)
-        try:
-            return tuple(float(x) for x in self.layer_steps.split(","))
-        except ValueError:
-            raise ConfigError(f"layer_steps must be comma-separated numbers or a fitted schedule's name, "
-                              f"got {self.layer_steps!r}") from None
+        steps = self.layer_steps.strip()
+        if steps and not _SCHEDULE_NAME.match(steps):
+            # A list of multipliers; a schedule's name is resolved (and checked) by kvcache.schedules.
+            try:
+                multipliers = [float(x) for x in steps.split(",")]
+            except ValueError:
+                raise ConfigError(f"layer_steps must be comma-separated numbers or a fitted schedule's name, "
+                                  f"got {self.layer_steps!r}") from None
+            # A named schedule (a quality level's) is left unused by the other quantizers, so a raw
+            # ``quant`` override on top of a level works; an explicit list is a mistake with them.
+            if self.quant != "rms":
+                raise ConfigError(f"layer_steps applies to quant 'rms' only, not {self.quant!r}")
+            for m in multipliers:
+                if not 0.05 <= m <= 20:
+                    raise ConfigError(f"layer_steps multipliers must be in [0.05, 20], got {m:g}")
 
 
 @dataclass(frozen=True)

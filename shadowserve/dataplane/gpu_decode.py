@@ -18,7 +18,8 @@ import torch
 
 from shadowserve.dataplane.kv_targets import ChunkPlan, CudaEngineKV
 from shadowserve.kvcache import format as fmt
-from shadowserve.kvcache.quant import TOKEN, PackedSymbols, split_staging, unpack_into
+from shadowserve.kvcache.plan import TOKEN
+from shadowserve.kvcache.quant import PackedSymbols, split_staging, unpack_into
 
 
 class GpuDequantizer:

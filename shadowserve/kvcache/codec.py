@@ -27,7 +27,8 @@ from shadowserve.errors import ChunkFormatError
 from shadowserve.kvcache import format as fmt
 from shadowserve.kvcache import quant as q
 from shadowserve.kvcache.lossless import as_u8, make_stage
-from shadowserve.kvcache.schedules import SCHEDULES
+from shadowserve.kvcache.plan import plan
+from shadowserve.kvcache.schedules import is_named, step_multipliers
 
 _ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
@@ -41,8 +42,8 @@ def kv_format_id_of(config: CodecConfig) -> str:
     """
     if config.quant == "rms":
         qpart = f"rms:k{config.key_step:g}:v{config.value_step:g}"
-        if config.layer_step_multipliers:
-            schedule = ",".join(f"{m:g}" for m in config.layer_step_multipliers)
+        if multipliers := step_multipliers(config):
+            schedule = ",".join(f"{m:g}" for m in multipliers)
             qpart += f":L{hashlib.sha256(schedule.encode()).hexdigest()[:12]}"
     elif config.quant in ("uniform", "kivi"):
         qpart = f"{config.quant}:b{config.bins}"
@@ -86,8 +87,8 @@ class KVCodec:
         layout = self._layouts.get(key)
         if layout is None:
             c = self.config
-            rules = q.plan(c.quant, layers, c.bins, c.key_step, c.value_step, c.layer_step_multipliers,
-                           adapt=c.layer_steps in SCHEDULES)
+            rules = plan(c.quant, layers, c.bins, c.key_step, c.value_step, step_multipliers(c),
+                         adapt=is_named(c))
             layout = q.Layout(rules, tokens, heads * head_dim)
             with self._lock:
                 self._layouts[key] = layout

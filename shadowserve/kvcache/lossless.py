@@ -27,32 +27,14 @@ import lz4.block
 import numpy as np
 import zstandard
 
+from shadowserve.config import LOSSLESS_LEVELS, check_lossless_level
 from shadowserve.errors import ChunkFormatError, ConfigError
 
 LOSSLESS_STAGES = ("deflate", "zstd", "lz4", "none")
 
-# Default and allowed compression levels per stage (the level never changes the decoded bytes,
-# so it is not part of the codec id).
-_LEVELS: dict[str, tuple[int, int, int]] = {
-    "deflate": (6, 0, 12),
-    "zstd": (1, -7, 22),
-    "lz4": (0, 0, 16),
-    "none": (0, 0, 0),
-}
-
-
 def default_level(stage: str) -> int:
     """The level a stage uses when the config says 0."""
-    return _LEVELS[stage][0]
-
-
-def check_level(stage: str, level: int) -> None:
-    """Raise ConfigError if ``level`` is outside what ``stage`` accepts (0 means its default)."""
-    if stage not in _LEVELS:
-        raise ConfigError(f"unknown lossless stage {stage!r}: choose one of {', '.join(LOSSLESS_STAGES)}")
-    _, lo, hi = _LEVELS[stage]
-    if level != 0 and not lo <= level <= hi:
-        raise ConfigError(f"{stage} level must be in [{lo}, {hi}] (or 0 for the default), got {level}")
+    return LOSSLESS_LEVELS[stage][0]
 
 
 def as_u8(buf: Any, writable: bool = False) -> np.ndarray:
@@ -100,7 +82,7 @@ class LosslessStage:
     native = True
 
     def __init__(self, level: int = 0) -> None:
-        check_level(self.name, level)
+        check_lossless_level(self.name, level)
         self.level = level or default_level(self.name)
 
     def compress(self, data: Any) -> bytes:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import math
 
+from shadowserve.config import CodecConfig
+from shadowserve.errors import ConfigError
+
 SCHEDULES: dict[str, str] = {
     # lambda 3e-5, with each plane's whole-symbol entropy (chunks keep one byte per symbol).
     "smollm2-135m-high": (
@@ -43,6 +46,25 @@ SCHEDULES: dict[str, str] = {
         "1.12,2.8,2,4,1.4,1.25,1.25,1.4,1,0.9,0.9,0.8,1.25,1.6,0.9,0.9,0.9,0.71,1.12,1,"
         "0.71,0.8,0.9,1.25,1,1.8,0.56,0.9,0.56,0.9,2.25,2,1,2,1.4,2.25,2,1.8,1.6,2.5"),
 }
+
+
+def step_multipliers(config: CodecConfig) -> tuple[float, ...]:
+    """``config.layer_steps`` resolved: a named schedule's multipliers, the listed ones, or ()."""
+    steps = config.layer_steps.strip()
+    if not steps:
+        return ()
+    if steps in SCHEDULES:
+        return multipliers(steps)
+    try:
+        return tuple(float(x) for x in steps.split(","))
+    except ValueError:
+        raise ConfigError(f"layer_steps {steps!r} is neither a list of numbers nor a fitted schedule "
+                          f"({', '.join(SCHEDULES)})") from None
+
+
+def is_named(config: CodecConfig) -> bool:
+    """Whether ``layer_steps`` names a fitted schedule (which adapts to other layer counts)."""
+    return config.layer_steps.strip() in SCHEDULES
 
 
 def multipliers(name: str) -> tuple[float, ...]:

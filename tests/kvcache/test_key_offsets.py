@@ -12,6 +12,7 @@ from shadowserve.errors import ChunkFormatError, ConfigError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import format as fmt
 from shadowserve.kvcache import quant as q
+from shadowserve.kvcache.plan import plan
 from tests.kvcache.conftest import FINGERPRINT, SHAPE, make_kv
 
 CONFIGS = [
@@ -90,7 +91,7 @@ def test_the_device_decoder_applies_key_offsets():
 
 def test_staging_sizes_of_the_layouts_never_collide():
     for shape in [SHAPE, (30, 2, 256, 3, 64), (3, 2, 8, 1, 10), (2, 2, 6, 1, 10)]:
-        layout = q.Layout(q.plan("rms", shape[0]), shape[2], shape[3] * shape[4])
+        layout = q.Layout(plan("rms", shape[0]), shape[2], shape[3] * shape[4])
         assert layout.offsets_nbytes % 4 == 0 and layout.offsets_nbytes % 5 != 0
         assert layout.offsets_nbytes >= layout.num_offsets
         if not layout.offsets_packable:
@@ -150,7 +151,7 @@ def test_steps_per_layer_and_plane():
     assert finer_key0[0][0] < 0.5 * flat[0][0] and finer_key0[0][1] == flat[0][1]
     assert coarser_value0[0][1] > 1.5 * flat[0][1] and coarser_value0[0][0] == flat[0][0]
     assert finer_key0[1:] == flat[1:] == coarser_value0[1:]
-    rules = q.plan("rms", 2, key_step=0.5, value_step=1.0, layer_steps=(0.5, 2.0, 1.0, 3.0))
+    rules = plan("rms", 2, key_step=0.5, value_step=1.0, layer_steps=(0.5, 2.0, 1.0, 3.0))
     assert [(k.param, v.param) for k, v in rules] == [(0.25, 2.0), (0.5, 3.0)]
     ids = {KVCodec(CodecConfig(layer_steps=x), "m").codec_id
            for x in ("", "1,1,1,1", "1,1,1,1,1,1,1,1", "2,1,1,1,1,1,1,1")}
@@ -162,14 +163,14 @@ def test_steps_per_layer_and_plane():
 
 @pytest.mark.parametrize("name", ["smollm2-135m-high", "smollm2-135m-balanced", "smollm2-135m-compact"])
 def test_named_schedules_fit_their_model_and_adapt_to_others(name):
-    from shadowserve.kvcache.schedules import SCHEDULES, mean_pair, multipliers
+    from shadowserve.kvcache.schedules import SCHEDULES, mean_pair, multipliers, step_multipliers
 
     mults = multipliers(name)
     assert len(mults) == 60 and SCHEDULES[name]  # SmolLM2-135M: 30 layers, a key and a value step each
     named, listed = CodecConfig(layer_steps=name), CodecConfig(layer_steps=SCHEDULES[name])
-    assert named.layer_step_multipliers == listed.layer_step_multipliers
+    assert step_multipliers(named) == step_multipliers(listed)
     assert KVCodec(named, "m").codec_id == KVCodec(listed, "m").codec_id  # the same KV on the fitted model
-    rules = q.plan("rms", 30, layer_steps=mults, adapt=True)
+    rules = plan("rms", 30, layer_steps=mults, adapt=True)
     assert [(k.param, v.param) for k, v in rules] == [(0.5 * k, 1.0 * v) for k, v in zip(mults[0::2], mults[1::2])]
     # On a 4-layer model: the named schedule applies its mean multipliers, a list is refused.
     mk, mv = mean_pair(mults)
@@ -182,7 +183,7 @@ def test_named_schedules_fit_their_model_and_adapt_to_others(name):
     with pytest.raises(ConfigError, match="60 multipliers but the model has 4 layers"):
         KVCodec(listed, FINGERPRINT).encode(kv)
     with pytest.raises(ConfigError, match="fitted schedule"):
-        CodecConfig(layer_steps="smollm2-135m-nonesuch")
+        KVCodec(CodecConfig(layer_steps="smollm2-135m-nonesuch"), FINGERPRINT)  # the name is checked by kvcache
 
 
 def test_named_schedules_are_the_fit_of_their_recorded_measurements():
@@ -213,7 +214,7 @@ def test_a_named_schedule_is_unused_by_other_quantizers():
 
 def test_chunks_too_small_for_the_offsets_block_pack_without_it():
     shape = (2, 2, 1, 1, 8)  # one token: the offsets would cost as much as the symbols
-    layout = q.Layout(q.plan("rms", 2), 1, 8)
+    layout = q.Layout(plan("rms", 2), 1, 8)
     assert layout.packable and not layout.offsets_packable
     codec = KVCodec(CodecConfig(key_offsets=True), FINGERPRINT)
     kv = make_kv(shape, seed=11)

@@ -25,7 +25,8 @@ from shadowserve.errors import ConfigError, ModelError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import quant as q
 from shadowserve.kvcache.levels import QUALITY_LEVELS
-from shadowserve.kvcache.schedules import SCHEDULES
+from shadowserve.kvcache.plan import plan
+from shadowserve.kvcache.schedules import is_named, step_multipliers
 from shadowserve.model.weights_download import smollm2_gguf_path
 
 # name -> config; the first is the default codec.
@@ -180,9 +181,9 @@ def _layer_sensitivity(model, kv: torch.Tensor, ev: torch.Tensor, ref: torch.Ten
     Quantization only (the lossless stage does not change values), over the whole context at once.
     """
     layers, _, tokens, heads, head_dim = kv.shape
-    rules = q.plan(config.quant, layers, config.bins, config.key_step, config.value_step,
-                   config.layer_step_multipliers, adapt=config.layer_steps in SCHEDULES)
-    int8 = q.plan("int8", layers)
+    rules = plan(config.quant, layers, config.bins, config.key_step, config.value_step,
+                   step_multipliers(config), adapt=is_named(config))
+    int8 = plan("int8", layers)
     x = kv.reshape(layers, 2, tokens, heads * head_dim).float()
     out = []
     for i in range(layers):
