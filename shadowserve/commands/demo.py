@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
+from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS, codec_for_quality, quality_of
 
 MODES = ("sync", "thread", "offload")
 
@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     from shadowserve.config import DataPlaneConfig, EngineConfig
     from shadowserve.engine.request import SamplingParams
     from shadowserve.errors import ConfigError
-    from shadowserve.kvcache.levels import codec_for_quality
     from shadowserve.llm import create_engine
     from shadowserve.model.loader import load_model
     from shadowserve.store.launch import start_store_server
@@ -72,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     server = None if args.store else start_store_server("--capacity", "4GiB")
     url = args.store or server.url
     print(f"store: {url}   model: {args.model}   {len(prompts)} questions over {args.documents} "
-          f"documents of {spec.chunks_per_document * 256} tokens   codec: {codec_name(codec)}")
+          f"documents of {spec.chunks_per_document * 256} tokens   kv quality: {quality_of(codec) or 'custom'} "
+          f"(codec {codec_name(codec)})")
 
     def one_pass(mode: str, label: str):
         dp = DataPlaneConfig(fetch_mode=mode, pin_cores=True)
