@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shadowserve.bench.common.quality_tasks import Document, Question, TaskBuilder, first_number
+from shadowserve.bench.common.quality_tasks import Document, Question, TaskBuilder, is_correct
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.request import SamplingParams
@@ -46,7 +46,6 @@ class Answers:
 
     correct: list[bool] = field(default_factory=list)
     tokens: list[tuple[int, ...]] = field(default_factory=list)  # every hop's tokens, concatenated
-    texts: list[str] = field(default_factory=list)
     first_hop_correct: list[bool | None] = field(default_factory=list)  # chain only
     fetched_tokens: int = 0
     document_tokens: int = 0
@@ -57,7 +56,7 @@ class Contestant:
 
     def __init__(self, name: str, codec: CodecConfig, loaded: LoadedModel, engine_config: EngineConfig,
                  store_url: str, fetch_mode: str, chunk_size: int) -> None:
-        self.name, self.codec_config, self.fetch_mode = name, codec, fetch_mode
+        self.name, self.fetch_mode = name, fetch_mode
         plane = DataPlaneConfig(fetch_mode=fetch_mode, chunk_size=chunk_size, save=False)
         self.engine = create_engine(engine_config, loaded=loaded, progress=False, dataplane=plane,
                                     store_url=store_url, codec=codec)
@@ -75,9 +74,11 @@ class Contestant:
 class QualityRunner:
     """Drives the cold engine and every contestant over the documents, a few documents at a time."""
 
-    def __init__(self, loaded: LoadedModel, builder: TaskBuilder, contestants: dict[str, tuple[CodecConfig, str]],
-                 default_store_url: str | None, default_name: str, group: int = 4,
+    def __init__(self, loaded: LoadedModel, builder: TaskBuilder, contestants: dict[str, CodecConfig],
+                 default_name: str, default_store_url: str | None, default_fetch_mode: str, group: int = 4,
                  kv_cache_memory: str = "512MiB") -> None:
+        """``default_name`` fetches from ``default_store_url`` (a store server) by ``default_fetch_mode``
+        when a URL is given; every other contestant has an in-process store and fetches by ``sync``."""
         self.loaded, self.builder, self.group = loaded, builder, max(1, group)
         self.chunk_size = builder.spec.chunk_size
         run_id = f"qbench-{id(self)}"
@@ -93,9 +94,9 @@ class QualityRunner:
         self.recompute = Answers()
         self.contestants: dict[str, Contestant] = {}
         try:
-            for name, (codec, mode) in contestants.items():
+            for name, codec in contestants.items():
                 if name == default_name and default_store_url is not None:
-                    url = default_store_url
+                    url, mode = default_store_url, default_fetch_mode
                 else:
                     url, mode = f"memory://{run_id}-{len(self.contestants)}?capacity=1GiB", "sync"
                 self.contestants[name] = Contestant(name, codec, loaded, self.engine_config, url, mode,
@@ -171,9 +172,8 @@ def _answer(engine: LLMEngine, builder: TaskBuilder, docs: list[Document], out: 
     for i, (_, q) in enumerate(questions):
         tokens = final.get(i, first[i])
         text = tok.decode(tokens)
-        out.correct.append(q.gold == first_number(text))
+        out.correct.append(is_correct(q, text))
         out.tokens.append(tuple(itertools.chain(first[i], final.get(i, []))))
-        out.texts.append(text.strip())
         if q.task == "chain":
             out.first_hop_correct.append(tok.decode(first[i]).strip().lower().startswith(q.hop))
         else:

@@ -83,10 +83,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {args.model}: {spec.questions} questions over {len(documents)} documents of "
           f"{spec.chunks_per_document * spec.chunk_size} tokens (seed {spec.seed}); {DEFAULT_QUALITY} fetches "
           f"by {args.fetch_mode}{' from a store server' if server else ''}, the others by sync", flush=True)
-    contestants = {n: (c, args.fetch_mode) for n, c in configs.items()}
     try:
-        runner = QualityRunner(loaded, builder, contestants, server.url if server else None, DEFAULT_QUALITY,
-                               args.group)
+        runner = QualityRunner(loaded, builder, configs, DEFAULT_QUALITY, server.url if server else None,
+                               args.fetch_mode, args.group)
         try:
             with tqdm(total=len(documents), desc="documents", unit="doc") as bar:
                 runner.run(documents, bar.update)
@@ -103,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
                        64 if args.quick else args.eval_tokens, model_threads=2)
     figures = {n: bench.measure(n, c, 1 if args.quick else args.repeat) for n, c in configs.items()}
     questions = [q for d in documents for q in d.questions]
-    report = build_report(questions, runner, figures, configs, extra)
-    report.update({"model": args.model, "codec_figures_model": CODEC_FIGURES_MODEL, "seed": spec.seed, "spec": spec.__dict__, "fetch_mode": args.fetch_mode,
-                   "answer_seconds": answer_seconds})
+    report = build_report(questions, runner, figures, extra)
+    report.update({"model": args.model, "codec_figures_model": CODEC_FIGURES_MODEL, "seed": spec.seed,
+                   "spec": spec.__dict__, "fetch_mode": args.fetch_mode, "answer_seconds": answer_seconds})
     print_report(report)
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -129,7 +128,7 @@ def _extra_codecs(names: str, levels: dict[str, CodecConfig]) -> dict[str, Codec
             if n not in levels and PRESETS[n] not in levels.values()}
 
 
-def build_report(questions, runner, figures: dict[str, dict[str, Any]], configs: dict[str, CodecConfig],
+def build_report(questions, runner, figures: dict[str, dict[str, Any]],
                  extra: dict[str, CodecConfig]) -> dict[str, Any]:
     """The JSON the suite writes: recompute's accuracy, then every level's and codec's comparison."""
     ref = runner.recompute
