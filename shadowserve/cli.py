@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from shadowserve.errors import ShadowServeError
@@ -26,9 +27,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """Every ``shadowserve.*`` logger (control plane, data plane, store, server) writes to stderr."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shadowserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="shadowserve",
+        description="ShadowServe: LLM serving with distributed prefix caching, its KV fetching kept off the "
+                    "model's cores. Run 'shadowserve COMMAND --help' for a command's options.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                        help="log level of every command (default warning; serve: its own --log-level, default info)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -49,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    configure_logging(args.log_level or "warning")
     try:
         return int(args._run(args) or 0)
     except ShadowServeError as exc:

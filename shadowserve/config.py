@@ -223,6 +223,7 @@ class DataPlaneConfig:
     fetch_timeout: float = 30.0  # seconds before a fetch is abandoned and its prefix recomputed
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 5.0  # a silent data plane for this long counts as hung and is restarted
+    store_probe_interval: float = 5.0  # seconds between store reachability probes (a fifth of it while down)
     save: bool = True  # write computed full chunks back to the store
     pin_cores: bool = False  # pin the engine process to its cores (benchmarks and the CLI do)
 
@@ -235,6 +236,8 @@ class DataPlaneConfig:
                      "receive_slots", "staging_slots", "kv_slots", "lookup_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if self.store_probe_interval <= 0:
+            raise ConfigError("store_probe_interval must be > 0")
         if self.fetch_timeout <= 0 or self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("timeouts must be > 0 and heartbeat_timeout > heartbeat_interval")
 

@@ -73,6 +73,24 @@ def split_cores(dataplane_cores: str) -> tuple[list[int], list[int]]:
     return engine, plane
 
 
+def explain_split(dataplane_cores: str, engine: list[int], plane: list[int], pinned: bool, remote: bool) -> str:
+    """One line for the operator: which cores the engine and the data plane got, and why."""
+    usable = sorted(set(engine) | set(plane))
+    if not remote and not pinned:
+        return f"engine on cores {_fmt(usable)}: no store, so no data plane and nothing reserved"
+    why = (f"--dataplane-cores {dataplane_cores}" if dataplane_cores != "auto"
+           else f"auto: a quarter of the {len(usable)} usable cores, at least one")
+    engine_part = (f"engine pinned to cores {_fmt(engine)} ({len(engine)} compute thread(s))" if pinned
+                   else f"engine unpinned on cores {_fmt(usable)}")
+    plane_part = f"data plane on cores {_fmt(plane)}" if remote else f"cores {_fmt(plane)} kept free"
+    return (f"{engine_part}, {plane_part} ({why}); fetching never competes with the model for a core, and "
+            f"prompts computed from scratch use only the engine's cores (--dataplane-cores changes the split)")
+
+
+def _fmt(cores: list[int]) -> str:
+    return ",".join(map(str, cores))
+
+
 def pin_to_dataplane_cores(pid: int) -> None:
     """Keep a helper process (the store server: the "remote" machine) off the engine's cores."""
     _, plane = split_cores("auto")

@@ -21,5 +21,9 @@ class StoreError(ShadowServeError):
     """The KV store failed: unreachable, refused, protocol violation, or went away."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (connection refused or reset, no answer in time)."""
+
+
 class FetchError(ShadowServeError):
     """Fetching a cached prefix into KV blocks failed; the caller recomputes instead."""

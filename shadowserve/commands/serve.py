@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 
+from shadowserve.cli import LOG_LEVELS, configure_logging
+from shadowserve.errors import ConfigError
 from shadowserve.kvcache.levels import QUALITY_LEVELS
 
 # flag dest -> (section, setting); flags left out keep the YAML/env/default value.
@@ -24,6 +28,7 @@ FLAG_SETTINGS = {
     "port": ("server", "port"),
     "api_key": ("server", "api_key"),
     "served_model_name": ("server", "served_model_name"),
+    "server_log_level": ("server", "log_level"),
 }
 
 
@@ -47,12 +52,13 @@ def add_settings_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
     p.add_argument("--served-model-name", help="model name clients use (default: --model)")
+    p.add_argument("--log-level", dest="server_log_level", choices=LOG_LEVELS,
+                   help="server, control-plane, data-plane and store log lines to stderr (default info)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.SETTING=VALUE",
                    help="any other setting, e.g. --set engine.max_num_batched_tokens=8192 (repeatable)")
 
 
 def settings_from_args(args: argparse.Namespace):
-    from shadowserve.errors import ConfigError
     from shadowserve.settings import load_settings
 
     flags: dict[str, dict[str, object]] = {}
@@ -76,16 +82,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from shadowserve.controlplane.store_health import public_url
     from shadowserve.llm import create_engine
     from shadowserve.server.openai_api import OpenAIServer
 
     settings = settings_from_args(args)
-    engine = create_engine(settings.engine, progress=True, dataplane=settings.dataplane,
-                           store_url=settings.store_url, codec=settings.codec)
-    server = OpenAIServer(engine, settings.server)
     cfg = settings.server
-    store = settings.store_url or "none"
-    print(f"shadowserve: serving {server.model_name} on http://{cfg.host}:{cfg.port}  "
-          f"(fetch mode {settings.dataplane.fetch_mode}, store {store})", flush=True)
-    uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    configure_logging(cfg.log_level)
+    sock = bind_listener(cfg.host, cfg.port)  # a taken port fails now, not after the model has loaded
+    try:
+        engine = create_engine(settings.engine, progress=True, dataplane=settings.dataplane,
+                               store_url=settings.store_url, codec=settings.codec)
+        server = OpenAIServer(engine, settings.server)
+        store = public_url(settings.store_url) if settings.store_url else "none"
+        print(f"shadowserve: serving {server.model_name} on http://{cfg.host}:{cfg.port}  "
+              f"(fetch mode {settings.dataplane.fetch_mode}, store {store})", flush=True)
+        config = uvicorn.Config(server.app, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before anything slow starts; ConfigError if it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+        raise ConfigError(f"{host}:{port} {why}: pick another --port or stop what listens there") from None
+    sock.set_inheritable(True)
+    return sock

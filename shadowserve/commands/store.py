@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
     import signal
     import sys
 
@@ -56,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, capacity=args.capacity, max_value_size=args.max_value_size,
         server_bandwidth=args.bandwidth, token_file=args.token_file, max_connections=args.max_connections,
     )
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(asctime)s %(message)s")
+    if args.debug and not getattr(args, "log_level", None):
+        logging.getLogger().setLevel(logging.DEBUG)
     server = StoreServer(
         host=config.host,
         port=config.port,
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
     except ShadowServeError as exc:

@@ -70,7 +70,7 @@ def build_kv_manager(
     backend = create_backend(spec, target.tensor)
     if wrap_backend is not None:
         backend = wrap_backend(backend)
-    return KVCacheManager(config, blocks, backend, lookup_store, key_fn)
+    return KVCacheManager(config, blocks, backend, lookup_store, key_fn, store_url)
 
 
 def build_lookup_manager(
@@ -79,7 +79,7 @@ def build_lookup_manager(
     """A control plane that only answers prefix lookups (no data plane: fetches run elsewhere)."""
     store = open_store(store_url) if store_url is not None else None
     key_fn = chunk_key_fn(fingerprint, codec_config, config.chunk_size)
-    return KVCacheManager(config, blocks, LookupOnlyBackend(), store, key_fn)
+    return KVCacheManager(config, blocks, LookupOnlyBackend(), store, key_fn, store_url or "")
 
 
 def engine_kv_manager(

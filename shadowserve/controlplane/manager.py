@@ -15,6 +15,7 @@ the same calls: ``lookup``, ``start_fetch``, ``poll``, ``save``.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,10 +23,14 @@ from itertools import count
 from typing import Protocol
 
 from shadowserve.config import DataPlaneConfig
+from shadowserve.controlplane.store_health import StoreHealth
 from shadowserve.dataplane.backends import FetchBackend
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.engine.remote_kv import PENDING, FetchEnded, KVRequest, Pending, PromptRequest
-from shadowserve.errors import ShadowServeError
+from shadowserve.errors import ShadowServeError, StoreUnavailable
+
+log = logging.getLogger("shadowserve.controlplane")
+PROBE_KEY = b"shadowserve-probe"  # never a chunk key (those are 16-byte hashes)
 
 
 class BlockHolder(Protocol):
@@ -70,6 +75,7 @@ class ManagerStats:
     saved_chunks: int = 0
     save_failures: int = 0
     dataplane_restarts: int = 0
+    store_errors: dict[str, int] = field(default_factory=dict)  # failed calls/chunks by kind (store_health.py)
 
 
 class KVCacheManager:
@@ -86,8 +92,10 @@ class KVCacheManager:
         backend: FetchBackend,
         lookup_store,
         key_fn: KeyFn,
+        store_url: str = "",
     ) -> None:
-        """``key_fn(token_ids) -> list[bytes]`` gives the chained keys of the full chunks of a prompt."""
+        """``key_fn(token_ids) -> list[bytes]`` gives the chained keys of the full chunks of a prompt;
+        ``store_url`` names the store in logs and /health (secrets masked)."""
         self.config = config
         self.bm = block_manager
         self.backend = backend
@@ -107,6 +115,12 @@ class KVCacheManager:
         self._saved_requests: set[str] = set()
         self._counted: set[str] = set()
         self._last_restart = time.monotonic()
+        self.store_health = StoreHealth(store_url or repr(lookup_store), config.store_probe_interval)
+        self.stats.store_errors = self.store_health.errors
+        self._probe: Future | None = None
+        self._last_probe = float("-inf")
+        if lookup_store is not None:
+            self._start_probe()  # an unreachable store is reported at start-up, not at the first request
 
     @property
     def synchronous(self) -> bool:
@@ -149,9 +163,33 @@ class KVCacheManager:
 
     def _longest_prefix(self, keys: list[bytes]) -> int:
         try:
-            return self.store.longest_prefix(keys)
-        except ShadowServeError:
+            hit = self.store.longest_prefix(keys)
+        except ShadowServeError as exc:
+            self._store_failed(exc)
             return 0  # the store is unreachable: compute instead of waiting on it
+        self.store_health.answered()
+        return hit
+
+    def _store_failed(self, exc: ShadowServeError) -> None:
+        if isinstance(exc, StoreUnavailable):
+            self.store_health.unreachable(str(exc))
+        else:
+            self.store_health.failed("other", error=str(exc))
+
+    def _start_probe(self) -> None:
+        self._last_probe = time.monotonic()
+        self._probe = self._lookup_pool.submit(self._probe_store)
+
+    def _probe_store(self) -> None:
+        """Runs on the lookup pool: one cheap call, so the store's state is known while no request asks."""
+        try:
+            self.store.contains([PROBE_KEY])
+        except ShadowServeError as exc:
+            self._store_failed(exc)
+        except Exception as exc:  # a backend bug must not stop the probes
+            self.store_health.failed("other", error=f"{type(exc).__name__}: {exc}")
+        else:
+            self.store_health.answered()
 
     # ---- fetch --------------------------------------------------------------------------------
 
@@ -183,6 +221,10 @@ class KVCacheManager:
         for job, f in list(self._fetches.items()):
             if now > f.deadline:
                 ready.extend(self._abandon(job, "timed out"))
+        if self.store is not None and (self._probe is None or self._probe.done()):
+            interval = self.config.store_probe_interval / (5 if self.store_health.up is False else 1)
+            if now - self._last_probe > interval:
+                self._start_probe()
         if not self.backend.healthy():
             if self._fetches or self._saves or self._abandoned:
                 ready.extend(self._fail_over())
@@ -191,6 +233,10 @@ class KVCacheManager:
         return ready
 
     def _complete(self, c: Completion) -> list[FetchEnded]:
+        for kind, n in c.error_kinds.items():
+            self.store_health.failed(kind, n, c.error)
+        if c.ok_chunks or c.nbytes:
+            self.store_health.answered()
         if c.kind == "save":
             blocks = self._saves.pop(c.job_id, None)
             if blocks is not None:
@@ -229,11 +275,18 @@ class KVCacheManager:
         self._abandoned[job] = f.blocks
         self._clear_inflight(f)
         self.stats.fetch_failures += 1
+        self.store_health.failed("timeout", error=why)
+        log.warning("fetch of %d chunk(s) for request %s %s; it computes them instead",
+                    len(f.keys), req.request_id, why)
         return [FetchEnded(req, f.first_chunk * self.chunk_size, None)]
 
     def _fail_over(self) -> list[FetchEnded]:
         """The data plane died or hung: restart it (so nothing old can write) and recompute."""
+        log.warning("data plane down (%s) with %d fetch(es) and %d save(s) in flight; restarting it, "
+                    "their requests compute their prefixes", self.backend.down_reason(), len(self._fetches),
+                    len(self._saves))
         self.backend.restart()
+        log.warning("data plane restarted (%s)", self.backend.describe())
         self.stats.dataplane_restarts += 1
         self._last_restart = time.monotonic()
         for blocks in self._abandoned.values():

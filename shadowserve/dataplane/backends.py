@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import os
 import threading
 from collections import deque
@@ -26,6 +27,8 @@ from shadowserve.dataplane.process import DataPlaneProcess
 from shadowserve.dataplane.shared_pool import CudaKVPoolHandle
 from shadowserve.dataplane.spec import DataPlaneSpec, build_pipeline
 from shadowserve.errors import ConfigError, FetchError
+
+log = logging.getLogger("shadowserve.dataplane")
 
 
 class FetchBackend(abc.ABC):
@@ -55,6 +58,14 @@ class FetchBackend(abc.ABC):
         """The pipeline's counters (stage busy seconds, buffer occupancy); {} before the first report."""
         return {}
 
+    def describe(self) -> str:
+        """Where the pipeline runs, for the operator's log lines."""
+        return f"{self.spec.config.fetch_mode} pipeline on cores {list(self.spec.cores) or 'any'}"
+
+    def down_reason(self) -> str:
+        """Why ``healthy()`` is False, for the log line that reports it."""
+        return "not healthy"
+
     @abc.abstractmethod
     def close(self) -> None:
         """Stop the pipeline; afterwards nothing it ran can touch the KV memory."""
@@ -62,6 +73,9 @@ class FetchBackend(abc.ABC):
 
 class LookupOnlyBackend(FetchBackend):
     """No data plane at all: for a control plane that only answers lookups (vLLM's scheduler process)."""
+
+    def describe(self) -> str:
+        return "no pipeline (lookups only)"
 
     def submit(self, cmd: FetchCommand | SaveCommand) -> None:
         raise FetchError("this control plane only answers lookups: fetches and saves run elsewhere")
@@ -149,6 +163,7 @@ class OffloadBackend(FetchBackend):
             for seg in self._segments:
                 seg.close()
             raise
+        log.info("data plane started: %s", self.describe())
 
     def submit(self, cmd: FetchCommand | SaveCommand) -> None:
         self.process.submit(cmd)
@@ -164,6 +179,12 @@ class OffloadBackend(FetchBackend):
 
     def stats(self) -> dict:
         return self.process.last_stats
+
+    def describe(self) -> str:
+        return f"process {self.process.pid} on cores {list(self.spec.cores) or 'any'}"
+
+    def down_reason(self) -> str:
+        return self.process.down_reason()
 
     def close(self) -> None:
         self.process.close()

@@ -35,6 +35,7 @@ class Completion:
     num_chunks: int
     ok_chunks: int  # leading chunks that landed (fetch) or were stored (save)
     error: str | None = None
+    error_kinds: dict[str, int] = field(default_factory=dict)  # failed chunks by kind (controlplane/store_health.py)
     nbytes: int = 0  # compressed bytes moved
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)

@@ -26,7 +26,7 @@ from shadowserve.dataplane.buffers import SlotPool
 from shadowserve.dataplane.gpu_decode import GpuDequantizer
 from shadowserve.dataplane.kv_targets import ChunkPlan, kv_target
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
-from shadowserve.errors import ConfigError, ShadowServeError
+from shadowserve.errors import ChunkFormatError, ConfigError, ShadowServeError, StoreError, StoreUnavailable
 
 STAGES = ("fetch", "decompress", "dequantize", "scatter", "save")
 
@@ -51,6 +51,7 @@ class _Job:
     start: float = field(default_factory=time.perf_counter)
     results: list[bool | None] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    error_kinds: dict[str, int] = field(default_factory=dict)
     nbytes: int = 0
     first_failure: int = 1 << 30  # chunks after a failed one are skipped: only a prefix is usable
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -166,9 +167,9 @@ class Pipeline:
         try:
             return step(chunk)
         except ShadowServeError as exc:
-            self._settle(chunk, False, f"{stage}: {exc}")
+            self._settle(chunk, False, f"{stage}: {exc}", failure_kind(stage, exc))
         except Exception as exc:  # never let one bad chunk kill a stage thread
-            self._settle(chunk, False, f"{stage}: {type(exc).__name__}: {exc}")
+            self._settle(chunk, False, f"{stage}: {type(exc).__name__}: {exc}", "other")
         finally:
             with self._busy_lock:
                 self._busy[stage] += time.perf_counter() - t0
@@ -182,7 +183,7 @@ class Pipeline:
         c.recv = self.receive.acquire(self.config.fetch_timeout)
         n = self.store.get_into(c.key, self.receive.slot(c.recv))
         if n is None:
-            self._settle(c, False, "fetch: chunk not in the store")
+            self._settle(c, False, "fetch: chunk not in the store", "missing")
             return None
         c.nbytes = n
         return "decompress"
@@ -239,7 +240,7 @@ class Pipeline:
 
     # ---- bookkeeping --------------------------------------------------------------------------
 
-    def _settle(self, c: _Chunk, ok: bool, error: str | None) -> None:
+    def _settle(self, c: _Chunk, ok: bool, error: str | None, kind: str | None = None) -> None:
         for pool, attr in ((self.receive, "recv"), (self.staging, "staging"), (self.kvslots, "kv")):
             slot = getattr(c, attr)
             if slot >= 0:
@@ -253,6 +254,8 @@ class Pipeline:
                 job.first_failure = min(job.first_failure, c.index)
                 if error:
                     job.errors.append(error)
+                if kind:
+                    job.error_kinds[kind] = job.error_kinds.get(kind, 0) + 1
             done = all(r is not None for r in job.results)
         if done:
             pending = getattr(self._tls, "finished", None)
@@ -270,7 +273,7 @@ class Pipeline:
         cmd = job.command
         job.on_done(Completion(
             job_id=cmd.job_id, request_id=cmd.request_id, kind=job.kind, num_chunks=len(cmd.keys),
-            ok_chunks=ok, error="; ".join(job.errors[:3]) or None, nbytes=job.nbytes,
+            ok_chunks=ok, error="; ".join(job.errors[:3]) or None, error_kinds=job.error_kinds, nbytes=job.nbytes,
             seconds=time.perf_counter() - job.start,
         ))
 
@@ -322,3 +325,14 @@ class Pipeline:
             self._gpu.close()
         for pool in (self.receive, self.staging, self.kvslots):
             pool.close()
+
+
+def failure_kind(stage: str, exc: ShadowServeError) -> str:
+    """What a chunk's failure says about the store, for the operator's error counts (ERROR_KINDS)."""
+    if isinstance(exc, ChunkFormatError):
+        return "corrupt"
+    if isinstance(exc, StoreUnavailable):
+        return "unreachable"
+    if isinstance(exc, StoreError):
+        return "rejected" if stage == "save" else "other"
+    return "other"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import time
 
@@ -139,6 +140,16 @@ class DataPlaneProcess:
         alive = self._proc is not None and self._proc.is_alive()
         return alive and time.monotonic() - self._last_beat < self.spec.config.heartbeat_timeout
 
+    def down_reason(self) -> str:
+        """Why the process counts as down: how it exited, or how long its heartbeats have been missing."""
+        if self._proc is None:
+            return "not started"
+        code = self._proc.exitcode
+        if code is not None:
+            return f"process {self._proc.pid} {exit_description(code)}"
+        silent = time.monotonic() - self._last_beat
+        return f"process {self._proc.pid} missed heartbeats for {silent:.1f} s (limit {self.spec.config.heartbeat_timeout} s)"
+
     def restart(self) -> None:
         """Kill (if needed) and start a fresh process; after this no old writes can land."""
         self._kill()
@@ -160,3 +171,13 @@ class DataPlaneProcess:
             self._proc.join(timeout=5)
         self._kill()
         self._proc = None
+
+
+def exit_description(code: int) -> str:
+    """``exited with status 1`` or ``was killed by SIGKILL``, from a process exit code."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"

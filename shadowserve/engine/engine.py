@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from shadowserve.config import DataPlaneConfig, EngineConfig, parse_size
+from shadowserve.cores import explain_split
 from shadowserve.engine.block_manager import BlockManager
 from shadowserve.engine.kv_pool import KVPool, bytes_per_block
 from shadowserve.engine.model_runner import ModelRunner
@@ -19,6 +21,8 @@ from shadowserve.engine.sampler import Sampler
 from shadowserve.engine.scheduler import Scheduler
 from shadowserve.errors import ModelError
 from shadowserve.model.loader import LoadedModel, load_model, torch_dtype
+
+log = logging.getLogger("shadowserve.engine")
 
 
 class LLMEngine:
@@ -52,6 +56,8 @@ class LLMEngine:
             torch.set_num_threads(len(engine_cores))
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        log.info("cores: %s", explain_split(self.dataplane_config.dataplane_cores, engine_cores,
+                                            self.dataplane_cores, self.dataplane_config.pin_cores, remote))
         self.loaded = loaded or load_model(config.model, config.dtype, config.device, progress=progress)
         self.loaded.model.use_linear_kernel(config.linear_kernel)
         arch = self.loaded.arch

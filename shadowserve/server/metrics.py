@@ -8,9 +8,10 @@ occupancy, queue lengths) is read at scrape time, so serving pays nothing per st
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shadowserve.controlplane.store_health import ERROR_KINDS
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.request import RequestOutput
 
@@ -18,6 +19,7 @@ PREFIX = "shadowserve_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class ServerMetrics:
@@ -35,6 +37,15 @@ class ServerMetrics:
                                      registry=self.registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Output tokens of finished requests",
                                          registry=self.registry)
+        self.hit_tokens = Counter(PREFIX + "prefix_hit_tokens",
+                                  "Prompt tokens of finished requests not computed, by where their KV came from "
+                                  "(local: the engine's prefix cache; remote: fetched from the store)",
+                                  ["source"], registry=self.registry)
+        for source in ("local", "remote"):
+            self.hit_tokens.labels(source)
+        self.fetch = Histogram(PREFIX + "fetch_seconds",
+                               "Per request that fetched: seconds from its fetch command to its KV landing",
+                               registry=self.registry, buckets=FETCH_BUCKETS)
         self.registry.register(_EngineCollector(engine))
 
     def observe_finished(self, out: RequestOutput) -> None:
@@ -43,6 +54,10 @@ class ServerMetrics:
         self.requests.labels(state).inc()
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         self.generation_tokens.inc(len(out.token_ids))
+        self.hit_tokens.labels("local").inc(out.num_cached_tokens)
+        self.hit_tokens.labels("remote").inc(out.num_fetched_tokens)
+        if out.fetch_ms is not None:
+            self.fetch.observe(out.fetch_ms / 1e3)
         if out.ttft_ms is not None:
             self.ttft.observe(out.ttft_ms / 1e3)
         if out.tpot_ms is not None:
@@ -77,7 +92,6 @@ class _EngineCollector(Collector):
         stats = getattr(manager, "stats", None)
         counters = {  # ManagerStats field -> help; exported as shadowserve_<field>_total
             "prefix_lookup_tokens": "Prompt tokens looked up in the remote store",
-            "prefix_hit_tokens": "Prompt tokens the remote store held at lookup",
             "fetched_tokens": "Prompt tokens whose KV landed from the store",
             "fetch_bytes": "Compressed bytes fetched from the store",
             "fetch_failures": "Fetches that failed or timed out and fell back to recompute",
@@ -87,9 +101,19 @@ class _EngineCollector(Collector):
         }
         for name, doc in counters.items():
             yield CounterMetricFamily(PREFIX + name, doc, value=getattr(stats, name, 0) if stats else 0)
-        fetch = SummaryMetricFamily(PREFIX + "fetch_seconds", "Seconds from fetch command to completion")
-        fetch.add_metric([], count_value=stats.fetches if stats else 0, sum_value=stats.fetch_seconds if stats else 0.0)
-        yield fetch
+        yield CounterMetricFamily(PREFIX + "store_hit_tokens",
+                                  "Prompt tokens the store held at lookup (the local cache may have served some)",
+                                  value=stats.prefix_hit_tokens if stats else 0)
+        errors = CounterMetricFamily(PREFIX + "store_errors", "Failed store calls and chunks, by kind",
+                                     labels=["kind"])
+        seen = dict(stats.store_errors) if stats else {}
+        for kind in ERROR_KINDS:
+            errors.add_metric([kind], seen.get(kind, 0))
+        yield errors
+        health = getattr(manager, "store_health", None)
+        store_up = 0.0 if health is not None and health.up is False else 1.0
+        yield GaugeMetricFamily(PREFIX + "store_up", "0 while the store is unreachable (1 without a store)",
+                                value=store_up)
         plane = {}
         if manager is not None:
             try:

@@ -107,6 +107,9 @@ class OpenAIServer:
             reason = self.unhealthy_reason()
             if reason:
                 return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+            reasons = self.degraded_reasons()
+            if reasons:  # still 200: requests are served, by recompute where the store cannot help
+                return {"status": "degraded", "reasons": reasons}
             return {"status": "ok"}
 
         @app.get("/metrics")
@@ -162,6 +165,13 @@ class OpenAIServer:
         if manager is not None and not manager.backend.stats():
             return "the data plane is starting (no heartbeat yet)"
         return None
+
+    def degraded_reasons(self) -> list[str]:
+        """What keeps the server from serving at full speed while it still answers every request."""
+        manager = self.engine.kv_manager
+        health = getattr(manager, "store_health", None)
+        reason = health.reason() if health is not None else None
+        return [reason] if reason else []
 
     # ---- request checks --------------------------------------------------------------------------
 

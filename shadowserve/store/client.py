@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from shadowserve.errors import StoreError
+from shadowserve.errors import StoreError, StoreUnavailable
 from shadowserve.store import protocol as P
 from shadowserve.store.base import StoreBase, check_key, writable_view
 from shadowserve.store.shaping import LinkShape, wait_latency
@@ -139,9 +139,9 @@ class StoreClient(StoreBase):
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except TimeoutError as exc:
-            raise StoreError(f"cannot connect to {self._where()}: timed out after {self.connect_timeout}s") from exc
+            raise StoreUnavailable(f"cannot connect to {self._where()}: timed out after {self.connect_timeout}s") from exc
         except OSError as exc:
-            raise StoreError(f"cannot connect to {self._where()}: {exc.strerror or exc}") from exc
+            raise StoreUnavailable(f"cannot connect to {self._where()}: {exc.strerror or exc}") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKBUF)
@@ -195,13 +195,13 @@ class StoreClient(StoreBase):
                 raise StoreError(f"{self._where()} refused {what}: {exc}") from None
             except (TimeoutError, BlockingIOError) as exc:
                 conn.sock.close()
-                raise StoreError(f"{what}: {self._where()} did not answer within {self.timeout}s") from exc
+                raise StoreUnavailable(f"{what}: {self._where()} did not answer within {self.timeout}s") from exc
             except (PeerClosed, ConnectionError, OSError) as exc:
                 conn.sock.close()
                 if conn.reused and conn.received == 0 and attempt == 0:
                     continue
                 reason = "closed the connection" if isinstance(exc, PeerClosed) else (exc.strerror or str(exc))
-                raise StoreError(f"{what}: {self._where()} went away mid-transfer ({reason})") from exc
+                raise StoreUnavailable(f"{what}: {self._where()} went away mid-transfer ({reason})") from exc
             except BaseException:
                 conn.sock.close()
                 raise

@@ -121,6 +121,8 @@ def test_corrupt_chunk_falls_back_to_recompute(tiny, reference, tmp_path):
     assert [r.output_token_ids for r in reqs] == reference(ps)
     assert reqs[0].num_fetched_tokens == 0 and eng.kv_manager.stats.fetch_failures == 1
     assert reqs[0].fetch_seconds > 0  # a failed fetch still counts in the TTFT breakdown
+    assert eng.kv_manager.stats.store_errors.get("corrupt", 0) >= 1  # /metrics: store_errors_total{kind="corrupt"}
+    assert eng.kv_manager.store_health.up is True  # a corrupt chunk is not an unreachable store
     eng.flush()
     eng.close()
     # The recompute saved good chunks over the corrupt ones: the next engine fetches them.
@@ -150,6 +152,7 @@ def test_chunk_deleted_between_lookup_and_fetch(tiny, reference, tmp_path):
     assert [r.output_token_ids for r in reqs] == reference(ps)
     assert reqs[0].num_fetched_tokens == 3 * CHUNK
     assert eng.kv_manager.stats.fetch_failures == 1
+    assert eng.kv_manager.stats.store_errors == {"missing": 1}
     eng.close()
 
 
@@ -199,6 +202,8 @@ def test_store_server_stopped_mid_fetch(tiny, reference):
         # With the store gone, new requests still complete (lookups answer 0, saves fail quietly).
         other = prompts(1, seed=6)
         assert run(eng, other)[0].output_token_ids == reference(other)[0]
+        assert eng.kv_manager.store_health.up is False and eng.kv_manager.stats.store_errors["unreachable"] >= 1
+        assert "unreachable" in eng.kv_manager.store_health.reason()
         eng.close()
     finally:
         server.stop()
@@ -212,6 +217,7 @@ def test_fetch_timeout_abandons_and_recomputes(tiny, reference, tmp_path):
     reqs = run(eng, ps)
     assert reqs[0].output_token_ids == reference(ps)[0]
     assert eng.kv_manager.stats.fetch_failures == 1 and reqs[0].num_fetched_tokens == 0
+    assert eng.kv_manager.stats.store_errors.get("timeout") == 1
     eng.flush(timeout=30)
     assert not eng.kv_manager.busy  # the late completion released the quarantined blocks
     bm = eng.block_manager

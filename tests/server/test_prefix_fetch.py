@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -62,7 +63,10 @@ def test_second_request_fetches_its_prefix_and_answers_the_same(fetching_server)
     assert 0 < fetch_ms < ttft_ms
     assert second.usage.prompt_tokens_details.cached_tokens == fetched
     assert second.choices[0].text == first.choices[0].text  # lossless codec: same answer
-    assert after["shadowserve_prefix_hit_tokens_total"] - before["shadowserve_prefix_hit_tokens_total"] >= fetched
+    hits = {s: after[f'shadowserve_prefix_hit_tokens_total{{source="{s}"}}']
+            - before[f'shadowserve_prefix_hit_tokens_total{{source="{s}"}}'] for s in ("local", "remote")}
+    assert hits == {"local": 0, "remote": fetched}  # prefix caching is off here: every hit was fetched
+    assert after["shadowserve_store_hit_tokens_total"] - before["shadowserve_store_hit_tokens_total"] >= fetched
     assert after["shadowserve_fetch_bytes_total"] > before["shadowserve_fetch_bytes_total"]
     assert after["shadowserve_fetch_seconds_count"] == before["shadowserve_fetch_seconds_count"] + 1
     assert "shadowserve_dataplane_stage_busy_ratio{stage=\"fetch\"}" in after
@@ -91,6 +95,14 @@ def test_dead_data_plane_is_reported_and_replaced(fetching_server):
     _wait(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=10, what="/health to report the dead plane")
     _wait(lambda: scrape(url)["shadowserve_dataplane_restarts_total"] > before, timeout=15, what="a restart")
     _wait(lambda: httpx.get(f"{url}/health").status_code == 200, timeout=15, what="/health to recover")
+    log = _server_log(fetching_server)
+    assert re.search(r"data plane down \(process \d+ was killed by SIGKILL\)", log), log[-2000:]
+    assert re.search(r"data plane restarted \(process \d+ on cores", log), log[-2000:]
     prompt = "A shared document prefix that many requests repeat. " * 12
     r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and r.json()["shadowserve"]["fetched_tokens"] > 0  # the new plane fetches
+
+
+def _server_log(server) -> str:
+    with open(f"{server.workdir}/server.log") as f:
+        return f.read()

@@ -97,6 +97,12 @@ class TrackedBackend(FetchBackend):
         self._save_jobs.clear()
         self.saving.clear()
 
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def down_reason(self) -> str:
+        return self.inner.down_reason()
+
     def stats(self) -> dict:
         return self.inner.stats()
 
