@@ -38,6 +38,15 @@ def test_user_errors_exit_2_without_traceback():
         assert "Traceback" not in proc.stderr
 
 
+def test_help_texts_show_defaults_and_no_markup():
+    top = cli("--help")
+    assert top.returncode == 0 and "``" not in top.stdout and "--log-level" in top.stdout
+    demo = " ".join(cli("demo", "--help").stdout.split())  # argparse wraps lines
+    for shown in ("(default: smollm2-135m)", "(default: 8)", "(default: 0)", "(default: balanced)"):
+        assert shown in demo
+    assert "(default: None)" not in " ".join(cli("serve", "--help").stdout.split())
+
+
 def test_models_list():
     proc = cli("models", "list")
     assert proc.returncode == 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from shadowserve.cli import DefaultsHelpFormatter
+
 SUITES: dict[str, str] = {
     "engine": "prefill and decode throughput of the engine vs HF transformers",
     "linear": "one decode step's weight matmuls per kernel (dense, fbgemm fp16, int4, int8) at several batch sizes",
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if exc.name != f"shadowserve.bench.suites.{name}":
                 raise
             continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
         module.add_arguments(p)
         p.add_argument("--json", dest="json_path", metavar="FILE", help="write the printed numbers as JSON")
         p.set_defaults(_suite_run=module.run)
