@@ -201,6 +201,7 @@ class StoreConfig:
 
 
 FETCH_MODES = ("recompute", "sync", "thread", "offload", "gpu")
+BASELINE_PLACEMENTS = ("reserved", "engine")
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,10 @@ class DataPlaneConfig:
     # Cores reserved for the data plane ("auto": the last quarter of usable cores, at least one);
     # the engine gets the rest, in every mode, so modes differ only in where the pipeline runs.
     dataplane_cores: str = "auto"
+    # Where ``sync`` and ``thread`` run their pipeline threads: "reserved" (the data-plane cores: the
+    # fairness rule, isolating what the process boundary buys) or "engine" (the engine's own cores beside
+    # the model, nothing reserved in use: the paper's CacheGen-Async placement). ``offload`` is always reserved.
+    baseline_cores: str = "reserved"
     chunk_size: int = 256  # tokens per stored chunk; a multiple of the engine block size
     fetch_workers: int = 2
     decompress_workers: int = 1
@@ -236,6 +241,9 @@ class DataPlaneConfig:
                      "receive_slots", "staging_slots", "kv_slots", "lookup_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if self.baseline_cores not in BASELINE_PLACEMENTS:
+            raise ConfigError(f"unknown baseline_cores {self.baseline_cores!r}: choose one of "
+                              f"{', '.join(BASELINE_PLACEMENTS)}")
         if self.store_probe_interval <= 0:
             raise ConfigError("store_probe_interval must be > 0")
         if self.fetch_timeout <= 0 or self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
@@ -249,6 +257,10 @@ class DataPlaneConfig:
     def split_cores(self) -> tuple[list[int], list[int]]:
         """(engine cores, data-plane cores) for ``dataplane_cores`` (see ``shadowserve.cores``)."""
         return split_cores(self.dataplane_cores)
+
+    def pipeline_on_engine_cores(self) -> bool:
+        """True when this mode's pipeline shares the engine's cores (a baseline placed as in the paper)."""
+        return self.baseline_cores == "engine" and self.fetch_mode in ("sync", "thread")
 
 
 # Each lossless stage's (default, lowest, highest) level; 0 in a config means the default. The level

@@ -73,7 +73,8 @@ def split_cores(dataplane_cores: str) -> tuple[list[int], list[int]]:
     return engine, plane
 
 
-def explain_split(dataplane_cores: str, engine: list[int], plane: list[int], pinned: bool, remote: bool) -> str:
+def explain_split(dataplane_cores: str, engine: list[int], plane: list[int], pinned: bool, remote: bool,
+                  pipeline_on_engine: bool = False) -> str:
     """One line for the operator: which cores the engine and the data plane got, and why."""
     usable = sorted(set(engine) | set(plane))
     if not remote and not pinned:
@@ -83,6 +84,9 @@ def explain_split(dataplane_cores: str, engine: list[int], plane: list[int], pin
     engine_part = (f"engine pinned to cores {_fmt(engine)} ({len(engine)} compute thread(s))" if pinned
                    else f"engine unpinned on cores {_fmt(usable)}")
     plane_part = f"data plane on cores {_fmt(plane)}" if remote else f"cores {_fmt(plane)} kept free"
+    if remote and pipeline_on_engine:
+        return (f"{engine_part}, its fetch pipeline on the same cores (baseline_cores=engine: the paper's "
+                f"CacheGen-Async placement), cores {_fmt(plane)} left idle ({why})")
     return (f"{engine_part}, {plane_part} ({why}); fetching never competes with the model for a core, and "
             f"prompts computed from scratch use only the engine's cores (--dataplane-cores changes the split)")
 

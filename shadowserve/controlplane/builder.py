@@ -94,5 +94,5 @@ def engine_kv_manager(
     arch = host.arch
     handle = host.kv_pool.handle() if config.fetch_mode == "offload" else None
     target = KVTarget(host.kv_pool.tensor, handle, arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
-    return build_kv_manager(config, store_url, codec_config, host.fingerprint, target, host.dataplane_cores,
-                            host.block_manager)
+    cores = host.engine_cores if config.pipeline_on_engine_cores() else host.dataplane_cores
+    return build_kv_manager(config, store_url, codec_config, host.fingerprint, target, cores, host.block_manager)

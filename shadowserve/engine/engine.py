@@ -57,7 +57,8 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         log.info("cores: %s", explain_split(self.dataplane_config.dataplane_cores, engine_cores,
-                                            self.dataplane_cores, self.dataplane_config.pin_cores, remote))
+                                            self.dataplane_cores, self.dataplane_config.pin_cores, remote,
+                                            self.dataplane_config.pipeline_on_engine_cores()))
         self.loaded = loaded or load_model(config.model, config.dtype, config.device, progress=progress)
         self.loaded.model.use_linear_kernel(config.linear_kernel)
         arch = self.loaded.arch
@@ -73,7 +74,7 @@ class LLMEngine:
         self.remote_kv: RemoteKV = NoRemoteKV()
         if remote_kv is not None:
             host = KVHost(self.kv_pool, self.block_manager, arch, self.loaded.fingerprint, config.block_size,
-                          tuple(self.dataplane_cores))
+                          tuple(self.dataplane_cores), tuple(engine_cores))
             try:
                 self.remote_kv = remote_kv(host)
             except BaseException:

@@ -145,6 +145,7 @@ class KVHost:
     fingerprint: str  # names the KV the model computes (seeds the chunk keys)
     block_size: int
     dataplane_cores: tuple[int, ...]
+    engine_cores: tuple[int, ...] = ()  # the model's own cores (a baseline's pipeline may share them)
 
 
 # Builds the remote KV cache once the engine has its pool (the control plane's builder, wired in llm.py).

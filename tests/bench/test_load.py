@@ -75,7 +75,7 @@ def test_bench_load_fetches_and_reports_vllm_names(tmp_path):
     assert "Mean TTFT (ms):" in p.stdout
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_bench_paper_quick_smoke(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "paper"
@@ -83,7 +83,7 @@ def test_bench_paper_quick_smoke(tmp_path):
              "--rates", "5,10", "--ttft-bandwidths", "1,40", "--load-bandwidths", "40", "--ref-bandwidth", "40",
              "--num-documents", "2", "--questions-per-doc", "1", "--doc-tokens", "600:800", "--output-len", "4:6",
              "--stage-tokens", "512", "--goodput", "ttft:60000", "tpot:60000", "--kv-cache-memory", "64MiB",
-             "--passes", "2", timeout=230)
+             "--passes", "2", "--baseline-cores", "both", timeout=290)
     assert p.returncode == 0, p.stderr[-2000:]
     for name in ("ttft_vs_bandwidth", "tpot_vs_rate", "throughput_vs_bandwidth", "stages"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
@@ -93,12 +93,18 @@ def test_bench_paper_quick_smoke(tmp_path):
     thr = json.loads((out / "throughput_vs_bandwidth.json").read_text())
     assert all(pt["max_rate_meeting_slo"] == 10 for pts in thr["modes"].values() for pt in pts)  # generous SLOs
     runs = json.loads((out / "runs.json").read_text())["runs"]
-    # Per pass, recompute: once per rate; thread/offload: 2 rates at 40 + 1 rate at 1 Gbit/s.
-    assert sorted(r["pass"] for r in runs) == [0] * 8 + [1] * 8
+    # Per pass, recompute: once per rate; thread, thread@engine, offload: 2 rates at 40 + 1 rate at 1 Gbit/s.
+    assert sorted(r["pass"] for r in runs) == [0] * 11 + [1] * 11
+    assert {r["mode"] for r in runs} == {"recompute", "thread", "thread@engine", "offload"}
     assert all(r["completed"] == 2 for r in runs)
     assert all(r["total_fetched_tokens"] > 0 for r in runs if r["mode"] != "recompute")
     summary = json.loads((out / "summary.json").read_text())
     assert "tpot_thread_over_offload" in summary["ratios"] and summary["machine_after"]["cpus"] >= 1
+    assert "tpot_thread_engine_over_offload" in summary["ratios"]
+    assert [(r["placement"], r["baseline"]) for r in summary["paper_table"]] == [("reserved", "thread"),
+                                                                                  ("engine", "thread")]
+    assert all(r["tpot_baseline_over_offload"] > 0 for r in summary["paper_table"])
+    assert "side by side with the paper" in p.stdout
     assert summary["passes"] == 2 and len(summary["ratios_by_pass"]) == 2
 
 
@@ -129,3 +135,18 @@ def test_paper_passes_alternate_mode_order_and_take_medians():
     assert merged["mean_tpot_ms"] == 100.0 and merged["slo_attainment"] == 0.75
     assert merged["requests"] == ["c"]  # non-numeric fields: from the median-TPOT pass
     assert merged["passes"] == 3 and "pass" not in merged
+
+
+def test_baseline_mode_labels_name_their_placement():
+    from shadowserve.bench.common.harness import split_mode
+    from shadowserve.bench.suites.paper import expand_modes
+    from shadowserve.errors import ConfigError
+
+    assert split_mode("thread@engine") == ("thread", "engine") and split_mode("offload") == ("offload", None)
+    for bad in ("offload@engine", "thread@gpu"):
+        with pytest.raises(ConfigError):
+            split_mode(bad)
+    modes = ["recompute", "sync", "thread", "offload"]
+    assert expand_modes(modes, "both") == ["recompute", "sync", "sync@engine", "thread", "thread@engine", "offload"]
+    assert expand_modes(modes, "engine") == ["recompute", "sync@engine", "thread@engine", "offload"]
+    assert expand_modes(modes, "reserved") == modes

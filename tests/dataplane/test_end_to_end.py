@@ -258,3 +258,46 @@ def test_engines_built_one_after_another_get_the_same_core_split(tiny, tmp_path)
     if len(before) > 1:
         engine_cores, plane_cores = splits[0]
         assert not set(engine_cores) & set(plane_cores)
+
+
+def _thread_affinities() -> list[set[int]]:
+    """The CPUs each thread of this process may run on (Linux: /proc/self/task/*/status)."""
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/status") as f:
+                line = next(ln for ln in f if ln.startswith("Cpus_allowed_list:"))
+        except (OSError, StopIteration):
+            continue
+        cores: set[int] = set()
+        for part in line.split(":", 1)[1].strip().split(","):
+            lo, _, hi = part.partition("-")
+            cores.update(range(int(lo), int(hi or lo) + 1))
+        out.append(cores)
+    return out
+
+
+@pytest.mark.parametrize("placement", ["reserved", "engine"])
+def test_baseline_placement_decides_where_the_thread_pipeline_runs(tiny, reference, tmp_path, placement):
+    """``baseline_cores=engine`` puts the thread baseline's pipeline on the engine's cores (the reserved
+    ones idle: the paper's CacheGen-Async placement); ``reserved`` on the data-plane cores. Same answers."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores to reserve one")
+    url = f"file://{tmp_path}/store"
+    ps = prompts(1, seed=11)
+    warm_store(tiny, url, ps)
+    eng = engine(tiny, url, "thread", pin_cores=True, baseline_cores=placement)
+    try:
+        engine_cores = set(os.sched_getaffinity(0))
+        plane_cores = set(eng.dataplane_cores)
+        reqs = run(eng, ps)
+        assert [r.output_token_ids for r in reqs] == reference(ps) and reqs[0].num_fetched_tokens > 0
+        on_plane = [a for a in _thread_affinities() if a <= plane_cores]
+        if placement == "engine":
+            assert set(eng.kv_manager.backend.spec.cores) == engine_cores
+            assert not on_plane  # nothing of this process runs on the reserved cores
+        else:
+            assert set(eng.kv_manager.backend.spec.cores) == plane_cores
+            assert on_plane  # the pipeline's threads are pinned there
+    finally:
+        eng.close()

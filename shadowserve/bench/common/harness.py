@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass, field
 from pydoc_data.topics import topics
 
-from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
+from shadowserve.config import BASELINE_PLACEMENTS, CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.request import Request, SamplingParams
+from shadowserve.errors import ConfigError
 from shadowserve.llm import create_engine
 from shadowserve.model.loader import LoadedModel, load_model
 
@@ -27,6 +28,7 @@ class Harness:
     device: str = "cpu"
     workers: int = 1  # decompress and dequantize threads of the data plane (more on many-core machines)
     dataplane_cores: str = "auto"
+    baseline_cores: str = "reserved"  # where sync/thread pipelines run unless a mode label says (split_mode)
     # The cores this process may use before any engine pins it (an engine pins its whole process).
     cores: tuple[int, ...] = field(default_factory=lambda: tuple(sorted(os.sched_getaffinity(0))))
 
@@ -42,11 +44,16 @@ class Harness:
         return EngineConfig(**{**settings, **overrides})
 
     def engine(self, mode: str, store_url: str | None = None, save: bool = False, **plane) -> LLMEngine:
-        """An engine in ``mode`` with the engine pinned to its cores and the data plane to the rest."""
+        """An engine in ``mode`` with the engine pinned to its cores and the data plane to the rest.
+
+        ``mode`` may name a baseline's placement: ``thread@engine`` runs the thread pipeline on the
+        engine's cores whatever ``baseline_cores`` says (see ``split_mode``)."""
+        mode, placement = split_mode(mode)
         w = self.workers
         sized = dict(fetch_workers=max(2, w), decompress_workers=w, dequantize_workers=w,
                      receive_slots=max(8, 2 * w), staging_slots=max(4, 2 * w), kv_slots=max(4, 2 * w),
-                     save_workers=w, dataplane_cores=self.dataplane_cores)
+                     save_workers=w, dataplane_cores=self.dataplane_cores,
+                     baseline_cores=placement or self.baseline_cores)
         dp = DataPlaneConfig(fetch_mode=mode, pin_cores=True, chunk_size=self.chunk_size, save=save,
                              **{**sized, **plane})
         url = None if mode == "recompute" else (store_url or self.store_url)
@@ -68,6 +75,19 @@ class Harness:
             eng.close()
 
 
+def split_mode(label: str) -> tuple[str, str | None]:
+    """``"thread@engine"`` -> ("thread", "engine"); ``"offload"`` -> ("offload", None).
+
+    A placement suffix lets one run put the same baseline on both placements side by side."""
+    mode, _, placement = label.partition("@")
+    if placement and placement not in BASELINE_PLACEMENTS:
+        raise ConfigError(f"unknown placement {placement!r} in mode {label!r}: use "
+                          f"{' or '.join(BASELINE_PLACEMENTS)}")
+    if placement and mode not in ("sync", "thread"):
+        raise ConfigError(f"only the sync and thread baselines take a placement, not {label!r}")
+    return mode, placement or None
+
+
 def dtype_name(loaded: LoadedModel) -> str:
     return str(loaded.model.dtype).removeprefix("torch.")
 
@@ -81,6 +101,10 @@ def add_model_arguments(p, kv_cache_memory: str = "2GiB") -> None:
     p.add_argument("--dataplane-workers", type=int, default=1,
                    help="decompress and dequantize threads in every mode (up to the data-plane cores)")
     p.add_argument("--dataplane-cores", default="auto", help="cores reserved for the data plane, e.g. 12-15")
+    p.add_argument("--baseline-cores", default="reserved", choices=BASELINE_PLACEMENTS,
+                   help="where sync and thread run their pipelines: reserved (the data-plane cores, as offload: "
+                        "what the process boundary buys) or engine (the engine's own cores, the reserved ones "
+                        "idle: the paper's CacheGen-Async placement); a mode label like thread@engine overrides it")
 
 
 def load_for(args):

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if server is not None:
         pin_to_dataplane_cores(server.pid)
     h = Harness(loaded, args.store or server.url, codec_from_args(args), kv_cache_memory=args.kv_cache_memory,
-                device=args.device, workers=args.dataplane_workers, dataplane_cores=args.dataplane_cores)
+                device=args.device, workers=args.dataplane_workers, dataplane_cores=args.dataplane_cores,
+                baseline_cores=args.baseline_cores)
     tok = loaded.tokenizer
     n_docs = 6
     docs = [doc_prompt(tok, args.prefix_tokens, offset=40 * i) for i in range(n_docs)]

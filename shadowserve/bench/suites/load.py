@@ -21,6 +21,7 @@ from shadowserve.bench.common.http_driver import HTTPDriver
 from shadowserve.bench.common.machine import machine_info
 from shadowserve.bench.common.metrics import compute_metrics, format_table, parse_goodput
 from shadowserve.bench.common.workloads import add_workload_arguments, build_workload, with_arrivals
+from shadowserve.config import BASELINE_PLACEMENTS
 from shadowserve.cores import pin_to_dataplane_cores
 from shadowserve.model.loader import load_model
 from shadowserve.store.launch import start_store_server
@@ -37,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth", type=float, default=None, help="emulated link to the store, Gbit/s")
     p.add_argument("--store", default=None, help="store URL (default: a local store server)")
     p.add_argument("--kv-cache-memory", default="3GiB")
+    p.add_argument("--baseline-cores", default="reserved", choices=BASELINE_PLACEMENTS,
+                   help="where sync and thread run their pipelines: reserved (the data-plane cores) or engine "
+                        "(the engine's cores: the paper's CacheGen-Async placement); thread@engine in --modes overrides")
     add_codec_arguments(p)
     p.add_argument("--url", default=None,
                    help="benchmark a running server (http://host:port) instead of in-process engines; "
@@ -56,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if server is not None:
         pin_to_dataplane_cores(server.pid)
     base = args.store or server.url
-    h = Harness(loaded, base, codec_from_args(args), kv_cache_memory=args.kv_cache_memory)
+    h = Harness(loaded, base, codec_from_args(args), kv_cache_memory=args.kv_cache_memory,
+                baseline_cores=args.baseline_cores)
     results = {}
     try:
         print(f"warming the store with {len(workload.warm_prompts)} prefixes "

@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--modes", default="recompute,sync,thread,offload")
+    p.add_argument("--baseline-cores", default="both", choices=("both", "reserved", "engine"),
+                   help="where sync and thread run their pipelines: both placements side by side (thread and "
+                        "thread@engine), only the reserved data-plane cores, or only the engine's own cores")
     add_workload_arguments(p)
     for name in ("num_documents", "questions_per_doc", "doc_tokens", "output_len"):
         p.set_defaults(**{name: None})
@@ -169,30 +172,94 @@ def _ratio(a, b):
     return a / b if a and b else None
 
 
+# The paper's headline figures against CacheGen-Async (arXiv 2509.16857), for the side-by-side table.
+PAPER = {"tpot": 2.2, "ttft": 1.38, "throughput": 1.35}
+PLACEMENT_MEANING = {
+    "reserved": "baselines on the reserved data-plane cores: what the process boundary buys",
+    "engine": "baselines on the engine's own cores: the paper's comparison (CacheGen-Async placement)",
+}
+
+
+def expand_modes(modes: list[str], placement: str) -> list[str]:
+    """The modes to run: ``both`` puts each of sync and thread on both placements (``thread@engine``)."""
+    out: list[str] = []
+    for mode in modes:
+        if mode in ("sync", "thread") and placement != "reserved":
+            out += [mode, f"{mode}@engine"] if placement == "both" else [f"{mode}@engine"]
+        else:
+            out.append(mode)
+    return out
+
+
 def summarize(figs: dict, target: float, paper_low_bw: float = 20.0) -> dict:
-    """Our ratios in the paper's terms (``thread`` plays CacheGen-Async, ``offload`` ShadowServe)."""
+    """Our ratios in the paper's terms: each baseline (``thread``, ``sync``, on either placement:
+    ``thread@engine``) against ``offload`` (ShadowServe). Keys name the baseline, ``@`` as ``_``."""
     out: dict = {}
     tp = {m: {p["request_rate"]: p for p in pts} for m, pts in figs["tpot_vs_rate"]["modes"].items()}
-    if "thread" in tp and "offload" in tp:
-        both = sorted(set(tp["thread"]) & set(tp["offload"]))
-        out["tpot_thread_over_offload_by_rate"] = {r: _ratio(tp["thread"][r]["mean_tpot_ms"], tp["offload"][r]["mean_tpot_ms"])
-                                                   for r in both}
-        sustained = [r for r in both if min(tp["thread"][r]["slo_attainment"], tp["offload"][r]["slo_attainment"]) >= target]
-        r = max(sustained) if sustained else (both[0] if both else None)
-        out["tpot_compare_rate"] = r
-        out["tpot_compare_rate_sustained"] = bool(sustained)
-        out["tpot_thread_over_offload"] = out["tpot_thread_over_offload_by_rate"].get(r)
     tt = {m: {p["bandwidth_gbps"]: p["mean_ttft_ms"] for p in pts} for m, pts in figs["ttft_vs_bandwidth"]["modes"].items()}
-    if "thread" in tt and "offload" in tt:
-        out["ttft_thread_over_offload_by_bw"] = {b: _ratio(tt["thread"][b], tt["offload"].get(b)) for b in tt["thread"]}
     th = {m: {p["bandwidth_gbps"]: p["max_rate_meeting_slo"] for p in pts}
           for m, pts in figs["throughput_vs_bandwidth"]["modes"].items()}
-    for other in ("thread", "recompute", "sync"):
+    baselines = [m for m in tp if m not in ("offload", "recompute")]
+    for base in baselines:
+        key = base.replace("@", "_")
+        if "offload" not in tp:
+            break
+        both = sorted(set(tp[base]) & set(tp["offload"]))
+        by_rate = {r: _ratio(tp[base][r]["mean_tpot_ms"], tp["offload"][r]["mean_tpot_ms"]) for r in both}
+        out[f"tpot_{key}_over_offload_by_rate"] = by_rate
+        sustained = [r for r in both if min(tp[base][r]["slo_attainment"], tp["offload"][r]["slo_attainment"]) >= target]
+        r = max(sustained) if sustained else (both[0] if both else None)
+        out[f"tpot_{key}_compare_rate"] = r
+        out[f"tpot_{key}_compare_rate_sustained"] = bool(sustained)
+        out[f"tpot_{key}_over_offload"] = by_rate.get(r)
+        if base in tt and "offload" in tt:
+            out[f"ttft_{key}_over_offload_by_bw"] = {b: _ratio(tt[base][b], tt["offload"].get(b)) for b in tt[base]}
+    for other in [*baselines, "recompute"]:
         if other in th and "offload" in th:
-            out[f"throughput_offload_over_{other}_by_bw"] = {b: _ratio(th["offload"][b], th[other].get(b))
-                                                              for b in th["offload"]}
+            out[f"throughput_offload_over_{other.replace('@', '_')}_by_bw"] = {
+                b: _ratio(th["offload"][b], th[other].get(b)) for b in th["offload"]}
     out["low_bandwidth_limit_gbps"] = paper_low_bw
     return out
+
+
+def paper_table(ratios: dict) -> list[dict]:
+    """One row per (placement, baseline): our loaded TPOT, low-bandwidth TTFT and throughput ratios
+    beside the paper's, and what the row answers."""
+    rows = []
+    low = ratios.get("low_bandwidth_limit_gbps", 20.0)
+    for placement, suffix in (("reserved", ""), ("engine", "_engine")):
+        for base in ("thread", "sync"):
+            key = base + suffix
+            if f"tpot_{key}_over_offload" not in ratios:
+                continue
+            ttft = {b: v for b, v in ratios.get(f"ttft_{key}_over_offload_by_bw", {}).items() if v and b <= low}
+            thr = {b: v for b, v in ratios.get(f"throughput_offload_over_{key}_by_bw", {}).items() if v}
+            rows.append({
+                "placement": placement, "baseline": base, "answers": PLACEMENT_MEANING[placement],
+                "tpot_baseline_over_offload": ratios[f"tpot_{key}_over_offload"], "paper_tpot": PAPER["tpot"],
+                "ttft_baseline_over_offload_low_bw": min(ttft.values()) if ttft else None,
+                "ttft_low_bw_range": [min(ttft.values()), max(ttft.values())] if ttft else None,
+                "paper_ttft": PAPER["ttft"],
+                "throughput_offload_over_baseline": max(thr.values()) if thr else None,
+                "paper_throughput": PAPER["throughput"],
+            })
+    return rows
+
+
+def print_paper_table(rows: list[dict]) -> None:
+    def f(v) -> str:
+        return "   -  " if v is None else f"{v:5.2f}x"
+
+    print("\nbaseline / offload, side by side with the paper (vs CacheGen-Async):")
+    print(f"{'placement':<9} {'baseline':<8} {'TPOT':>7} {'paper':>6} {'TTFT<=20G':>10} {'paper':>6} "
+          f"{'thruput':>8} {'paper':>6}")
+    for r in rows:
+        print(f"{r['placement']:<9} {r['baseline']:<8} {f(r['tpot_baseline_over_offload']):>7} {r['paper_tpot']:>5}x "
+              f"{f(r['ttft_baseline_over_offload_low_bw']):>10} {r['paper_ttft']:>5}x "
+              f"{f(r['throughput_offload_over_baseline']):>8} {r['paper_throughput']:>5}x")
+    for placement, meaning in PLACEMENT_MEANING.items():
+        if any(r["placement"] == placement for r in rows):
+            print(f"  {placement}: {meaning}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     args.workload = "long-doc-qa"
     started = time.time()
     os.makedirs(args.out, exist_ok=True)
-    modes = args.modes.split(",")
+    modes = expand_modes(args.modes.split(","), args.baseline_cores)
     ttft_bws, load_bws = _floats(args.ttft_bandwidths), _floats(args.load_bandwidths)
     rates, ref_bw = sorted(_floats(args.rates)), args.ref_bandwidth
     slos = parse_goodput(args.goodput)
@@ -271,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
         "passes": len(grid),
         "ratios": summarize(figures, args.target),
     }
+    summary["paper_table"] = paper_table(summary["ratios"])
     if len(grid) > 1:
         summary["ratios_by_pass"] = [summarize(f, args.target) for f in by_pass]
     for name, fig in figures.items():
@@ -283,5 +351,6 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json_path, summary)
     written = plots.draw_all(figures, args.out)
     print(json.dumps(summary["ratios"], indent=1))
+    print_paper_table(summary["paper_table"])
     print(f"wrote {len(written)} figures and their JSON to {args.out} in {summary['elapsed_s']:.0f} s")
     return 0

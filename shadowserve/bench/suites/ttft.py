@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     server = start_store_server("--capacity", "8GiB")
     pin_to_dataplane_cores(server.pid)
     h = Harness(loaded, server.url, codec_from_args(args), kv_cache_memory=args.kv_cache_memory, device=args.device,
-                workers=args.dataplane_workers, dataplane_cores=args.dataplane_cores)
+                workers=args.dataplane_workers, dataplane_cores=args.dataplane_cores,
+                baseline_cores=args.baseline_cores)
     tok = loaded.tokenizer
     prompt = doc_prompt(tok, args.prefix_tokens, offset=0)
     warmup = doc_prompt(tok, 4 * h.chunk_size, offset=300)  # fetched once per engine before timing
