@@ -62,14 +62,14 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     try:
         h.warm(docs)
-        print(f"{'mode':<10} {'TPOT idle ms':>13} {'TPOT loaded ms':>15} {'ratio':>7} "
+        print(f"{'mode':<14} {'TPOT idle ms':>13} {'TPOT loaded ms':>15} {'ratio':>7} "
               f"{'TPOT replay ms':>15} {'replay ratio':>13} {'fetches':>8}")
         rounds: dict[str, list[dict]] = {m: [] for m in args.modes.split(",")}
         for rnd in range(args.rounds):  # modes interleaved per round: slow drifts hit every mode alike
             for mode in rounds:
                 r = _measure(h, mode, decoders, docs, decode_params, args.fetchers)
                 rounds[mode].append(r)
-                print(f"{mode:<10} {r['tpot_idle_ms']:>13.1f} {r['tpot_loaded_ms']:>15.1f} {r['ratio']:>7.2f} "
+                print(f"{mode:<14} {r['tpot_idle_ms']:>13.1f} {r['tpot_loaded_ms']:>15.1f} {r['ratio']:>7.2f} "
                       f"{r['tpot_replay_ms']:>15.1f} {r['replay_ratio']:>13.2f} {r['fetches']:>8}"
                       f"   (round {rnd + 1}; fetch job {r['fetch_job_ms_mean']:.0f} ms, failures "
                       f"{r['fetch_failures']}, restarts {r['dataplane_restarts']})", flush=True)
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         for mode, rs in rounds.items():
             med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             results[mode] = {**med, "rounds": rs}
-            print(f"{mode:<10} {med['tpot_idle_ms']:>13.1f} {med['tpot_loaded_ms']:>15.1f} {med['ratio']:>7.2f} "
+            print(f"{mode:<14} {med['tpot_idle_ms']:>13.1f} {med['tpot_loaded_ms']:>15.1f} {med['ratio']:>7.2f} "
                   f"{med['tpot_replay_ms']:>15.1f} {med['replay_ratio']:>13.2f} {med['fetches']:>8.0f}")
     finally:
         if server is not None:

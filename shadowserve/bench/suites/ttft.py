@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{stages['compressed_bytes'] / 1e6:.1f} MB compressed; stages alone (fastest of 3): "
                   f"decompress {stages['decompress_s'] * 1e3:.0f} ms, dequantize {stages['dequantize_s'] * 1e3:.0f} "
                   f"ms, scatter {stages['scatter_s'] * 1e3:.0f} ms; suffix prefill {suffix_s * 1e3:.0f} ms")
-            print(f"{'mode':<10} {'Gbit/s':>7} {'loaded':>7} {'TTFT ms':>9} {'bound ms':>9} {'TTFT/bound':>11} "
+            print(f"{'mode':<14} {'Gbit/s':>7} {'loaded':>7} {'TTFT ms':>9} {'bound ms':>9} {'TTFT/bound':>11} "
                   f"{'/1-core bound':>14} {'/same-req bound':>16} "
                   f"{'fetch job ms':>13} {'fetch ms':>9} {'after ms':>9}")
             url = f"{server.url}?bandwidth={gbps}gbit"
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
                                "dataplane_restarts": after.dataplane_restarts - before.dataplane_restarts,
                                "stage_busy_s": {k: busy1[k] - busy0.get(k, 0.0) for k in busy1}}  # over all repeats
                         rows.append(row)
-                        print(f"{mode:<10} {gbps:>7g} {str(loaded_run):>7} {row['ttft_ms']:>9.0f} "
+                        print(f"{mode:<14} {gbps:>7g} {str(loaded_run):>7} {row['ttft_ms']:>9.0f} "
                               f"{row['bound_ms']:>9.0f} {row['ttft_ms'] / row['bound_ms']:>11.2f} "
                               f"{row['ttft_ms'] / row['bound_one_core_ms']:>14.2f} "
                               f"{row['ttft_ms'] / row.get('bound_same_request_ms', math.nan):>16.2f} "
