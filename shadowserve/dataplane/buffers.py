@@ -11,24 +11,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from multiprocessing import shared_memory
 
 import numpy as np
 import torch
 
+from shadowserve.dataplane.shm import Segment
 from shadowserve.errors import FetchError
-
-
-def attach_shared_memory(name: str) -> shared_memory.SharedMemory:
-    """Attach to a segment another process owns; only the owner ever unlinks it.
-
-    Children started with the ``spawn`` method share their parent's resource tracker, so the
-    attach registers nothing new and a child killed mid-fetch leaks nothing.
-    """
-    try:
-        return shared_memory.SharedMemory(name=name, create=False)
-    except FileNotFoundError:
-        raise FetchError(f"shared memory segment {name} is gone (its owner exited?)") from None
 
 
 class SlotPool:
@@ -51,10 +39,10 @@ class SlotPool:
                 raise ValueError("a pinned slot pool is private to its process; it cannot attach to shared memory")
             self._pinned = torch.empty((self.num_slots, self.slot_bytes), dtype=torch.uint8, pin_memory=True)
             self.array = self._pinned.numpy()
-        elif self._owner:
-            self._shm = shared_memory.SharedMemory(create=True, size=self.num_slots * self.slot_bytes)
+        elif self._owner:  # unlinked by close() or, if nobody calls it, at interpreter exit
+            self._shm = Segment.create(f"slots-{name}", self.num_slots * self.slot_bytes)
         else:
-            self._shm = attach_shared_memory(shm_name)
+            self._shm = Segment.attach(shm_name)
         if self._shm is not None:
             self.array = np.ndarray((self.num_slots, self.slot_bytes), dtype=np.uint8, buffer=self._shm.buf)
         if self._owner:
@@ -145,11 +133,5 @@ class SlotPool:
             self._cond.notify_all()
         self.array = None
         self._pinned = None
-        if self._shm is None:
-            return
-        self._shm.close()
-        if self._owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+        if self._shm is not None:
+            self._shm.close()  # the owner's close also unlinks

@@ -1,67 +1,97 @@
-"""The isolated data plane: the pipeline in its own process, pinned to reserved cores.
+"""The isolated data plane, engine side: start, feed, watch and restart the data-plane process.
 
-Only small messages cross the pipes (commands in; completions and heartbeats out). Bulk data goes
-store -> this process's slots -> the engine's KV pool in shared memory. The engine side owns every
-shared segment, so killing this process (on a hang, or by an operator) loses no memory, and a
-restarted one attaches to the same buffers.
+The process is its own interpreter (``python -m shadowserve.dataplane.child``, dataplane/child.py)
+rather than a multiprocessing child, so a user's script that builds an ``LLM`` with no
+``if __name__ == "__main__"`` guard is never re-imported. It talks over two inherited pipes: the
+spec and then commands in, completions and heartbeats out; bulk data goes store -> its slots ->
+the engine's KV pool in shared memory. The engine side owns every shared segment, so killing the
+process (on a hang, or by an operator) loses no memory, and a restarted one attaches to the same
+buffers. A process still running when the interpreter exits is stopped then (``weakref.finalize``).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
-
-import torch
+import weakref
+from multiprocessing.connection import Connection
 
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
-from shadowserve.dataplane.spec import DataPlaneSpec, build_pipeline
+from shadowserve.dataplane.spec import DataPlaneSpec
 from shadowserve.errors import FetchError
 
+CHILD_MODULE = "shadowserve.dataplane.child"
 
-def _child_main(spec: DataPlaneSpec, commands, events) -> None:
-    """Entry point of the data-plane process."""
-    if spec.cores:
-        os.sched_setaffinity(0, spec.cores)
-    # The pipeline's parallelism is its stage workers; torch's intra-op threads on top of them would
-    # oversubscribe the reserved cores (spinning OpenMP teams starve the decompress threads).
-    torch.set_num_threads(1)
-    send_lock = threading.Lock()
 
-    def send(msg) -> None:
-        with send_lock:
-            try:
-                events.send(msg)
-            except (BrokenPipeError, OSError):
-                os._exit(0)  # the engine is gone; nothing left to serve
+def _child_env() -> dict[str, str]:
+    """This environment, with this interpreter's import path: the child imports the same package."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
 
-    try:
-        pool = spec.pool_handle.attach()
-        pipeline = build_pipeline(spec, pool.tensor)
-    except Exception as exc:
-        send(("failed", f"{type(exc).__name__}: {exc}"))
-        return
-    send(("ready", os.getpid()))
 
-    def heartbeat() -> None:
-        while True:
-            time.sleep(spec.config.heartbeat_interval)
-            send(("heartbeat", pipeline.stats()))
+class _Child:
+    """One started data-plane process and the engine's ends of its pipes."""
 
-    threading.Thread(target=heartbeat, daemon=True).start()
-    while True:
+    def __init__(self, spec: DataPlaneSpec) -> None:
+        cmd_read, cmd_write = os.pipe()
+        event_read, event_write = os.pipe()
+        inherited = (cmd_read, event_write, *spec.pool_handle.inherited_fds())
         try:
-            cmd = commands.recv()
-        except (EOFError, OSError):
-            break
-        if cmd is None:
-            break
-        pipeline.submit(cmd, lambda c: send(("done", c)))
-    pipeline.close()
-    pool.close()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", CHILD_MODULE, str(cmd_read), str(event_write)],
+                pass_fds=inherited, env=_child_env(), stdin=subprocess.DEVNULL)
+        except BaseException:
+            os.close(cmd_write)
+            os.close(event_read)
+            raise
+        finally:
+            os.close(cmd_read)
+            os.close(event_write)
+        self.events = Connection(event_read, writable=False)
+        self.outbox: queue.Queue = queue.Queue()
+        self.outbox.put(spec)  # its first message
+        # Sends happen on a thread of their own: a hung child with a full pipe never blocks the engine.
+        commands = Connection(cmd_write, readable=False)
+        threading.Thread(target=self._send_loop, args=(self.outbox, commands), daemon=True,
+                         name="dataplane-sender").start()
+
+    @staticmethod
+    def _send_loop(outbox: queue.Queue, conn: Connection) -> None:
+        try:
+            while True:
+                cmd = outbox.get()
+                conn.send(cmd)
+                if cmd is None:
+                    return
+        except (BrokenPipeError, OSError):
+            return
+        finally:
+            conn.close()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float) -> None:
+        """Ask the process to finish within ``grace`` seconds, then kill it; reap it either way."""
+        self.outbox.put(None)  # also ends the sender thread once the pipe breaks
+        if grace > 0 and self.alive():
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.alive():
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.events.close()
 
 
 class DataPlaneProcess:
@@ -72,61 +102,47 @@ class DataPlaneProcess:
         self.start_timeout = start_timeout
         self.restarts = 0
         self.last_stats: dict = {}
-        self._proc = None
+        self._child: _Child | None = None
+        self._finalizer: weakref.finalize | None = None
         self._start()
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")  # never fork a process that holds torch threads
-        cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
-        self._events, ev_send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_child_main, args=(self.spec, cmd_recv, ev_send),
-                                 name="shadowserve-dataplane", daemon=True)
-        self._proc.start()
-        cmd_recv.close()
-        ev_send.close()
+        self._child = child = _Child(self.spec)
+        self._finalizer = weakref.finalize(self, child.stop, 5.0)  # unless close() or _kill() runs first
         deadline = time.monotonic() + self.start_timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._events.poll(min(left, 0.5)):
-                if left <= 0 or not self._proc.is_alive():
-                    self._kill()
-                    raise FetchError("the data-plane process did not start")
-                continue
-            kind, payload = self._events.recv()
+            try:
+                if left <= 0 or not child.events.poll(min(left, 0.5)):
+                    if left <= 0 or not child.alive():
+                        self._kill()
+                        raise FetchError(f"the data-plane process did not start (exit status {child.proc.returncode})")
+                    continue
+                kind, payload = child.events.recv()
+            except (EOFError, OSError):
+                self._kill()
+                raise FetchError(f"the data-plane process did not start (exit status {child.proc.returncode})") from None
             if kind == "ready":
                 break
             if kind == "failed":
                 self._kill()
                 raise FetchError(f"the data-plane process failed to start: {payload}")
         self._last_beat = time.monotonic()
-        self._outbox: queue.Queue = queue.Queue()
-        # Sends happen on a thread of their own: a hung child with a full pipe never blocks the engine.
-        self._sender = threading.Thread(target=self._send_loop, args=(self._outbox, self._cmd_send), daemon=True)
-        self._sender.start()
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
-
-    @staticmethod
-    def _send_loop(outbox: queue.Queue, conn) -> None:
-        while True:
-            cmd = outbox.get()
-            try:
-                conn.send(cmd)
-            except (BrokenPipeError, OSError):
-                return
-            if cmd is None:
-                return
+        return self._child.proc.pid
 
     def submit(self, cmd: FetchCommand | SaveCommand) -> None:
-        self._outbox.put(cmd)
+        self._child.outbox.put(cmd)
 
     def poll(self) -> list[Completion]:
-        out = []
+        out: list[Completion] = []
+        if self._child is None:
+            return out
         try:
-            while self._events.poll(0):
-                kind, payload = self._events.recv()
+            while self._child.events.poll(0):
+                kind, payload = self._child.events.recv()
                 self._last_beat = time.monotonic()
                 if kind == "done":
                     out.append(payload)
@@ -137,18 +153,18 @@ class DataPlaneProcess:
         return out
 
     def healthy(self) -> bool:
-        alive = self._proc is not None and self._proc.is_alive()
+        alive = self._child is not None and self._child.alive()
         return alive and time.monotonic() - self._last_beat < self.spec.config.heartbeat_timeout
 
     def down_reason(self) -> str:
         """Why the process counts as down: how it exited, or how long its heartbeats have been missing."""
-        if self._proc is None:
+        if self._child is None:
             return "not started"
-        code = self._proc.exitcode
+        code = self._child.proc.poll()
         if code is not None:
-            return f"process {self._proc.pid} {exit_description(code)}"
+            return f"process {self._child.proc.pid} {exit_description(code)}"
         silent = time.monotonic() - self._last_beat
-        return f"process {self._proc.pid} missed heartbeats for {silent:.1f} s (limit {self.spec.config.heartbeat_timeout} s)"
+        return f"process {self._child.proc.pid} missed heartbeats for {silent:.1f} s (limit {self.spec.config.heartbeat_timeout} s)"
 
     def restart(self) -> None:
         """Kill (if needed) and start a fresh process; after this no old writes can land."""
@@ -158,19 +174,18 @@ class DataPlaneProcess:
         self._start()
 
     def _kill(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()
-        if self._proc is not None:
-            self._proc.join(timeout=10)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._child is not None:
+            self._child.stop(grace=0)
 
     def close(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.is_alive():
-            self._outbox.put(None)
-            self._proc.join(timeout=5)
-        self._kill()
-        self._proc = None
+        """Let the process finish what it holds (a few seconds at most), then make sure it is gone."""
+        if self._finalizer is not None:
+            self._finalizer()  # child.stop(5.0), once
+            self._finalizer = None
+        self._child = None
 
 
 def exit_description(code: int) -> str:

@@ -10,11 +10,10 @@ handles that cross to that process live with the data plane (dataplane/shared_po
 
 from __future__ import annotations
 
-from multiprocessing import shared_memory
-
 import torch
 
 from shadowserve.dataplane.shared_pool import DTYPES, CudaKVPoolHandle, KVPoolHandle
+from shadowserve.dataplane.shm import Segment
 from shadowserve.errors import ConfigError
 from shadowserve.model.arch import ModelArch
 
@@ -44,14 +43,14 @@ class KVPool:
             raise ConfigError("the KV pool needs at least one block: raise kv_cache_memory")
         self.shape = pool_shape(arch, num_blocks, block_size)
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        self._shm: shared_memory.SharedMemory | None = None
+        self._shm: Segment | None = None
         self.shared = shared
         if shared and device == "cpu":
             numel = 1
             for d in self.shape:
                 numel *= d
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            self._shm = shared_memory.SharedMemory(create=True, size=nbytes)
+            self._shm = Segment.create("kv-pool", nbytes)  # unlinked by close() or at interpreter exit
             self.tensor = torch.frombuffer(self._shm.buf, dtype=dtype, count=numel).view(self.shape)
             self.tensor.zero_()
         else:
@@ -78,8 +77,4 @@ class KVPool:
             torch.cuda.ipc_collect()  # free it now if every data plane has let go of it
         if self._shm is not None:
             self._shm.close()
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
             self._shm = None

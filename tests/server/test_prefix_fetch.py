@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from shadowserve.dataplane.process import CHILD_MODULE
 from shadowserve.server.launch import start_api_server
 from shadowserve.store.launch import start_store_server
 from tests.server.conftest import scrape
@@ -82,7 +83,7 @@ def _dataplane_pid(server_pid: int) -> int:
                 continue
             if int(fields[1]) == server_pid:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"spawn_main" in f.read():  # not the resource tracker
+                    if CHILD_MODULE.encode() in f.read():  # not the resource tracker
                         return int(entry)
     raise AssertionError("no data-plane child process found")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing as mp
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -84,8 +83,7 @@ class ShadowServeConnector(KVConnectorBase_V1):
         handle = None
         if dp.fetch_mode == "offload":
             share(kv_tensor)
-            handle = SharedTensorHandle(kv_tensor)
-            _allow_children()
+            handle = SharedTensorHandle.of(kv_tensor)
         _, plane_cores = dp.split_cores()
         target = KVTarget(kv_tensor, handle, layers, kv_heads, head_dim, kv_layout="head_major")
         manager = build_kv_manager(dp, self.config.store_url, self.config.codec, self.fingerprint, target,
@@ -176,14 +174,3 @@ class ShadowServeConnector(KVConnectorBase_V1):
                 side.close()
         self.scheduler = self.worker = None
 
-
-def _allow_children() -> None:
-    """`vllm serve` runs workers as daemonic processes, which multiprocessing forbids to start children.
-
-    The data-plane process is safe to start from one: it exits by itself when its pipe to this
-    process breaks (process.py), so it can never outlive the worker. Restarts need it too, so the
-    flag stays off for the worker's life.
-    """
-    proc = mp.current_process()
-    if proc._config.get("daemon"):
-        proc._config["daemon"] = False

@@ -7,8 +7,8 @@ head_dim]`` tensor (the ``head_major`` layout of dataplane/kv_targets.py) over t
 
 For the offload data plane the buffer moves into shared memory in place (``share_memory_`` swaps
 the storage's pages under every view vLLM holds, after one copy at start-up), and a
-``SharedTensorHandle`` (dataplane/shared_pool.py) passes it to the data-plane process as a file
-descriptor when that process is spawned.
+``SharedTensorHandle`` (dataplane/shared_pool.py) hands its file descriptor to the data-plane
+process, which inherits it when it starts.
 """
 
 from __future__ import annotations
