@@ -7,7 +7,7 @@ buffer) and in who owns the blocks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +40,15 @@ class KVTarget:
 
 
 def chunk_key_fn(fingerprint: str, codec_config: CodecConfig, chunk_size: int) -> KeyFn:
-    """The chained keys of a prompt's full chunks, seeded by the model and the KV format."""
-    seed = key_seed(fingerprint, kv_format_id_of(codec_config))
-    return lambda ids: chunk_keys(list(ids), chunk_size, seed)
+    """The chained keys of a prompt's full chunks, seeded by model, KV format and the request's salt."""
+    format_id = kv_format_id_of(codec_config)
+    unsalted = key_seed(fingerprint, format_id)
+
+    def keys(ids: Sequence[int], cache_salt: str | None = None) -> list[bytes]:
+        seed = unsalted if cache_salt is None else key_seed(fingerprint, format_id, cache_salt)
+        return chunk_keys(list(ids), chunk_size, seed)
+
+    return keys
 
 
 def build_kv_manager(

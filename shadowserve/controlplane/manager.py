@@ -49,8 +49,8 @@ class BlockHolder(Protocol):
 
 
 class KeyFn(Protocol):
-    def __call__(self, token_ids: list[int]) -> list[bytes]:
-        """The chained keys of the full chunks of a prompt."""
+    def __call__(self, token_ids: list[int], cache_salt: str | None = None) -> list[bytes]:
+        """The chained keys of the full chunks of a prompt, in the key space of its salt (None: shared)."""
 
 
 @dataclass
@@ -132,7 +132,9 @@ class KVCacheManager:
     def keys(self, req: PromptRequest) -> list[bytes]:
         keys = self._keys.get(req.request_id)
         if keys is None:
-            keys = self._keys[req.request_id] = self.key_fn(req.prompt_token_ids)
+            # getattr: a request without the field (an older vLLM's) is unsalted.
+            salt = getattr(req, "cache_salt", None)
+            keys = self._keys[req.request_id] = self.key_fn(req.prompt_token_ids, salt)
         return keys
 
     def lookup(self, req: PromptRequest) -> int | Pending:

@@ -2,13 +2,15 @@
 
 Full blocks are named by a chained hash of their tokens (each hash covers the whole prefix up to
 that block), so two requests sharing a prefix share its blocks. Freed blocks keep their contents
-and stay findable by hash until they are reused, least recently freed first.
+and stay findable by hash until they are reused, least recently freed first. The chain starts from
+the request's ``cache_salt`` (0 without one), so requests with different salts never share blocks.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from hashlib import blake2b
 
 import numpy as np
 import xxhash
@@ -19,6 +21,18 @@ from shadowserve.engine.request import Request
 def block_hash(prev: int, tokens: Sequence[int]) -> int:
     """Chained 64-bit hash of one full block: stable across processes (never Python's hash())."""
     return xxhash.xxh3_64_intdigest(np.asarray(tokens, dtype="<i4").tobytes(), seed=prev)
+
+
+def salt_seed(cache_salt: str | None) -> int:
+    """Where a request's hash chain starts: 0 unsalted (as before salts existed), else 64 bits of blake2b.
+
+    A cryptographic hash here, unlike the blocks', because the salt is the secret that keeps tenants
+    apart: one tenant must not be able to pick a salt that lands on another's chain.
+    """
+    if cache_salt is None:
+        return 0
+    digest = blake2b(cache_salt.encode("utf-8"), digest_size=8, person=b"ss-blocks").digest()
+    return int.from_bytes(digest, "little")
 
 
 class BlockManager:
@@ -40,20 +54,21 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def prefix_hashes(self, token_ids: Sequence[int], max_blocks: int) -> list[int]:
-        hashes, prev = [], 0
+    def prefix_hashes(self, token_ids: Sequence[int], max_blocks: int,
+                      cache_salt: str | None = None) -> list[int]:
+        hashes, prev = [], salt_seed(cache_salt)
         bs = self.block_size
         for i in range(min(max_blocks, len(token_ids) // bs)):
             prev = block_hash(prev, token_ids[i * bs : (i + 1) * bs])
             hashes.append(prev)
         return hashes
 
-    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
+    def match_prefix(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
         """Blocks already holding this token sequence's leading full blocks (at least one token is left to compute)."""
         if not self.enable_prefix_caching:
             return []
         blocks = []
-        for h in self.prefix_hashes(token_ids, (len(token_ids) - 1) // self.block_size):
+        for h in self.prefix_hashes(token_ids, (len(token_ids) - 1) // self.block_size, cache_salt):
             b = self.block_of_hash.get(h)
             if b is None:
                 break
@@ -92,7 +107,7 @@ class BlockManager:
         if len(request.block_hashes) >= full:
             return
         tokens = request.all_token_ids
-        prev = request.block_hashes[-1] if request.block_hashes else 0
+        prev = request.block_hashes[-1] if request.block_hashes else salt_seed(request.cache_salt)
         for i in range(len(request.block_hashes), full):
             prev = block_hash(prev, tokens[i * bs : (i + 1) * bs])
             request.block_hashes.append(prev)

@@ -32,7 +32,11 @@ PENDING = Pending.PENDING
 
 
 class PromptRequest(Protocol):
-    """What a lookup reads of a request (vLLM's own Request has these too); nothing is ever written."""
+    """What a lookup reads of a request (vLLM's own Request has these too); nothing is ever written.
+
+    A ``cache_salt`` attribute (str), where a request has one, puts its chunk keys in that salt's own
+    key space; a request without the attribute, or with None, uses the shared one.
+    """
 
     request_id: str
     prompt_token_ids: Sequence[int]

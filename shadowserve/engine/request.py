@@ -20,6 +20,9 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    # Separates prefix caches (local blocks and stored chunks): only requests with the same salt share
+    # a prefix. None shares with every unsalted request. vLLM's name and limits.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -30,10 +33,28 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        check_cache_salt(self.cache_salt)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+MAX_CACHE_SALT_CHARS = 128  # vLLM's limit, so a client that works against one works against the other
+
+
+def check_cache_salt(salt: object) -> None:
+    """Refuse a salt that is not None or a non-empty string of at most MAX_CACHE_SALT_CHARS characters.
+
+    The empty string is refused rather than read as "no salt": a client that meant to isolate itself
+    but sent an empty value should hear about it, not silently share its prefixes.
+    """
+    if salt is None:
+        return
+    if not isinstance(salt, str) or not salt or len(salt) > MAX_CACHE_SALT_CHARS:
+        shown = f"a string of {len(salt)} characters" if isinstance(salt, str) else type(salt).__name__
+        raise ConfigError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+                          f"characters, got {shown}")
 
 
 class RequestStatus(enum.Enum):
@@ -78,6 +99,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def cache_salt(self) -> str | None:
+        """The prefix-cache key space this request lives in (None: the shared one)."""
+        return self.sampling.cache_salt
 
     @property
     def is_finished(self) -> bool:

@@ -120,7 +120,7 @@ class Scheduler:
         lookup is not answered yet) or "full" (not enough free KV blocks).
         """
         bm = self.block_manager
-        cached = bm.match_prefix(req.all_token_ids)
+        cached = bm.match_prefix(req.all_token_ids, req.cache_salt)
         local = len(cached) * bm.block_size
         remote = 0
         fresh = req.num_computed_tokens == 0 and not req.output_token_ids  # not a preempted request

@@ -213,7 +213,8 @@ class OpenAIServer:
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                   top_k=body.top_k, seed=seed, ignore_eos=body.ignore_eos,
-                                  stop_token_ids=tuple(body.stop_token_ids or ()))
+                                  stop_token_ids=tuple(body.stop_token_ids or ()),
+                                  cache_salt=body.cache_salt)
         except ConfigError as exc:
             raise APIError(400, str(exc)) from None
 

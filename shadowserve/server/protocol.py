@@ -2,6 +2,7 @@
 
 Fields clients commonly send with neutral values (penalties of 0, ``logprobs`` off, ``user``)
 are accepted; features we do not implement are refused with a clear 400, never ignored.
+``cache_salt`` (vLLM's extension) keeps a tenant's prefixes apart from everyone else's.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shadowserve.engine.request import check_cache_salt
+from shadowserve.errors import ConfigError
 
 
 class StreamOptions(BaseModel):
@@ -33,11 +37,21 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    cache_salt: Any = None  # vLLM's field: checked below so a wrong type gets our message, not pydantic's
 
     @field_validator("top_k", mode="before")
     @classmethod
     def _minus_one_is_off(cls, v: Any) -> Any:
         return 0 if v == -1 else v
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _salt(cls, v: Any) -> str | None:
+        try:
+            check_cache_salt(v)
+        except ConfigError as exc:  # the error names the field already: "cache_salt: must be ..."
+            raise ValueError(str(exc).removeprefix("cache_salt ")) from None
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -147,7 +147,8 @@ def test_chunk_deleted_between_lookup_and_fetch(tiny, reference, tmp_path):
     real_keys = eng.kv_manager.key_fn
     eng.kv_manager.store = Liar()
     # Chunk 3 onwards never existed under these keys: the fetch lands chunks 0-2 only.
-    eng.kv_manager.key_fn = lambda ids: real_keys(ids)[:3] + [b"gone-%d" % i + b"\0" * 9 for i in range(3)]
+    eng.kv_manager.key_fn = lambda ids, salt=None: real_keys(ids, salt)[:3] + [b"gone-%d" % i + b"\0" * 9
+                                                                               for i in range(3)]
     reqs = run(eng, ps)
     assert [r.output_token_ids for r in reqs] == reference(ps)
     assert reqs[0].num_fetched_tokens == 3 * CHUNK

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shadowserve.engine.block_manager import BlockManager, block_hash
+from shadowserve.engine.block_manager import BlockManager, block_hash, salt_seed
 from shadowserve.engine.request import Request, SamplingParams
 
 
@@ -66,3 +66,32 @@ def test_uncached_blocks_are_reused_before_cached_ones():
     bm.allocate(c, [])
     assert c.block_ids[0] != named  # hash-less free blocks go first
     assert bm.match_prefix(list(range(4)) + [1]) == [named]
+
+
+def test_unsalted_chain_is_the_one_before_salts():
+    # Pinned (computed before salts existed): local prefix reuse across the change keeps working.
+    assert BlockManager(8, 4).prefix_hashes(list(range(12)), 3) == [
+        11660027832386793900, 2615516339191896381, 11813949576292976408]
+    assert salt_seed(None) == 0
+
+
+def test_salted_requests_share_blocks_only_within_their_salt():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    tokens = list(range(13))  # three full blocks and one token to compute
+
+    def computed(rid: str, salt: str | None) -> Request:
+        r = Request(rid, list(tokens), SamplingParams(cache_salt=salt))
+        bm.allocate(r, bm.match_prefix(r.all_token_ids, r.cache_salt))
+        r.num_computed_tokens = r.num_tokens
+        bm.register_computed(r)
+        bm.free_request(r)
+        return r
+
+    computed("a", "alice")
+    assert bm.match_prefix(tokens, "bob") == [] and bm.match_prefix(tokens) == []
+    assert len(bm.match_prefix(tokens, "alice")) == 3
+    computed("plain", None)
+    assert len(bm.match_prefix(tokens)) == 3
+    # Same tokens, three key spaces: three separate sets of cached blocks.
+    assert set(bm.match_prefix(tokens)).isdisjoint(bm.match_prefix(tokens, "alice"))
+    assert bm.prefix_hashes(tokens, 3, "alice") != bm.prefix_hashes(tokens, 3, "bob")

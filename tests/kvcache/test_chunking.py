@@ -68,3 +68,18 @@ def test_accepts_tuples_and_arrays():
 
     seed = key_seed("m", "c")
     assert chunk_keys(tuple(TOKENS), 256, seed) == chunk_keys(np.array(TOKENS), 256, seed) == chunk_keys(TOKENS, 256, seed)
+
+
+def test_cache_salt_opens_its_own_key_space():
+    plain = key_seed("m", "c")
+    # No salt is the seed as it was before salts existed: every chunk already stored keeps its key.
+    assert key_seed("m", "c", None) == plain
+    assert plain.hex() == "dab665046723c84b9440d2bd76d2155a"
+    salted = {s: chunk_keys(TOKENS, 256, key_seed("m", "c", s)) for s in ("tenant-a", "tenant-b", "")}
+    base = set(chunk_keys(TOKENS, 256, plain))
+    for s, keys in salted.items():
+        assert len(keys) == 4 and not set(keys) & base, s
+    assert not set(salted["tenant-a"]) & set(salted["tenant-b"])
+    assert chunk_keys(TOKENS, 256, key_seed("m", "c", "tenant-a")) == salted["tenant-a"]  # same salt: same keys
+    # The salt is its own length-prefixed field: it cannot be slid into the codec id or out of it.
+    assert key_seed("m", "cx", None) != key_seed("m", "c", "x")

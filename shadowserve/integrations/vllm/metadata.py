@@ -1,7 +1,7 @@
 """What the scheduler-side connector tells the worker-side one each step: small, picklable specs.
 
-Token ids travel (the worker derives chunk keys from them with the same key function); KV never
-does: the data plane reads and writes vLLM's blocks directly.
+Token ids and the request's cache salt travel (the worker derives chunk keys from them with the same
+key function); KV never does: the data plane reads and writes vLLM's blocks directly.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class LoadSpec:
     block_ids: tuple[int, ...]
     local_tokens: int
     hit_tokens: int
+    cache_salt: str | None = None  # the request's key space (vLLM's Request.cache_salt)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class SaveSpec:
     prompt_token_ids: tuple[int, ...]
     block_ids: tuple[int, ...]
     stored_tokens: int
+    cache_salt: str | None = None
 
 
 @dataclass

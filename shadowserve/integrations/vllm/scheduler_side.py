@@ -75,7 +75,7 @@ class SchedulerSide:
         self._planned[request.request_id] = request.num_preemptions
         block_ids = blocks.get_block_ids()[0][: hit // self.block_size]
         self._loads.append(LoadSpec(request.request_id, tuple(request.prompt_token_ids), tuple(block_ids),
-                                    hit - num_external_tokens, hit))
+                                    hit - num_external_tokens, hit, _salt(request)))
 
     def build_connector_meta(self, scheduler_output: Any) -> ShadowServeMetadata:
         """This step's loads, plus saves for prompts whose computation completes in this step."""
@@ -90,7 +90,8 @@ class SchedulerSide:
                     continue
                 self._saved.add(rid)
                 block_ids = self.kv_cache_manager.get_block_ids(rid)[0]
-                saves.append(SaveSpec(rid, tuple(req.prompt_token_ids), tuple(block_ids), self._hits.get(rid, 0)))
+                saves.append(SaveSpec(rid, tuple(req.prompt_token_ids), tuple(block_ids), self._hits.get(rid, 0),
+                                      _salt(req)))
         meta = ShadowServeMetadata(self._loads, saves, frozenset(scheduler_output.preempted_req_ids or ()),
                                    idle=not scheduler_output.total_num_scheduled_tokens)
         self._loads = []
@@ -110,3 +111,8 @@ class SchedulerSide:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _salt(request: Any) -> str | None:
+    """The vLLM request's cache salt (vLLM checked it at its API); None on versions without the field."""
+    return getattr(request, "cache_salt", None)

@@ -34,6 +34,7 @@ class WorkerRequest(KVRequest):
     prompt_token_ids: list[int]
     block_ids: list[int]
     hit_tokens: int = 0
+    cache_salt: str | None = None  # picks the key space, as on the scheduler side
 
 
 class BlockLedger(BlockHolder):
@@ -140,7 +141,8 @@ class WorkerSide:
         for spec in loads:
             local_blocks = spec.local_tokens // bs
             blocks = [SKIP] * local_blocks + list(spec.block_ids[local_blocks:])
-            req = WorkerRequest(spec.request_id, list(spec.prompt_token_ids), blocks, spec.hit_tokens)
+            req = WorkerRequest(spec.request_id, list(spec.prompt_token_ids), blocks, spec.hit_tokens,
+                                spec.cache_salt)
             self._loading[spec.request_id] = req
             if not self.manager.start_fetch(req, spec.local_tokens, spec.hit_tokens):
                 # Nothing to fetch (cannot happen: hits are whole chunks): report it landed.
@@ -193,7 +195,8 @@ class WorkerSide:
             self._save_requests.add(spec.request_id)
             # Chunks whose load failed are saved again: the store heals from corrupt or lost chunks.
             stored = min(spec.stored_tokens, self._loaded_ok.get(spec.request_id, spec.stored_tokens))
-            req = WorkerRequest(spec.request_id, list(spec.prompt_token_ids), list(spec.block_ids))
+            req = WorkerRequest(spec.request_id, list(spec.prompt_token_ids), list(spec.block_ids),
+                                cache_salt=spec.cache_salt)
             self.manager.save(req, stored)
 
     def wait_for_preempted(self, meta: ShadowServeMetadata) -> None:
