@@ -289,6 +289,33 @@ def test_dead_data_plane_is_restarted_and_the_prefix_recomputed(vllm_connector, 
     assert worker.stats()["fetched_tokens"] - fetched == 2 * CHUNK
 
 
+def test_salted_requests_load_only_their_own_salts_chunks(vllm_connector, reference, store, monkeypatch):
+    """vLLM's Request.cache_salt picks the key space: another salt, or none, never loads these chunks."""
+    llm, sched, worker = vllm_connector
+    _save_and_settle(vllm_connector, "full", store)  # DOC's unsalted chunks are in the store
+    keys = sched.scheduler.manager.key_fn
+    sent = []  # every key the worker's data plane is asked to load or save
+    submit = worker.worker.backend.submit
+    monkeypatch.setattr(worker.worker.backend, "submit", lambda cmd: (sent.extend(cmd.keys), submit(cmd)))
+
+    def salted(salt: str):
+        out = llm.generate([{"prompt_token_ids": DOC, "cache_salt": salt}], GREEDY, use_tqdm=False)[0]
+        assert list(out.outputs[0].token_ids) == reference["full"]
+        return out.num_cached_tokens
+
+    assert salted("alice") == 0  # the unsalted chunks are not alice's
+    _wait_stored(store, keys(DOC, "alice"))
+    assert not set(keys(DOC, "alice")) & set(keys(DOC))
+    _settle(llm, worker)
+    assert salted("bob") == 0  # nor are alice's bob's
+    _settle(llm, worker)
+    fetched = worker.stats()["fetched_tokens"]
+    assert salted("alice") == 2 * CHUNK  # alice's own chunks, loaded from the store
+    assert worker.stats()["fetched_tokens"] - fetched == 2 * CHUNK
+    # The worker side derived the same salted keys as the scheduler side, for loads and saves alike.
+    assert set(sent) == set(keys(DOC, "alice")) | set(keys(DOC, "bob"))
+
+
 def test_store_down_recomputes(vllm_connector, reference, store_server, monkeypatch):
     """The store dies between a hit and its load, then stays down. Last in the module."""
     llm, sched, worker = vllm_connector
