@@ -157,6 +157,15 @@ def parse_duration(value: str | int | float) -> float:
     return seconds
 
 
+_URL_PASSWORD = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?[^/?#@:]*):[^/?#]*@")  # scheme optional: typos too
+_URL_SECRET_PARAM = re.compile(r"([?&](?:token|password)=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password and secret query values (``token=``) shown as ``***``: for messages and logs."""
+    return _URL_SECRET_PARAM.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Where KV chunks live, how the link to them behaves, and the store server's limits.
@@ -181,7 +190,8 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         if "://" not in self.url:
-            raise ConfigError(f"store url {self.url!r} has no scheme (memory://, file:///dir, shadowserve://host:port, ...)")
+            raise ConfigError(f"store url {redact_url(self.url)!r} has no scheme "
+                              "(memory://, file:///dir, shadowserve://host:port, ...)")
         if self.connect_timeout <= 0 or self.timeout <= 0:
             raise ConfigError("store timeouts must be > 0")
         if self.bandwidth is not None:

@@ -31,7 +31,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 
-from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig, ServerConfig, StoreConfig
+from shadowserve.config import (
+    CodecConfig,
+    DataPlaneConfig,
+    EngineConfig,
+    ServerConfig,
+    StoreConfig,
+    redact_url,
+)
 from shadowserve.errors import ConfigError
 from shadowserve.kvcache.levels import DEFAULT_QUALITY, codec_for_quality, quality_of
 
@@ -67,7 +74,7 @@ class Settings:
         return None if self.store is None else store_url(self.store)
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain data for printing (the API key is masked)."""
+        """Plain data for printing (the API key and the store URL's password or token are masked)."""
         out: dict[str, Any] = {}
         for name in SECTIONS:
             section = getattr(self, name)
@@ -77,6 +84,8 @@ class Settings:
             out["codec"] = {"kv_quality": level, **out["codec"]}
         if out["server"]["api_key"]:
             out["server"]["api_key"] = "***"
+        if out["store"] is not None:
+            out["store"]["url"] = redact_url(out["store"]["url"])
         return out
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from shadowserve.config import DataPlaneConfig
+from shadowserve.config import DataPlaneConfig, StoreConfig, redact_url
 from shadowserve.cores import machine_cpus, parse_cores
 from shadowserve.errors import ConfigError
 
@@ -34,3 +34,22 @@ def test_explicit_dataplane_cores_may_lie_outside_a_pinned_process():
             DataPlaneConfig(dataplane_cores=str(max(machine_cpus()) + 1)).split_cores()
     finally:
         os.sched_setaffinity(0, saved)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("rediss://alice:s3cr%40t@h:6380/0?ssl_ca_certs=/ca.pem", "rediss://alice:***@h:6380/0?ssl_ca_certs=/ca.pem"),
+    ("redis://:onlypass@h:6379", "redis://:***@h:6379"),
+    ("redis://u:p@ss@h:1/0", "redis://u:***@h:1/0"),  # an unencoded @: everything up to the last one
+    ("shadowserve://h:7480?pool=2&token=abc&x=1", "shadowserve://h:7480?pool=2&token=***&x=1"),
+    ("redis://user@h:1/0", "redis://user@h:1/0"),  # no password: nothing to hide
+    ("redis://h:1/0", "redis://h:1/0"),
+    ("file:///tmp/a:b@c", "file:///tmp/a:b@c"),  # a path is not a password
+])
+def test_redact_url_hides_passwords_and_tokens(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_store_config_errors_mask_the_password():
+    with pytest.raises(ConfigError) as info:
+        StoreConfig(url="tenant:hunter2@h:1")  # the scheme forgotten
+    assert "has no scheme" in str(info.value) and "hunter2" not in str(info.value)

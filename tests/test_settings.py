@@ -131,3 +131,13 @@ def test_config_show_round_trips_a_level(tmp_path):
 
     again = load_settings(_yaml(tmp_path, to_yaml(s).replace("store: null\n", "")))
     assert again.codec == s.codec
+
+
+def test_config_show_masks_the_store_password_and_token():
+    from shadowserve.settings import to_yaml
+
+    for url in ("rediss://tenant:hunter2@h:6380/0", "shadowserve://h:7480?token=hunter2"):
+        s = load_settings(flags={"store": {"url": url}})
+        assert s.store_url.startswith(url)  # the engine still gets the real URL
+        shown = to_yaml(s)
+        assert "hunter2" not in shown and "***" in yaml.safe_load(shown)["store"]["url"]

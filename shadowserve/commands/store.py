@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.store_command == "serve":
         return _serve(args)
+    from shadowserve.config import redact_url
     from shadowserve.store import open_store
 
     store = open_store(args.url)
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
             start = time.perf_counter()
             store.contains([b"\0" * 16])
-            print(f"ok: {args.url} answered in {(time.perf_counter() - start) * 1e3:.2f} ms")
+            print(f"ok: {redact_url(args.url)} answered in {(time.perf_counter() - start) * 1e3:.2f} ms")
     finally:
         store.close()
     return 0

@@ -14,7 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlencode
 
 from shadowserve.errors import StoreError
 
@@ -118,27 +120,58 @@ def redis_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _redis_args(port: int, host: str, workdir: str) -> list[str]:
+@dataclass(frozen=True)
+class RedisTLS:
+    """Certificate files for a redis-server that speaks only TLS (clients need no certificate)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str  # what clients verify the server against (for a self-signed cert: the cert itself)
+
+    def server_args(self) -> list[str]:
+        return ["--tls-cert-file", self.cert_file, "--tls-key-file", self.key_file,
+                "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no"]
+
+    def cli_args(self) -> list[str]:
+        return ["--tls", "--cacert", self.ca_file]
+
+    def query(self) -> str:
+        return "?" + urlencode({"ssl_ca_certs": self.ca_file})
+
+
+def _redis_args(port: int, host: str, workdir: str, tls: RedisTLS | None = None) -> list[str]:
+    ports = ["--port", str(port)] if tls is None else ["--port", "0", "--tls-port", str(port), *tls.server_args()]
     return [
-        "redis-server", "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no",
+        "redis-server", *ports, "--bind", host, "--save", "", "--appendonly", "no",
         "--dir", workdir, "--protected-mode", "no", "--daemonize", "no", "--loglevel", "warning",
     ]
 
 
-def start_redis(host: str = "127.0.0.1", timeout: float = 20.0) -> Launched:
-    """A throw-away ``redis-server`` with persistence off."""
+def start_redis(host: str = "127.0.0.1", timeout: float = 20.0, tls: RedisTLS | None = None,
+                extra_args: Sequence[str] = ()) -> Launched:
+    """A throw-away ``redis-server`` with persistence off; ``tls`` makes it TLS-only (a rediss:// URL).
+
+    ``extra_args`` go to redis-server as they are (e.g. ``--user alice on '>pw' '~*' '+@all'``).
+    """
     ok, why = redis_available()
     if not ok:
         raise StoreError(why)
     workdir = tempfile.mkdtemp(prefix="ss-redis-")
     port = free_port(host)
-    proc = subprocess.Popen(_redis_args(port, host, workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_redis_args(port, host, workdir, tls) + list(extra_args),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_port(host, port, proc, timeout, "redis-server")
-    return Launched(f"redis://{host}:{port}/0", [proc], workdir)
+    url = f"redis://{host}:{port}/0" if tls is None else f"rediss://{host}:{port}/0{tls.query()}"
+    return Launched(url, [proc], workdir)
 
 
-def start_redis_cluster(masters: int = 3, host: str = "127.0.0.1", timeout: float = 30.0) -> Launched:
-    """``masters`` cluster-enabled redis-servers joined with ``redis-cli --cluster create``."""
+def start_redis_cluster(masters: int = 3, host: str = "127.0.0.1", timeout: float = 30.0,
+                        tls: RedisTLS | None = None) -> Launched:
+    """``masters`` cluster-enabled redis-servers joined with ``redis-cli --cluster create``.
+
+    With ``tls`` the nodes speak TLS to clients and to each other (a rediss+cluster:// URL).
+    """
+    cli = ["redis-cli", *(tls.cli_args() if tls else [])]
     ok, why = redis_available()
     if not ok:
         raise StoreError(why)
@@ -152,15 +185,15 @@ def start_redis_cluster(masters: int = 3, host: str = "127.0.0.1", timeout: floa
                 port = free_port(host, with_bus=True)
             node_dir = os.path.join(workdir, str(i))
             os.makedirs(node_dir)
-            args = _redis_args(port, host, node_dir) + [
+            args = _redis_args(port, host, node_dir, tls) + [
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
-            ]
+            ] + (["--tls-cluster", "yes"] if tls else [])
             launched.procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             ports.append(port)
         for proc, port in zip(launched.procs, ports, strict=True):
             _wait_port(host, port, proc, timeout, "redis-server (cluster node)")
         create = subprocess.run(
-            ["redis-cli", "--cluster", "create", *[f"{host}:{p}" for p in ports], "--cluster-replicas", "0",
+            [*cli, "--cluster", "create", *[f"{host}:{p}" for p in ports], "--cluster-replicas", "0",
              "--cluster-yes"],
             capture_output=True, text=True, timeout=timeout,
         )
@@ -169,7 +202,7 @@ def start_redis_cluster(masters: int = 3, host: str = "127.0.0.1", timeout: floa
         deadline = time.monotonic() + timeout
         while True:
             states = [
-                subprocess.run(["redis-cli", "-h", host, "-p", str(p), "cluster", "info"], capture_output=True,
+                subprocess.run([*cli, "-h", host, "-p", str(p), "cluster", "info"], capture_output=True,
                                text=True, timeout=5).stdout
                 for p in ports
             ]
@@ -178,7 +211,8 @@ def start_redis_cluster(masters: int = 3, host: str = "127.0.0.1", timeout: floa
             if time.monotonic() > deadline:
                 raise StoreError("redis cluster did not reach cluster_state:ok")
             time.sleep(0.1)
-        launched.url = f"redis+cluster://{host}:{ports[0]}"
+        launched.url = (f"redis+cluster://{host}:{ports[0]}" if tls is None
+                        else f"rediss+cluster://{host}:{ports[0]}{tls.query()}")
         return launched
     except BaseException:
         launched.stop()

@@ -2,7 +2,8 @@
 
 The cluster flavour is the scale-out path: keys spread over hash slots on many masters, and
 redis-py's cluster pipeline groups a batch of GETs per node. Reads are pipelined; values
-arrive as ``bytes`` from the parser and are copied once into the caller's buffer.
+arrive as ``bytes`` from the parser and are copied once into the caller's buffer. ``rediss://``
+(TLS) and an ACL user and password are redis-py's own options; messages never show the password.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class RedisStore(StoreBase):
         password: str | None = None,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
-        ssl: bool = False,
+        tls: dict[str, Any] | None = None,
     ) -> None:
+        """``tls``: None for plain TCP, else redis-py's ``ssl_*`` options (an empty dict: system CAs)."""
         import redis
         import redis.cluster
         from redis.backoff import NoBackoff
@@ -49,9 +51,11 @@ class RedisStore(StoreBase):
             redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError,
         )
         self.where = f"{'redis cluster' if cluster else 'redis'} at {host}:{port}"
+        if tls is not None:
+            self.where += " (TLS)"
         common = dict(
             host=host, port=port, username=username, password=password, socket_timeout=timeout,
-            socket_connect_timeout=connect_timeout, ssl=ssl,
+            socket_connect_timeout=connect_timeout, ssl=tls is not None, **(tls or {}),
             # One immediate retry (a stale pooled connection), not redis-py's seconds of backoff:
             # a fetch that cannot be served soon is better recomputed.
             retry=Retry(NoBackoff(), 1),
@@ -64,6 +68,10 @@ class RedisStore(StoreBase):
             else:
                 self._r = redis.Redis(db=db, **common)
                 self._r.ping()
+        except redis.exceptions.AuthenticationError as exc:
+            who = f"user {username!r}" if username else "the default user"
+            raise StoreError(f"{self.where} refused {who}: {exc} (the store URL carries the ACL user and "
+                             "password: redis://user:password@host:port/db)") from exc
         except self._errors as exc:
             raise StoreError(f"cannot connect to {self.where}: {exc}") from exc
         self.cluster = cluster

@@ -7,21 +7,27 @@ URLs (query parameters apply to every scheme unless noted):
 * ``file:///dir`` one file per key, written atomically (temp file + rename).
 * ``shadowserve://host:port`` our store server; ``?token_file=F`` or ``?token=T`` for auth,
   ``?pool=N`` idle connections kept.
-* ``redis://[user:password@]host:port/db`` and ``redis+cluster://host:port`` (Redis/Valkey).
+* ``redis://[user:password@]host:port/db`` and ``redis+cluster://[user:password@]host:port``
+  (Redis/Valkey; user and password are an ACL user's, percent-encoded where needed). ``rediss://``
+  and ``rediss+cluster://`` speak TLS: ``?ssl_ca_certs=FILE`` (the CA to trust; default the
+  system's), ``ssl_certfile``/``ssl_keyfile`` (a client certificate), ``ssl_cert_reqs=required|
+  optional|none``, ``ssl_check_hostname=true|false``.
 * ``?timeout=30s&connect_timeout=5s`` for network backends.
 * ``?bandwidth=10gbit&latency=0.2ms`` emulates a link on the receive path (see ``shaping``).
 
 This module imports every backend (the redis client library itself loads only when a redis store
-opens); the backends import only ``store/base.py``, so the arrows point one way.
+opens); the backends import only ``store/base.py``, so the arrows point one way. URLs in error
+messages have their password and token masked (``config.redact_url``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import SplitResult, parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
-from shadowserve.config import StoreConfig, parse_duration, parse_size
+from shadowserve.config import StoreConfig, parse_duration, parse_size, redact_url
 from shadowserve.errors import ConfigError
 from shadowserve.store.client import StoreClient
 from shadowserve.store.disk import FileStore
@@ -31,8 +37,10 @@ from shadowserve.store.shaping import LinkShape, ShapedStore
 
 _COMMON_PARAMS = {"bandwidth", "latency"}
 _NET_PARAMS = {"timeout", "connect_timeout"}
+_TLS_FILES = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}
+_TLS_PARAMS = _TLS_FILES | {"ssl_cert_reqs", "ssl_check_hostname"}
 
-# scheme -> opener(parts of the URL, the URL, its config) -> the store, link shaping applied
+# scheme -> opener(parts of the URL, the URL as messages show it, its config) -> the store, link shaping applied
 Opener = Callable[[SplitResult, str, StoreConfig], Any]
 _SCHEMES: dict[str, Opener] = {}
 
@@ -51,15 +59,18 @@ def register_scheme(*schemes: str) -> Callable[[Opener], Opener]:
 def open_store(url: str | StoreConfig) -> Any:
     """Open the store a URL (or a ``StoreConfig``) names; see the module docstring for URLs."""
     config = url if isinstance(url, StoreConfig) else StoreConfig(url=url)
-    url = config.url
-    parts = urlsplit(url)
+    shown = redact_url(config.url)  # what messages quote: never the password or token
+    try:
+        parts = urlsplit(config.url)
+    except ValueError as exc:
+        raise ConfigError(f"bad store url {shown!r}: {exc}") from None
     opener = _SCHEMES.get(parts.scheme.lower())
     if opener is None:
         raise ConfigError(
-            f"unknown store url {url!r}: use memory://, file:///dir, shadowserve://host:port, "
-            "redis://host:port/db or redis+cluster://host:port"
+            f"unknown store url {shown!r}: use memory://, file:///dir, shadowserve://host:port, "
+            "redis[s]://host:port/db or redis[s]+cluster://host:port"
         )
-    return opener(parts, url, config)
+    return opener(parts, shown, config)
 
 
 def _shaped(store: Any, params: dict[str, str], config: StoreConfig) -> Any:
@@ -108,11 +119,15 @@ def _open_shadowserve(parts: SplitResult, url: str, config: StoreConfig) -> Any:
     )
 
 
-@register_scheme("redis", "redis+cluster", "rediss")
+@register_scheme("redis", "rediss", "redis+cluster", "rediss+cluster")
 def _open_redis(parts: SplitResult, url: str, config: StoreConfig) -> Any:
     scheme = parts.scheme.lower()
-    params = _params(parts.query, _NET_PARAMS, url)
+    tls = scheme.startswith("rediss")
+    params = _params(parts.query, _NET_PARAMS | _TLS_PARAMS, url)
+    if not tls and _TLS_PARAMS & set(params):
+        raise ConfigError(f"ssl_* parameters need a TLS url (rediss:// or rediss+cluster://), got {url!r}")
     t, c = _net_timeouts(params, url, config)
+    tls_options = _tls_options(params, url) if tls else None
     host, port = _host_port(parts, url, default_port=6379)
     db = 0
     if parts.path.strip("/"):
@@ -121,10 +136,31 @@ def _open_redis(parts: SplitResult, url: str, config: StoreConfig) -> Any:
         except ValueError as exc:
             raise ConfigError(f"redis database must be a number in {url!r}") from exc
     store = RedisStore(
-        host, port, db=db, cluster=scheme == "redis+cluster", username=parts.username,
-        password=parts.password, timeout=t, connect_timeout=c, ssl=scheme == "rediss",
+        host, port, db=db, cluster=scheme.endswith("+cluster"),
+        username=None if parts.username is None else unquote(parts.username),
+        password=None if parts.password is None else unquote(parts.password),
+        timeout=t, connect_timeout=c, tls=tls_options,
     )
     return _shaped(store, params, config)
+
+
+def _tls_options(params: dict[str, str], url: str) -> dict[str, Any]:
+    """redis-py's ssl_* keyword arguments from a rediss:// URL's query, checked before connecting."""
+    options: dict[str, Any] = {}
+    for name in sorted(_TLS_FILES & set(params)):
+        if not os.path.isfile(params[name]):
+            raise ConfigError(f"{name} file {params[name]!r} does not exist (in {url!r})")
+        options[name] = params[name]
+    if "ssl_cert_reqs" in params:
+        if params["ssl_cert_reqs"] not in ("required", "optional", "none"):
+            raise ConfigError(f"ssl_cert_reqs must be required, optional or none in {url!r}")
+        options["ssl_cert_reqs"] = params["ssl_cert_reqs"]
+    if "ssl_check_hostname" in params:
+        flag = params["ssl_check_hostname"].lower()
+        if flag not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"ssl_check_hostname must be true or false in {url!r}")
+        options["ssl_check_hostname"] = flag in ("true", "1", "yes")
+    return options
 
 
 def _params(query: str, allowed: set[str], url: str) -> dict[str, str]:
