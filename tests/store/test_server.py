@@ -6,12 +6,15 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from shadowserve.errors import StoreError
+from shadowserve.settings import load_settings
 from shadowserve.store import open_store
 from shadowserve.store import protocol as P
 from shadowserve.store.launch import free_port, start_store_server
@@ -148,6 +151,27 @@ def test_auth_required_before_any_command(auth_store_server, new_key):
     assert good.get(k) == b"authorised"
     assert good.stats()["auth"] is True
     good.close()
+
+
+def test_token_auth_as_documented(auth_store_server):
+    """docs/store.md's example: the token file on the server, the same file named in the client's URL
+    (or by the settings), and what a client without it or with another token is told."""
+    base, query = auth_store_server.url.split("?")
+    token_file = query.removeprefix("token_file=")
+
+    def ping(url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "shadowserve.commands.store", "ping", url],
+                              capture_output=True, text=True, timeout=60)
+
+    assert ping(f"{base}?token_file={token_file}").stdout.startswith("ok: ")
+    missing = ping(base)
+    assert missing.returncode == 2 and "authentication required" in missing.stderr
+    wrong = ping(f"{base}?token=not-the-token")
+    assert wrong.returncode == 2 and "wrong token" in wrong.stderr and "not-the-token" not in wrong.stderr
+    settings = load_settings(environ={"SHADOWSERVE_STORE": base, "SHADOWSERVE_STORE_TOKEN_FILE": token_file})
+    store = open_store(settings.store_url)
+    assert store.stats()["auth"] is True
+    store.close()
 
 
 def test_default_bind_is_loopback():
