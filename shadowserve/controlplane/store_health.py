@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from urllib.parse import urlsplit, urlunsplit
+
+from shadowserve.config import redact_url
 
 log = logging.getLogger("shadowserve.store")
 WRITE_LOG_INTERVAL = 30.0  # seconds between "rejects writes" lines
@@ -19,18 +20,8 @@ ERROR_KINDS = ("unreachable", "missing", "corrupt", "rejected", "timeout", "othe
 
 
 def public_url(url: str) -> str:
-    """``url`` without a password or token, fit for logs, /health and metrics."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<store>"
-    if parts.password is None and "@" not in parts.netloc:
-        return urlunsplit(parts._replace(query=""))
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc, query=""))
+    """``url`` without its query (token files, link emulation) and with any password masked."""
+    return redact_url(url.split("?", 1)[0])
 
 
 class StoreHealth:

@@ -42,7 +42,7 @@ def test_write_rejections_are_rate_limited_and_counted(caplog):
 
 @pytest.mark.parametrize("url, shown", [
     ("redis://alice:s3cret@db.internal:6379/0", "redis://alice:***@db.internal:6379/0"),
-    ("rediss://:s3cret@db.internal:6380", "rediss://***@db.internal:6380"),
+    ("rediss://:s3cret@db.internal:6380", "rediss://:***@db.internal:6380"),
     ("shadowserve://127.0.0.1:7480?token_file=/run/token&bandwidth=1gbit", "shadowserve://127.0.0.1:7480"),
     ("file:///var/cache/kv", "file:///var/cache/kv"),
 ])
