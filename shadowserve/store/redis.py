@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from shadowserve.errors import StoreError
+from shadowserve.errors import StoreError, StoreUnavailable
 from shadowserve.store.base import StoreBase, check_key, too_large, writable_view
 
 _BATCH = 1024
@@ -77,7 +77,12 @@ class RedisStore(StoreBase):
         self.cluster = cluster
 
     def _fail(self, what: str, exc: BaseException) -> StoreError:
-        return StoreError(f"{what} on {self.where} failed: {exc}")
+        import redis  # optional dependency: loaded with the backend
+
+        gone = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterDownError,
+                OSError)
+        kind = StoreUnavailable if isinstance(exc, gone) else StoreError  # the operator's "unreachable" vs the rest
+        return kind(f"{what} on {self.where} failed: {exc}")
 
     def put(self, key: bytes, data: bytes | memoryview) -> None:
         key = check_key(key)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from shadowserve.errors import StoreError
+from shadowserve.errors import StoreError, StoreUnavailable
 from shadowserve.store import open_store
 from shadowserve.store.launch import free_port, redis_available, start_redis
 
@@ -50,4 +50,15 @@ def test_cluster_spreads_keys_over_masters(redis_cluster):
     assert [bytes(b) for b in bufs] == keys
     stats = store.stats()
     assert stats["nodes"] == 3 and stats["keys"] >= 60
+    store.close()
+
+
+def test_a_vanished_redis_is_reported_as_unavailable():
+    """A connection error is StoreUnavailable (the operator's 'store unreachable'), not just any StoreError."""
+    server = start_redis()
+    store = open_store(server.url)
+    store.put(b"k" * 16, b"v")
+    server.stop()
+    with pytest.raises(StoreUnavailable):
+        store.get(b"k" * 16)
     store.close()
