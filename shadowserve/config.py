@@ -202,6 +202,7 @@ class StoreConfig:
 
 FETCH_MODES = ("recompute", "sync", "thread", "offload", "gpu")
 BASELINE_PLACEMENTS = ("reserved", "engine")
+FETCH_POLICIES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,12 @@ class DataPlaneConfig:
     store_probe_interval: float = 5.0  # seconds between store reachability probes (a fifth of it while down)
     save: bool = True  # write computed full chunks back to the store
     pin_cores: bool = False  # pin the engine process to its cores (benchmarks and the CLI do)
+    # The data plane's compressed host-memory tier in front of the store (dataplane/local_tier.py); 0: off.
+    local_tier: str | int = 0
+    local_tier_admission: str = "first"  # store-fetched chunks enter on their "first" or "second" fetch
+    # Which prefix hits to fetch: "auto" (those whose predicted fetch beats computing them:
+    # controlplane/fetch_policy.py), "always" (every hit) or "never" (compute everything).
+    fetch_policy: str = "auto"
 
     def __post_init__(self) -> None:
         if self.fetch_mode not in FETCH_MODES:
@@ -246,6 +253,11 @@ class DataPlaneConfig:
                               f"{', '.join(BASELINE_PLACEMENTS)}")
         if self.store_probe_interval <= 0:
             raise ConfigError("store_probe_interval must be > 0")
+        parse_size(self.local_tier)
+        if self.local_tier_admission not in ("first", "second"):
+            raise ConfigError(f"local_tier_admission must be first or second, got {self.local_tier_admission!r}")
+        if self.fetch_policy not in FETCH_POLICIES:
+            raise ConfigError(f"unknown fetch_policy {self.fetch_policy!r}: choose one of {', '.join(FETCH_POLICIES)}")
         if self.fetch_timeout <= 0 or self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("timeouts must be > 0 and heartbeat_timeout > heartbeat_interval")
 

@@ -373,6 +373,7 @@ def _extras(job: _Job) -> dict:
         "fetched_tokens": sum(o.num_fetched_tokens for o in outs),
         "local_cached_tokens": sum(o.num_cached_tokens for o in outs),
         "ttft_ms": [o.ttft_ms for o in outs],
+        "kv_decision": [o.kv_decision for o in outs],  # fetch | partial | recompute, why, predicted TTFTs
         "fetch_ms": [o.fetch_ms for o in outs],  # of each choice's TTFT, the part spent fetching its prefix
     }
 
