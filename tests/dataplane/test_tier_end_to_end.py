@@ -14,7 +14,10 @@ import pytest
 from shadowserve.config import DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.llm import create_engine
-from tests.dataplane.test_end_to_end import CHUNK, LOSSLESS, prompts, reference, run, warm_store  # noqa: F401
+from tests.dataplane import test_end_to_end as e2e
+from tests.dataplane.test_end_to_end import CHUNK, LOSSLESS, prompts, run, warm_store
+
+reference = e2e.reference  # the recompute outputs fixture, shared
 
 
 def tier_engine(tiny, url: str, mode: str, **plane) -> LLMEngine:
