@@ -109,7 +109,7 @@ def _reuse(h: Harness, args, prompts: list[list[int]], order: list[int]) -> dict
           f"({out['tokens_per_gib_tier'] / out['tokens_per_gib_uncompressed']:.1f}x)")
     print(f"{'tier size':>10} " + " ".join(f"{'hit ' + r:>11}" for r in ("first", "second")))
     for row in out["hit_ratio_by_size"]:
-        print(f"{row["tier_bytes"] / 2**20:>8.2f}Mi " + " ".join(f"{row[r]:>11.2f}" for r in ("first", "second")))
+        print(f"{row['tier_bytes'] / 2**20:>8.2f}Mi " + " ".join(f"{row[r]:>11.2f}" for r in ("first", "second")))
     return out
 
 
