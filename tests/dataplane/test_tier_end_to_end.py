@@ -31,7 +31,8 @@ def tier_engine(tiny, url: str, mode: str, **plane) -> LLMEngine:
 def tier_stats(eng: LLMEngine) -> dict:
     deadline = time.monotonic() + 10
     while not (stats := eng.kv_manager.backend.stats().get("local_tier")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # offload: the numbers come with the next heartbeat
+        time.sleep(0.05)  # offload: the numbers come with the next heartbeat, taken by a poll
+        eng.check_liveness()
     return stats
 
 
