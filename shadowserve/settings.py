@@ -31,16 +31,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 
-from shadowserve.config import (
-    CodecConfig,
-    DataPlaneConfig,
-    EngineConfig,
-    ServerConfig,
-    StoreConfig,
-    redact_url,
-)
+from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig, ServerConfig, StoreConfig
 from shadowserve.errors import ConfigError
 from shadowserve.kvcache.levels import DEFAULT_QUALITY, codec_for_quality, quality_of
+from shadowserve.values import redact_url
 
 SECTIONS: dict[str, type] = {
     "engine": EngineConfig,

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from shadowserve.config import DataPlaneConfig, StoreConfig, redact_url
+from shadowserve.config import DataPlaneConfig, StoreConfig
 from shadowserve.cores import machine_cpus, parse_cores
 from shadowserve.errors import ConfigError
+from shadowserve.values import redact_url
 
 
 def test_parse_cores_forms_and_errors():

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"dataplane"},
     {"store", "kvcache", "model"},
     {"config"},
-    {"cores"},
+    {"values", "cores"},
     {"errors"},
 ]
 

@@ -24,6 +24,7 @@ SUITES: dict[str, str] = {
     "gpu_copy": "CUDA: the data plane's landing path (pinned slots -> GPU KV blocks) vs raw host-to-device copies",
     "http": "HTTP server throughput vs the same engine in-process (the server's overhead)",
     "vllm": "vLLM with ShadowServeConnector vs vLLM alone: TTFT of a cached long prefix (needs the vllm extra)",
+    "tiers": "the local compressed tier (TTFT, hit ratio, tokens/GiB under Zipf reuse) and fetch-or-recompute vs link",
     "paper": "the paper's figures on this system: TTFT vs bandwidth, TPOT vs rate, throughput vs bandwidth, stages",
 }
 

@@ -21,6 +21,8 @@ FLAG_SETTINGS = {
     "store": ("store", "url"),
     "fetch_mode": ("dataplane", "fetch_mode"),
     "dataplane_cores": ("dataplane", "dataplane_cores"),
+    "local_tier": ("dataplane", "local_tier"),
+    "fetch_policy": ("dataplane", "fetch_policy"),
     "kv_quality": ("codec", "kv_quality"),
     "quant": ("codec", "quant"),
     "lossless": ("codec", "lossless"),
@@ -43,6 +45,11 @@ def add_settings_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="KV store URL (shadowserve://host:port, redis://..., file:///dir)")
     p.add_argument("--fetch-mode", help="recompute | sync | thread | offload (default with a store: offload)")
     p.add_argument("--dataplane-cores", help="cores reserved for the data plane, e.g. 3 or 2-3 (default: auto)")
+    p.add_argument("--local-tier", metavar="SIZE",
+                   help="compressed host-memory tier of chunks in the data plane, e.g. 4GiB (default 0: off)")
+    p.add_argument("--fetch-policy", choices=["auto", "always", "never"],
+                   help="fetch cached chunks only when measured faster than computing them (auto, the default), "
+                        "always, or never")
     p.add_argument("--kv-quality", choices=list(QUALITY_LEVELS),
                    help="KV codec by quality level (default balanced; docs/results.md has each level's measured "
                         "ratio and accuracy); --quant/--lossless/--set codec.* override it field by field")

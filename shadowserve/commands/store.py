@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.store_command == "serve":
         return _serve(args)
-    from shadowserve.config import redact_url
     from shadowserve.store import open_store
+    from shadowserve.values import redact_url
 
     store = open_store(args.url)
     try:
@@ -49,9 +49,10 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import sys
 
-    from shadowserve.config import StoreConfig, parse_duration, parse_rate, parse_size
+    from shadowserve.config import StoreConfig
     from shadowserve.store.registry import read_token_file
     from shadowserve.store.server import StoreServer
+    from shadowserve.values import parse_duration, parse_rate, parse_size
 
     config = StoreConfig(
         host=args.host, port=args.port, capacity=args.capacity, max_value_size=args.max_value_size,

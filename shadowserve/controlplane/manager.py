@@ -23,7 +23,9 @@ from itertools import count
 from typing import Protocol
 
 from shadowserve.config import DataPlaneConfig
+from shadowserve.controlplane.fetch_policy import FetchPolicy
 from shadowserve.controlplane.store_health import StoreHealth
+from shadowserve.controlplane.tier_directory import TierDirectory
 from shadowserve.dataplane.backends import FetchBackend
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.engine.remote_kv import PENDING, FetchEnded, KVRequest, Pending, PromptRequest
@@ -70,6 +72,8 @@ class ManagerStats:
     fetched_tokens: int = 0
     fetch_bytes: int = 0
     fetch_seconds: float = 0.0
+    fetched_chunks: dict[str, int] = field(default_factory=lambda: {"tier": 0, "store": 0})  # by source
+    fetched_bytes: dict[str, int] = field(default_factory=lambda: {"tier": 0, "store": 0})
     fetches: int = 0
     fetch_failures: int = 0
     saved_chunks: int = 0
@@ -114,6 +118,9 @@ class KVCacheManager:
         self._abandoned: dict[int, list[int]] = {}  # job -> blocks the data plane may still write
         self._saved_requests: set[str] = set()
         self._counted: set[str] = set()
+        self._held: dict[str, int] = {}  # request -> leading chunks the tier or store held at lookup
+        self.policy = FetchPolicy(config)  # fetch or recompute, from measured rates
+        self.tier = TierDirectory()  # what the data plane's local tier holds
         self._last_restart = time.monotonic()
         self.store_health = StoreHealth(store_url or repr(lookup_store), config.store_probe_interval)
         self.stats.store_errors = self.store_health.errors
@@ -153,11 +160,15 @@ class KVCacheManager:
             self._lookups[req.request_id] = fut
         if not fut.done():
             return PENDING
-        hit = fut.result()
+        held = fut.result()
         if req.request_id not in self._counted:
             self._counted.add(req.request_id)
             self.stats.prefix_lookup_tokens += len(req.prompt_token_ids)
-            self.stats.prefix_hit_tokens += hit * self.chunk_size
+            self.stats.prefix_hit_tokens += held * self.chunk_size
+            self._held[req.request_id] = held
+            self.policy.decide(req.request_id, len(req.prompt_token_ids), [k in self.tier for k in keys[:held]])
+        decision = self.policy.decision(req.request_id)
+        hit = decision.fetch_chunks if decision is not None else held
         # Chunks another request is fetching right now: wait for them to land locally, then reuse them.
         if any(k in self._inflight_keys for k in keys[:hit]):
             return PENDING
@@ -165,7 +176,7 @@ class KVCacheManager:
 
     def _longest_prefix(self, keys: list[bytes]) -> int:
         try:
-            hit = self.store.longest_prefix(keys)
+            hit = self.tier.longest_prefix(self.store, keys)
         except ShadowServeError as exc:
             self._store_failed(exc)
             return 0  # the store is unreachable: compute instead of waiting on it
@@ -235,6 +246,8 @@ class KVCacheManager:
         return ready
 
     def _complete(self, c: Completion) -> list[FetchEnded]:
+        self.tier.apply(c.tier_events)
+        self.policy.observe(c)
         for kind, n in c.error_kinds.items():
             self.store_health.failed(kind, n, c.error)
         if c.ok_chunks or c.nbytes:
@@ -257,8 +270,14 @@ class KVCacheManager:
         self.stats.fetches += 1
         self.stats.fetch_bytes += c.nbytes
         self.stats.fetch_seconds += c.seconds
+        for source, chunks, nbytes in (("tier", c.tier_chunks, c.tier_bytes),
+                                       ("store", c.ok_chunks - c.tier_chunks, c.store_bytes)):
+            self.stats.fetched_chunks[source] += chunks
+            self.stats.fetched_bytes[source] += nbytes
         if not c.ok:
             self.stats.fetch_failures += 1
+            rid = f.request.request_id  # what failed is saved again after the prefill: the store heals
+            self._held[rid] = min(self._held.get(rid, 0), f.first_chunk + c.ok_chunks)
         fetched = c.ok_chunks * self.chunk_size
         self.stats.fetched_tokens += fetched
         # The scheduler then treats what landed as computed; chunks that failed are recomputed (and saved again).
@@ -290,6 +309,7 @@ class KVCacheManager:
         self.backend.restart()
         log.warning("data plane restarted (%s)", self.backend.describe())
         self.stats.dataplane_restarts += 1
+        self.tier.clear()  # the tier died with the old pipeline
         self._last_restart = time.monotonic()
         for blocks in self._abandoned.values():
             self.bm.release(blocks)
@@ -318,7 +338,8 @@ class KVCacheManager:
             return
         self._saved_requests.add(req.request_id)
         keys = self.keys(req)
-        first = stored_tokens // self.chunk_size
+        # Chunks the store held at lookup are not written again, fetched or not (the decision may compute them).
+        first = max(stored_tokens // self.chunk_size, self._held.get(req.request_id, 0))
         if first >= len(keys):
             return
         bpc = self.blocks_per_chunk
@@ -341,8 +362,19 @@ class KVCacheManager:
                 self._abandoned[job] = f.blocks
         self.forget(req)
 
+    def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float) -> None:
+        """The engine timed a step that prefilled: the prefill-rate estimate learns from it."""
+        self.policy.observe_step(prefill_tokens, other_tokens, seconds)
+
+    def decision(self, req: PromptRequest) -> dict | None:
+        """This request's fetch-or-recompute decision and the estimates behind it (None before lookup)."""
+        d = self.policy.decision(req.request_id)
+        return None if d is None else d.as_dict()
+
     def forget(self, req: PromptRequest) -> None:
         self._keys.pop(req.request_id, None)
+        self._held.pop(req.request_id, None)
+        self.policy.forget(req.request_id)
         self._saved_requests.discard(req.request_id)
         self._counted.discard(req.request_id)
         fut = self._lookups.pop(req.request_id, None)

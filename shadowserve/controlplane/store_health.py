@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from shadowserve.config import redact_url
+from shadowserve.values import redact_url
 
 log = logging.getLogger("shadowserve.store")
 WRITE_LOG_INTERVAL = 30.0  # seconds between "rejects writes" lines

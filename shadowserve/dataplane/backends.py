@@ -102,6 +102,11 @@ class ThreadBackend(FetchBackend):
         if self.spec.cores:
             os.sched_setaffinity(0, self.spec.cores)  # pid 0: this thread only, on Linux
 
+    @property
+    def pipeline(self):
+        """The pipeline in this process (its local tier included), for inspection."""
+        return self._pipeline
+
     def submit(self, cmd: FetchCommand | SaveCommand) -> None:
         self._pipeline.submit(cmd, self._done.append)
 

@@ -38,7 +38,12 @@ class Completion:
     error_kinds: dict[str, int] = field(default_factory=dict)  # failed chunks by kind (controlplane/store_health.py)
     nbytes: int = 0  # compressed bytes moved
     seconds: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # this job's busy time per stage
+    tier_chunks: int = 0  # chunks served by the local tier (no network)
+    tier_bytes: int = 0
+    store_bytes: int = 0  # bytes that crossed the link from the store
+    store_seconds: float = 0.0  # wall span from the first store read's start to the last one's end
+    tier_events: list[tuple[bytes, bool]] = field(default_factory=list)  # local-tier key changes (local_tier.py)
 
     @property
     def ok(self) -> bool:

@@ -25,6 +25,7 @@ from shadowserve.config import DataPlaneConfig
 from shadowserve.dataplane.buffers import SlotPool
 from shadowserve.dataplane.gpu_decode import GpuDequantizer
 from shadowserve.dataplane.kv_targets import ChunkPlan, kv_target
+from shadowserve.dataplane.local_tier import LocalTier
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.errors import ChunkFormatError, ConfigError, ShadowServeError, StoreError, StoreUnavailable
 
@@ -55,6 +56,11 @@ class _Job:
     nbytes: int = 0
     first_failure: int = 1 << 30  # chunks after a failed one are skipped: only a prefix is usable
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    tier_chunks: int = 0
+    tier_bytes: int = 0
+    store_bytes: int = 0
+    store_span: list[float] = field(default_factory=lambda: [float("inf"), 0.0])  # first read start, last end
 
 
 @dataclass
@@ -68,6 +74,8 @@ class _Chunk:
     staging: int = -1
     header: object = None
     kv: int = -1
+    from_tier: bool = False  # its bytes came from the local tier
+    skip_tier: bool = False  # its tier copy failed verification: read the store
 
 
 class Pipeline:
@@ -82,8 +90,10 @@ class Pipeline:
         layout: BufferLayout,
         on_thread_start: Callable[[], None] | None = None,
         kv_layout: str = "engine",
+        tier: LocalTier | None = None,
     ) -> None:
         self.config, self.store, self.codec = config, store, codec
+        self.tier = tier  # the local compressed tier, consulted before the store (None: off)
         # The layout adapter: our engine's pool, or another engine's (kv_targets.py).
         self._target = kv_target(kv_tensor, config.chunk_size, kv_layout)
         self.blocks_per_chunk = self._target.blocks_per_chunk
@@ -171,8 +181,11 @@ class Pipeline:
         except Exception as exc:  # never let one bad chunk kill a stage thread
             self._settle(chunk, False, f"{stage}: {type(exc).__name__}: {exc}", "other")
         finally:
+            dt = time.perf_counter() - t0
+            with chunk.job.lock:
+                chunk.job.stage_seconds[stage] = chunk.job.stage_seconds.get(stage, 0.0) + dt
             with self._busy_lock:
-                self._busy[stage] += time.perf_counter() - t0
+                self._busy[stage] += dt
                 self._chunks[stage] += 1
                 if stage == "fetch":
                     self._fetched_bytes += chunk.nbytes
@@ -181,17 +194,39 @@ class Pipeline:
     def _fetch(self, c: _Chunk) -> str | None:
         """Hot path: receive the stored bytes straight into a receive slot (no allocation)."""
         c.recv = self.receive.acquire(self.config.fetch_timeout)
-        n = self.store.get_into(c.key, self.receive.slot(c.recv))
+        slot = self.receive.slot(c.recv)
+        if self.tier is not None and not c.skip_tier:
+            n = self.tier.get_into(c.key, slot)
+            if n is not None:  # no network: straight on to decompress, which verifies it like any chunk
+                c.nbytes, c.from_tier = n, True
+                return "decompress"
+        t0 = time.perf_counter()
+        n = self.store.get_into(c.key, slot)
+        with c.job.lock:
+            span = c.job.store_span
+            span[0], span[1] = min(span[0], t0), max(span[1], time.perf_counter())
         if n is None:
             self._settle(c, False, "fetch: chunk not in the store", "missing")
             return None
         c.nbytes = n
+        if self.tier is not None:
+            self.tier.admit_fetched(c.key, slot[:n])
         return "decompress"
 
     def _decompress(self, c: _Chunk) -> str:
         """Hot path: verify the container and inflate its symbols into a staging slot."""
         c.staging = self.staging.acquire(self.config.fetch_timeout)
-        c.header = self.codec.decompress_into(self.receive.slot(c.recv)[: c.nbytes], self.staging.slot(c.staging))
+        try:
+            c.header = self.codec.decompress_into(self.receive.slot(c.recv)[: c.nbytes], self.staging.slot(c.staging))
+        except ChunkFormatError:
+            if not c.from_tier:
+                raise
+            self.tier.drop(c.key)  # a bad tier copy is never used: read the chunk from the store instead
+            self.staging.release(c.staging)
+            self.receive.release(c.recv)
+            c.staging = c.recv = -1
+            c.from_tier, c.skip_tier, c.nbytes = False, True, 0
+            return "fetch"
         self.receive.release(c.recv)
         c.recv = -1
         return "dequantize"
@@ -235,6 +270,8 @@ class Pipeline:
         self.kvslots.release(c.kv)
         c.kv = -1
         self.store.put(c.key, blob)
+        if self.tier is not None:
+            self.tier.put(c.key, blob)  # write-through: the store has it first
         c.nbytes = len(blob)
         self._settle(c, True, None)
 
@@ -250,6 +287,12 @@ class Pipeline:
         with job.lock:
             job.results[c.index] = ok
             job.nbytes += c.nbytes if ok else 0
+            if ok and job.kind == "fetch":
+                if c.from_tier:
+                    job.tier_chunks += 1
+                    job.tier_bytes += c.nbytes
+                else:
+                    job.store_bytes += c.nbytes
             if not ok:
                 job.first_failure = min(job.first_failure, c.index)
                 if error:
@@ -274,7 +317,10 @@ class Pipeline:
         job.on_done(Completion(
             job_id=cmd.job_id, request_id=cmd.request_id, kind=job.kind, num_chunks=len(cmd.keys),
             ok_chunks=ok, error="; ".join(job.errors[:3]) or None, error_kinds=job.error_kinds, nbytes=job.nbytes,
-            seconds=time.perf_counter() - job.start,
+            seconds=time.perf_counter() - job.start, stage_seconds=dict(job.stage_seconds),
+            tier_chunks=job.tier_chunks, tier_bytes=job.tier_bytes, store_bytes=job.store_bytes,
+            store_seconds=max(0.0, job.store_span[1] - job.store_span[0]),
+            tier_events=self.tier.drain_events() if self.tier is not None else [],
         ))
 
     def stats(self) -> dict:
@@ -295,6 +341,7 @@ class Pipeline:
             "buffer_occupancy": {p.name: p.occupancy for p in pools},
             "buffer_in_use": {p.name: p.in_use for p in pools},
             "buffer_window": {p.name: p.window() for p in pools},
+            "local_tier": self.tier.stats() if self.tier is not None else {},
         }
 
     def reset_stats(self) -> None:

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from shadowserve.config import CodecConfig, DataPlaneConfig
+from shadowserve.dataplane.local_tier import LocalTier, page_size_for
 from shadowserve.dataplane.pipeline import BufferLayout, Pipeline
 from shadowserve.dataplane.shared_pool import PoolHandle
 from shadowserve.kvcache.codec import KVCodec
 from shadowserve.store import open_store
+from shadowserve.values import parse_size
 
 # Room for the container header and incompressible data on top of the raw chunk size.
 _HEADER_SLACK = 64 * 1024
@@ -47,7 +49,17 @@ class DataPlaneSpec:
 
 
 def build_pipeline(spec: DataPlaneSpec, kv_tensor, on_thread_start: Callable[[], None] | None = None) -> Pipeline:
-    """The pipeline over ``kv_tensor``, with its own store connection and codec (in the calling process)."""
+    """The pipeline over ``kv_tensor``, with its own store connection, codec and local tier (in the
+    calling process: the tier lives and dies with the process that runs the pipeline)."""
     store = open_store(spec.store_url)
     codec = KVCodec(spec.codec_config, spec.fingerprint)
-    return Pipeline(spec.config, store, codec, kv_tensor, spec.layout, on_thread_start, spec.kv_layout)
+    return Pipeline(spec.config, store, codec, kv_tensor, spec.layout, on_thread_start, spec.kv_layout,
+                    tier=local_tier(spec.config, spec.layout))
+
+
+def local_tier(config: DataPlaneConfig, layout: BufferLayout) -> LocalTier | None:
+    """The configured tier, its pages sized from the raw chunk (None when ``local_tier`` is 0)."""
+    capacity = parse_size(config.local_tier)
+    if capacity == 0:
+        return None
+    return LocalTier(capacity, page_size_for(layout.kv_bytes), config.local_tier_admission)

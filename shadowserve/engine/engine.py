@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from shadowserve.config import DataPlaneConfig, EngineConfig, parse_size
+from shadowserve.config import DataPlaneConfig, EngineConfig
 from shadowserve.cores import explain_split
 from shadowserve.engine.block_manager import BlockManager
 from shadowserve.engine.kv_pool import KVPool, bytes_per_block
@@ -21,6 +21,7 @@ from shadowserve.engine.sampler import Sampler
 from shadowserve.engine.scheduler import Scheduler
 from shadowserve.errors import ModelError
 from shadowserve.model.loader import LoadedModel, load_model, torch_dtype
+from shadowserve.values import parse_size
 
 log = logging.getLogger("shadowserve.engine")
 
@@ -151,7 +152,13 @@ class LLMEngine:
             if self.scheduler.fetching or self.scheduler.waiting:
                 time.sleep(0.0005)  # only waiting on lookups or fetches: do not spin the engine core
             return []
+        prompt_lens = [len(c.request.prompt_token_ids) - c.request.num_computed_tokens for c in chunks]
+        prefill = sum(min(c.num_tokens, n) for c, n in zip(chunks, prompt_lens) if n > 0)
+        t0 = time.perf_counter()
         sampled = self.runner.run(chunks)
+        if prefill:  # the prefill rate the control plane weighs fetches against
+            total = sum(c.num_tokens for c in chunks)
+            self.remote_kv.record_step(prefill, total - prefill, time.perf_counter() - t0)
         finished = self.scheduler.update(chunks, sampled)
         if self._on_token:
             for c in chunks:
@@ -183,6 +190,7 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             num_fetched_tokens=req.num_fetched_tokens,
             fetch_ms=None if req.fetch_seconds is None else req.fetch_seconds * 1e3,
+            kv_decision=req.kv_decision,
         )
 
     def _forget(self, request_id: str) -> None:

@@ -103,6 +103,13 @@ class RemoteKV(Protocol):
         Called before the scheduler frees the request's blocks; ``forget`` follows.
         """
 
+    def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float) -> None:
+        """A model step that prefilled ``prefill_tokens`` (and ran ``other_tokens`` more) took ``seconds``:
+        the measured prefill rate against which fetching a prefix is weighed."""
+
+    def decision(self, request: PromptRequest) -> dict | None:
+        """Why the answered lookup fetches what it does (fetch, partial, recompute, and the estimates)."""
+
     def forget(self, request: PromptRequest) -> None:
         """The request finished: drop everything kept about it (keys, lookup, save marks)."""
 
@@ -131,6 +138,12 @@ class NoRemoteKV:
 
     def abort(self, request: KVRequest) -> None:
         pass
+
+    def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float) -> None:
+        pass
+
+    def decision(self, request: PromptRequest) -> dict | None:
+        return None
 
     def forget(self, request: PromptRequest) -> None:
         pass

@@ -91,6 +91,7 @@ class Request:
     fetch_start_time: float | None = None
     fetch_end_time: float | None = None
     fetch_seconds: float | None = None  # None: it never fetched
+    kv_decision: dict | None = None  # the control plane's fetch-or-recompute decision (RemoteKV.decision)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -138,3 +139,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_fetched_tokens: int = 0
     fetch_ms: float | None = None  # time its prefix spent being fetched (None: no fetch)
+    kv_decision: dict | None = None  # fetch | partial | recompute, why, and the predicted TTFTs behind it

@@ -129,6 +129,7 @@ class Scheduler:
             if answer is PENDING:
                 return "pending"
             remote = req.remote_hit_tokens = answer
+            req.kv_decision = self.remote_kv.decision(req)
             if remote > local:
                 # Fetches land whole chunks: keep only local blocks that form whole chunks.
                 cs = self.remote_kv.chunk_size

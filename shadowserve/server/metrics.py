@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shadowserve.controlplane.fetch_policy import DECISIONS, REASONS
 from shadowserve.controlplane.store_health import ERROR_KINDS
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.request import RequestOutput
@@ -132,3 +133,44 @@ class _EngineCollector(Collector):
         yield occupancy
         up = 1.0 if manager is None or manager.backend.healthy() else 0.0
         yield GaugeMetricFamily(PREFIX + "dataplane_up", "1 when the data plane answers heartbeats", value=up)
+        yield from _tier_metrics(stats, plane.get("local_tier") or {})
+        yield from _policy_metrics(getattr(manager, "policy", None))
+
+
+def _tier_metrics(stats, tier: dict):
+    """Where fetched chunks came from (the local tier or the store), and the tier's occupancy."""
+    chunks = CounterMetricFamily(PREFIX + "fetched_chunks", "Chunks that landed, by source (tier: the local "
+                                 "compressed tier, no network; store: over the link)", labels=["source"])
+    nbytes = CounterMetricFamily(PREFIX + "fetched_source_bytes", "Compressed bytes of landed chunks, by source",
+                                 labels=["source"])
+    for source in ("tier", "store"):
+        chunks.add_metric([source], stats.fetched_chunks[source] if stats else 0)
+        nbytes.add_metric([source], stats.fetched_bytes[source] if stats else 0)
+    yield chunks
+    yield nbytes
+    for name, key, doc in (("local_tier_capacity_bytes", "capacity_bytes", "Size of the local tier (0: off)"),
+                           ("local_tier_bytes", "bytes", "Compressed bytes the local tier holds"),
+                           ("local_tier_chunks", "chunks", "Chunks the local tier holds")):
+        yield GaugeMetricFamily(PREFIX + name, doc, value=tier.get(key, 0))
+    for name, key, doc in (("local_tier_evictions", "evictions", "Chunks evicted from the local tier (LRU)"),
+                           ("local_tier_corrupt", "corrupt", "Local tier entries that failed verification and "
+                            "were dropped (refetched from the store)")):
+        yield CounterMetricFamily(PREFIX + name, doc, value=tier.get(key, 0))
+
+
+def _policy_metrics(policy):
+    """Fetch-or-recompute decisions by outcome and reason, and the estimates they rest on."""
+    decisions = CounterMetricFamily(PREFIX + "kv_decisions", "Lookups with a hit, by what was decided (fetch, "
+                                    "partial, recompute) and why (measured, optimistic, policy)",
+                                    labels=["decision", "reason"])
+    counts = dict(policy.counts) if policy is not None else {}
+    for decision in DECISIONS:
+        for reason in REASONS:
+            decisions.add_metric([decision, reason], counts.get((decision, reason), 0))
+    yield decisions
+    estimates = GaugeMetricFamily(PREFIX + "fetch_policy_estimate", "The policy's running estimates (absent "
+                                  "until measured)", labels=["name"])
+    for name, value in (policy.estimates().items() if policy is not None else ()):
+        if value is not None:
+            estimates.add_metric([name], value)
+    yield estimates

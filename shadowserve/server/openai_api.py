@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shadowserve.config import ServerConfig, parse_size
+from shadowserve.config import ServerConfig
 from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.request import SamplingParams
 from shadowserve.errors import ConfigError
@@ -30,6 +30,7 @@ from shadowserve.server.choices import Choice
 from shadowserve.server.engine_loop import EngineLoop, Event, asyncio_sink
 from shadowserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from shadowserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from shadowserve.values import parse_size
 
 
 class APIError(Exception):
@@ -374,6 +375,7 @@ def _extras(job: _Job) -> dict:
         "fetched_tokens": sum(o.num_fetched_tokens for o in outs),
         "local_cached_tokens": sum(o.num_cached_tokens for o in outs),
         "ttft_ms": [o.ttft_ms for o in outs],
+        "kv_decision": [o.kv_decision for o in outs],  # fetch | partial | recompute, why, predicted TTFTs
         "fetch_ms": [o.fetch_ms for o in outs],  # of each choice's TTFT, the part spent fetching its prefix
     }
 

@@ -17,9 +17,9 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-from shadowserve.config import parse_rate
 from shadowserve.errors import StoreError
 from shadowserve.store.launch import stop_pid
+from shadowserve.values import parse_rate
 
 SERVER_ADDR = "192.0.2.1"
 CLIENT_ADDR = "192.0.2.2"

@@ -27,13 +27,14 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
-from shadowserve.config import StoreConfig, parse_duration, parse_size, redact_url
+from shadowserve.config import StoreConfig
 from shadowserve.errors import ConfigError
 from shadowserve.store.client import StoreClient
 from shadowserve.store.disk import FileStore
 from shadowserve.store.memory import MemoryStore
 from shadowserve.store.redis import RedisStore
 from shadowserve.store.shaping import LinkShape, ShapedStore
+from shadowserve.values import parse_duration, parse_size, redact_url
 
 _COMMON_PARAMS = {"bandwidth", "latency"}
 _NET_PARAMS = {"timeout", "connect_timeout"}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shadowserve.config import parse_duration, parse_rate
+from shadowserve.values import parse_duration, parse_rate
 
 
 class TokenBucket:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from shadowserve.cli import main
-from shadowserve.config import StoreConfig, parse_duration
+from shadowserve.config import StoreConfig
 from shadowserve.errors import ConfigError
 from shadowserve.store import open_store
 from shadowserve.store.memory import MemoryStore
 from shadowserve.store.shaping import ShapedStore
+from shadowserve.values import parse_duration
 
 
 def test_parse_duration():

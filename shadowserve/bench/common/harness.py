@@ -53,7 +53,8 @@ class Harness:
         sized = dict(fetch_workers=max(2, w), decompress_workers=w, dequantize_workers=w,
                      receive_slots=max(8, 2 * w), staging_slots=max(4, 2 * w), kv_slots=max(4, 2 * w),
                      save_workers=w, dataplane_cores=self.dataplane_cores,
-                     baseline_cores=placement or self.baseline_cores)
+                     baseline_cores=placement or self.baseline_cores,
+                     fetch_policy="always")  # these suites time fetching itself; `bench tiers` times the policy
         dp = DataPlaneConfig(fetch_mode=mode, pin_cores=True, chunk_size=self.chunk_size, save=save,
                              **{**sized, **plane})
         url = None if mode == "recompute" else (store_url or self.store_url)

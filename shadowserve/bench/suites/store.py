@@ -23,11 +23,11 @@ import threading
 import time
 from typing import Any
 
-from shadowserve.config import parse_rate, parse_size
 from shadowserve.errors import ConfigError
 from shadowserve.store import open_store
 from shadowserve.store.launch import free_port, redis_available, start_redis, start_store_server, stop_pid
 from shadowserve.store.netns import SERVER_ADDR, ShapedLink, netns_available
+from shadowserve.values import parse_rate, parse_size
 
 _REQ = struct.Struct("<QQ")  # value size, which of the server's buffers
 _RAW_BUFFERS = 8  # as many distinct values as the stores serve, so no system gets a cache-hot source

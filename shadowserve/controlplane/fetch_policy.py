@@ -1,0 +1,186 @@
+"""Fetch or recompute, per request: running estimates from measurements, and the choice they imply.
+
+Below some link rate fetching a chunk is slower than computing it. The control plane measures, never
+assumes: the link's rate (store bytes over the wall span of a job's store reads), the data plane's
+decode cost per chunk (its decompress and dequantize busy time, stages overlapping), a fixed per-fetch
+overhead (what a job took beyond that model), the mean compressed chunk size, and the engine's prefill
+cost (a per-step and a per-token term fitted to the step times the engine reports). For each lookup it
+predicts the time to first token for every ``k`` leading chunks fetched (the rest computed) and takes
+the fastest ``k``: all (``fetch``), some (``partial``) or none (``recompute``). Tier chunks cost no
+link time. Until the estimates exist it fetches everything (``optimistic``), so they can form.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+
+from shadowserve.config import DataPlaneConfig
+from shadowserve.dataplane.messages import Completion
+
+DECISIONS = ("fetch", "partial", "recompute")
+REASONS = ("measured", "optimistic", "policy")
+
+
+class Ewma:
+    """An exponentially weighted mean (None until the first sample)."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha, self.value = alpha, None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+
+
+class LinearFit:
+    """seconds = a + b * tokens, by least squares with exponential forgetting (recent steps weigh most)."""
+
+    def __init__(self, decay: float = 0.97) -> None:
+        self.decay = decay
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.w, self.sx, self.sy = self.w * d + 1, self.sx * d + x, self.sy * d + y
+        self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
+
+    def coefficients(self) -> tuple[float, float] | None:
+        if self.w == 0 or self.sx <= 0:
+            return None
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        b = (self.sxy / self.w - mx * my) / var if var > 1e-9 * max(1.0, mx * mx) else 0.0
+        if b <= 0:  # too little spread in step sizes (or noise): cost proportional to tokens
+            return 0.0, my / mx
+        return max(0.0, my - b * mx), b
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What was decided for one request, and on which estimates (shown per request and in logs)."""
+
+    decision: str  # fetch | partial | recompute (miss: nothing held)
+    reason: str  # measured | optimistic | policy
+    hit_chunks: int  # leading chunks the tier or the store holds
+    tier_chunks: int  # of the fetched ones, how many the local tier holds
+    fetch_chunks: int
+    predicted_ttft_fetch_ms: float | None
+    predicted_ttft_recompute_ms: float | None
+    predicted_ttft_ms: float | None
+    link_gbps: float | None
+    decode_ms_per_chunk: float | None
+    prefill_tokens_per_s: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class FetchPolicy:
+    """The estimates and the per-request decisions of one control plane (one store, one engine)."""
+
+    def __init__(self, config: DataPlaneConfig) -> None:
+        self.mode, self.chunk_size = config.fetch_policy, config.chunk_size
+        self._workers = (config.decompress_workers, config.dequantize_workers)
+        self.link_bps, self.decode_s, self.overhead_s, self.chunk_bytes = Ewma(), Ewma(), Ewma(), Ewma()
+        self.prefill = LinearFit()
+        self.step_tokens = 0  # the largest step seen: a long prefill runs in steps of about this many tokens
+        self.counts: dict[tuple[str, str], int] = {}
+        self._decisions: dict[str, Decision] = {}
+        self._lock = threading.Lock()  # decisions are read by the scheduler and by metrics scrapes
+
+    # ---- measurements -----------------------------------------------------------------------
+
+    def observe(self, c: Completion) -> None:
+        """A fetch or save completed: update the chunk size, link, decode and overhead estimates."""
+        if c.ok_chunks == 0:
+            return
+        self.chunk_bytes.add(c.nbytes / c.ok_chunks)
+        if c.kind != "fetch":
+            return
+        if c.store_bytes and c.store_seconds > 0:
+            self.link_bps.add(c.store_bytes / c.store_seconds)
+        st = c.stage_seconds
+        dec = st.get("decompress", 0.0) / self._workers[0]
+        deq = (st.get("dequantize", 0.0) + st.get("scatter", 0.0)) / self._workers[1]
+        if dec + deq > 0:
+            self.decode_s.add(max(dec, deq) / c.ok_chunks)
+        model = self._fetch_seconds(c.ok_chunks - c.tier_chunks, c.tier_chunks, overhead=False)
+        if model is not None:
+            self.overhead_s.add(max(0.0, c.seconds - model))
+
+    def observe_step(self, prefill_tokens: int, other_tokens: int, seconds: float) -> None:
+        """An engine step that prefilled ``prefill_tokens`` (beside ``other_tokens``) took ``seconds``."""
+        tokens = prefill_tokens + other_tokens
+        if prefill_tokens <= 0 or seconds <= 0:
+            return
+        self.step_tokens = max(self.step_tokens, tokens)
+        self.prefill.add(tokens, seconds)
+
+    # ---- predictions --------------------------------------------------------------------------
+
+    def _fetch_seconds(self, store_chunks: int, tier_chunks: int, overhead: bool = True) -> float | None:
+        if store_chunks + tier_chunks == 0:
+            return 0.0
+        decode = self.decode_s.value
+        link, size = self.link_bps.value, self.chunk_bytes.value
+        if decode is None or (store_chunks and (link is None or size is None)):
+            return None
+        wire = store_chunks * size / link if store_chunks else 0.0
+        extra = (self.overhead_s.value or 0.0) if overhead else 0.0
+        return max(wire, (store_chunks + tier_chunks) * decode) + extra
+
+    def _prefill_seconds(self, tokens: int) -> float | None:
+        fit = self.prefill.coefficients()
+        if fit is None:
+            return None
+        a, b = fit
+        steps = -(-tokens // max(1, self.step_tokens))
+        return steps * a + tokens * b
+
+    def decide(self, request_id: str, prompt_tokens: int, in_tier: list[bool]) -> Decision:
+        """How many of the ``len(in_tier)`` hit chunks to fetch (``in_tier[i]``: chunk i is in the tier)."""
+        hit = len(in_tier)
+        cs = self.chunk_size
+        best, reason = hit, "optimistic"
+        times: list[float | None] = []
+        if self.mode != "auto":
+            best, reason = (hit if self.mode == "always" else 0), "policy"
+        elif hit:
+            tier = 0
+            for k in range(hit + 1):
+                fetch = self._fetch_seconds(k - tier, tier)
+                compute = self._prefill_seconds(prompt_tokens - k * cs)
+                times.append(None if fetch is None or compute is None else fetch + compute)
+                if k < hit and in_tier[k]:
+                    tier += 1
+            if all(t is not None for t in times):
+                reason = "measured"
+                best = min(range(hit + 1), key=lambda k: (times[k], -k))
+        label = "miss" if hit == 0 else "fetch" if best == hit else "recompute" if best == 0 else "partial"
+        link, dec, fit = self.link_bps.value, self.decode_s.value, self.prefill.coefficients()
+        ms = [None if t is None else round(t * 1e3, 3) for t in times] or [None]
+        d = Decision(label, reason, hit, sum(in_tier[:best]), best, ms[-1], ms[0], ms[best] if times else None,
+                     None if link is None else round(link * 8 / 1e9, 4),
+                     None if dec is None else round(dec * 1e3, 3),
+                     None if fit is None else round(1 / fit[1], 1) if fit[1] > 0 else None)
+        with self._lock:
+            self._decisions[request_id] = d
+            if hit:
+                self.counts[(label, reason)] = self.counts.get((label, reason), 0) + 1
+        return d
+
+    def decision(self, request_id: str) -> Decision | None:
+        with self._lock:
+            return self._decisions.get(request_id)
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._decisions.pop(request_id, None)
+
+    def estimates(self) -> dict[str, float | None]:
+        """The current estimates, for /metrics."""
+        fit = self.prefill.coefficients()
+        return {"link_bytes_per_second": self.link_bps.value, "decode_seconds_per_chunk": self.decode_s.value,
+                "fetch_overhead_seconds": self.overhead_s.value, "chunk_bytes": self.chunk_bytes.value,
+                "prefill_seconds_per_token": None if fit is None else fit[1],
+                "prefill_seconds_per_step": None if fit is None else fit[0]}

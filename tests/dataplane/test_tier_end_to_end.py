@@ -1,0 +1,111 @@
+"""The local tier end to end on tiny-random: tier hits, corrupt tier entries, a killed data plane.
+
+With a lossless codec every output must equal recompute's, wherever the chunks came from.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from shadowserve.config import DataPlaneConfig, EngineConfig
+from shadowserve.engine.engine import LLMEngine
+from shadowserve.llm import create_engine
+from tests.dataplane import test_end_to_end as e2e
+from tests.dataplane.test_end_to_end import CHUNK, LOSSLESS, prompts, run, warm_store
+
+reference = e2e.reference  # the recompute outputs fixture, shared
+
+
+def tier_engine(tiny, url: str, mode: str, **plane) -> LLMEngine:
+    """No local prefix cache, so a repeated prompt goes back to the remote tiers every time."""
+    cfg = DataPlaneConfig(fetch_mode=mode, chunk_size=CHUNK, heartbeat_interval=0.2, heartbeat_timeout=3.0,
+                          local_tier="1MiB", fetch_policy="always", **plane)
+    return create_engine(EngineConfig(model="tiny-random", kv_cache_memory="16MiB", enable_prefix_caching=False),
+                         loaded=tiny, dataplane=cfg, store_url=url, codec=LOSSLESS)
+
+
+def tier_stats(eng: LLMEngine) -> dict:
+    deadline = time.monotonic() + 10
+    while not (stats := eng.kv_manager.backend.stats().get("local_tier")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # offload: the numbers come with the next heartbeat, taken by a poll
+        eng.check_liveness()
+    return stats
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread", "offload"])
+def test_tier_hits_give_identical_tokens(tiny, reference, tmp_path, mode):
+    url = f"file://{tmp_path}/store"
+    ps = prompts(2, seed=11)
+    warm_store(tiny, url, ps[:1])
+    eng = tier_engine(tiny, url, mode)
+    first = run(eng, ps[:1])  # from the store; admitted to the tier on this first fetch
+    eng.flush()
+    second = run(eng, ps[1:])  # same document: from the tier, no network
+    eng.flush()
+    assert [r.output_token_ids for r in first + second] == reference(ps)
+    stats = eng.kv_manager.stats
+    chunks = 200 // CHUNK
+    assert stats.fetched_chunks == {"store": chunks, "tier": chunks}, stats
+    assert stats.fetched_bytes["tier"] == stats.fetched_bytes["store"] > 0
+    assert second[0].num_fetched_tokens == chunks * CHUNK
+    assert len(eng.kv_manager.tier) == chunks
+    assert tier_stats(eng)["chunks"] == chunks
+    eng.close()
+
+
+def test_saves_write_through_to_the_tier_and_the_store(tiny, reference, tmp_path):
+    url = f"file://{tmp_path}/store"
+    ps = prompts(2, seed=12)
+    eng = tier_engine(tiny, url, "thread")
+    run(eng, ps[:1])  # computed, then saved to the store and the tier
+    eng.flush()
+    assert eng.kv_manager.backend.pipeline.tier.stats()["chunks"] == 200 // CHUNK
+    again = run(eng, ps[1:])
+    assert [r.output_token_ids for r in again] == reference(ps[1:])
+    assert eng.kv_manager.stats.fetched_chunks == {"tier": 200 // CHUNK, "store": 0}
+    eng.close()
+    assert any((tmp_path / "store").rglob("*"))  # and the store holds them too
+
+
+def test_corrupt_tier_entry_is_dropped_and_refetched_from_the_store(tiny, reference, tmp_path):
+    url = f"file://{tmp_path}/store"
+    ps = prompts(2, seed=13)
+    eng = tier_engine(tiny, url, "thread")
+    run(eng, ps[:1])
+    eng.flush()
+    tier = eng.kv_manager.backend.pipeline.tier
+    victim = eng.kv_manager.key_fn(ps[1])[2]  # the third chunk of the shared document
+    page = tier.view(victim)[0]
+    page[len(page) // 2] ^= 0xFF  # flip one byte of the tier's copy in place
+    again = run(eng, ps[1:])
+    assert [r.output_token_ids for r in again] == reference(ps[1:])
+    stats = eng.kv_manager.stats
+    assert tier.corrupt == 1 and stats.fetch_failures == 0
+    assert stats.fetched_chunks == {"tier": 200 // CHUNK - 1, "store": 1}  # the bad one came from the store
+    assert again[0].num_fetched_tokens == 200 // CHUNK * CHUNK
+    eng.flush()
+    assert victim in tier  # admitted again from the store: a good copy
+    eng.close()
+
+
+def test_killed_dataplane_loses_the_tier_and_nothing_else(tiny, reference, tmp_path):
+    url = f"file://{tmp_path}/store"
+    ps = prompts(3, seed=14)
+    eng = tier_engine(tiny, url, "offload")
+    run(eng, ps[:1])
+    eng.flush()
+    assert tier_stats(eng)["chunks"] == 200 // CHUNK
+    backend = eng.kv_manager.backend
+    os.kill(backend.process.pid, signal.SIGKILL)
+    later = run(eng, ps[1:])  # one may lose its fetch to the restart and compute; both complete
+    assert [r.output_token_ids for r in later] == reference(ps[1:])
+    assert eng.kv_manager.stats.dataplane_restarts == 1 and backend.healthy()
+    eng.flush()
+    last = run(eng, ps[2:])
+    assert [r.output_token_ids for r in last] == reference(ps[2:])
+    assert last[0].num_fetched_tokens == 200 // CHUNK * CHUNK  # the store still had everything
+    eng.close()
