@@ -109,14 +109,17 @@ class DataPlaneProcess:
 
     @staticmethod
     def _send_loop(outbox: queue.Queue, conn) -> None:
-        while True:
-            cmd = outbox.get()
-            try:
-                conn.send(cmd)
-            except (BrokenPipeError, OSError):
-                return
-            if cmd is None:
-                return
+        try:
+            while True:
+                cmd = outbox.get()
+                try:
+                    conn.send(cmd)
+                except (BrokenPipeError, OSError):
+                    return
+                if cmd is None:
+                    return
+        finally:
+            conn.close()
 
     def submit(self, cmd: FetchCommand | SaveCommand) -> None:
         self._outbox.put(cmd)
@@ -142,6 +145,7 @@ class DataPlaneProcess:
     def restart(self) -> None:
         """Kill (if needed) and start a fresh process; after this no old writes can land."""
         self._kill()
+        self._outbox.put(None)  # ends the old sender thread, which closes the old pipe
         self.restarts += 1
         self.last_stats = {}  # not ready again until the new process's first heartbeat
         self._start()
