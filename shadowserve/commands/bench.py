@@ -25,6 +25,8 @@ SUITES: dict[str, str] = {
     "http": "HTTP server throughput vs the same engine in-process (the server's overhead)",
     "vllm": "vLLM with ShadowServeConnector vs vLLM alone: TTFT of a cached long prefix (needs the vllm extra)",
     "tiers": "the local compressed tier (TTFT, hit ratio, tokens/GiB under Zipf reuse) and fetch-or-recompute vs link",
+    "soak": "a live server under concurrent load while faults fire (data plane killed, store restarted, "
+            "chunks damaged, store full): every answer checked, leaks counted",
     "paper": "the paper's figures on this system: TTFT vs bandwidth, TPOT vs rate, throughput vs bandwidth, stages",
 }
 

@@ -48,6 +48,32 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_hf(self) -> HFTokenizer:
+        """The vocabulary as a ``tokenizers`` object (the byte backend's exact equivalent for it)."""
+        return self._backend if isinstance(self._backend, HFTokenizer) else self._backend.to_hf()
+
+    def save_pretrained(self, path: str | Path, model_max_length: int | None = None) -> Path:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json``: a directory HF ``AutoTokenizer`` loads
+        offline, so clients that count tokens themselves (``vllm bench serve --tokenizer DIR``) agree with us."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        hf = self.to_hf()
+        hf.save(str(path / "tokenizer.json"))
+
+        def name(token_id: int | None) -> str | None:
+            return None if token_id is None else hf.id_to_token(token_id)
+
+        eos = name(self.eos_token_ids[0]) if self.eos_token_ids else None
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(self.bos_token_id),
+                  "eos_token": eos, "pad_token": eos, "add_bos_token": self.add_bos,
+                  "clean_up_tokenization_spaces": False}
+        if model_max_length:
+            config["model_max_length"] = model_max_length
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        return path
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render chat messages with the model's own Jinja template (a plain fallback if it has none)."""
         if not self.chat_template:
@@ -75,9 +101,30 @@ class _ByteBackend:
 
         return _Enc()
 
+    def to_hf(self) -> HFTokenizer:
+        """The same ids in ``tokenizers`` form: byte-level BPE with no merges, one token per byte."""
+        table = _gpt2_byte_chars()
+        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {table[b]: b + self.OFFSET for b in range(256)}
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "<s>", "</s>")])
+        return hf
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET)
         return data.decode("utf-8", errors="replace")
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which the ByteLevel pre-tokenizer maps bytes through."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -199,6 +199,7 @@ class StoreClient(StoreBase):
             except (PeerClosed, ConnectionError, OSError) as exc:
                 conn.sock.close()
                 if conn.reused and conn.received == 0 and attempt == 0:
+                    self._drop_pool()  # pooled alongside this one: a restarted server closed them all
                     continue
                 reason = "closed the connection" if isinstance(exc, PeerClosed) else (exc.strerror or str(exc))
                 raise StoreUnavailable(f"{what}: {self._where()} went away mid-transfer ({reason})") from exc
@@ -373,12 +374,16 @@ class StoreClient(StoreBase):
 
         return self._call("STATS", op)
 
-    def close(self) -> None:
+    def _drop_pool(self) -> None:
         with self._lock:
-            self._closed = True
             pool, self._pool = self._pool, []
         for conn in pool:
             conn.sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._drop_pool()
 
 
 class _KeepConnection(Exception):

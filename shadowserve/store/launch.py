@@ -94,9 +94,12 @@ class Launched:
 
 
 def start_store_server(*extra_args: str, host: str = "127.0.0.1", timeout: float = 20.0,
-                       token: str | None = None) -> Launched:
-    """``shadowserve store serve`` in a child process on a free port."""
-    port = free_port(host)
+                       token: str | None = None, port: int | None = None) -> Launched:
+    """``shadowserve store serve`` in a child process on ``port`` (default: a free one).
+
+    A fixed port lets a caller stop a store and start another where clients still point.
+    """
+    port = port or free_port(host)
     workdir = tempfile.mkdtemp(prefix="ss-store-")
     # The store command module directly: `python -m shadowserve.cli` would build every subcommand.
     args = [sys.executable, "-m", "shadowserve.commands.store", "serve", "--host", host, "--port", str(port), *extra_args]

@@ -247,6 +247,36 @@ def test_idle_connection_dropped_by_server_is_replaced(new_key):
         server.stop()
 
 
+def test_restarted_server_is_reached_through_a_pool_of_dead_connections(new_key):
+    """After the store restarts on its port, every pooled connection is dead: the next call must not
+    fail on them (it did when two were pooled: the one retry took another dead one; bench soak)."""
+    server = start_store_server()
+    store = open_store(server.url)
+    try:
+        port = int(server.url.rsplit(":", 1)[1])
+        barrier = threading.Barrier(4)
+
+        def borrow() -> None:  # four calls at once leave four connections in the pool
+            conn = store._acquire()
+            barrier.wait()
+            store._release(conn)
+
+        threads = [threading.Thread(target=borrow) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(store._pool) == 4
+        server.stop()
+        server = start_store_server(port=port)
+        k = new_key()
+        store.put(k, b"v")
+        assert store.get(k) == b"v"
+    finally:
+        store.close()
+        server.stop()
+
+
 def test_oversized_put_gets_the_reason_not_a_reset(new_key):
     """The server refuses a too-large value before reading it; the client must still get why.
 

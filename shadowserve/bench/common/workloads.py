@@ -174,7 +174,8 @@ def prefix_repetition(tokenizer: Tokenizer, num_requests: int, prefix_len: int =
 WORKLOADS = ("long-doc-qa", "chat", "prefix-repetition")
 
 
-def _range(text: str) -> tuple[int, int]:
+def int_range(text: str) -> tuple[int, int]:
+    """argparse type for ``N`` or ``LO:HI`` (positive, LO <= HI)."""
     lo, _, hi = text.partition(":")
     try:
         a, b = int(lo), int(hi or lo)
@@ -191,9 +192,9 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-documents", type=int, default=4, help="long-doc-qa: documents")
     p.add_argument("--questions-per-doc", type=int, default=2, help="long-doc-qa: questions per document")
-    p.add_argument("--doc-tokens", type=_range, default=(2048, 16384),
+    p.add_argument("--doc-tokens", type=int_range, default=(2048, 16384),
                    help="long-doc-qa: document length range LO:HI (capped to fit the model's context)")
-    p.add_argument("--output-len", type=_range, default=(16, 256), help="output tokens, N or LO:HI")
+    p.add_argument("--output-len", type=int_range, default=(16, 256), help="output tokens, N or LO:HI")
     p.add_argument("--num-conversations", type=int, default=4, help="chat: conversations")
     p.add_argument("--rounds", type=int, default=3, help="chat: rounds per conversation")
     p.add_argument("--system-tokens", type=int, default=1024, help="chat: shared system prompt tokens")

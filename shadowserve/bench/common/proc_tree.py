@@ -1,0 +1,84 @@
+"""What a server's process tree holds, read from /proc: children, shared-memory segments, descriptors.
+
+The soak benchmark compares these before and after a run to find leaks; it reads /proc directly
+(Linux only) so no extra dependency is needed and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (which may hold spaces), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` that are alive now."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None and int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children(p))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def dataplane_pid(server_pid: int) -> int | None:
+    """The server's data-plane process: its spawned multiprocessing child that is not the resource tracker."""
+    for pid in children(server_pid):
+        line = cmdline(pid)
+        if "multiprocessing" in line and "resource_tracker" not in line:
+            return pid
+    return None
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of one process."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def shm_segments(pid: int) -> set[str]:
+    """/dev/shm entries that ``pid`` or its descendants map or hold open."""
+    names: set[str] = set()
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/maps") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].startswith("/dev/shm/"):
+                        names.add(parts[5].strip().removesuffix(" (deleted)"))
+            fd_dir = f"/proc/{p}/fd"
+            for fd in os.listdir(fd_dir):
+                try:
+                    target = os.readlink(f"{fd_dir}/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("/dev/shm/"):
+                    names.add(target.removesuffix(" (deleted)"))
+        except OSError:
+            continue  # the process ended while we looked
+    return names
