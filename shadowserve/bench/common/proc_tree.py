@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from shadowserve.dataplane.process import CHILD_MODULE
+
 
 def _stat_fields(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (which may hold spaces), or None if gone."""
@@ -48,10 +50,9 @@ def cmdline(pid: int) -> str:
 
 
 def dataplane_pid(server_pid: int) -> int | None:
-    """The server's data-plane process: its spawned multiprocessing child that is not the resource tracker."""
+    """The server's data-plane process: its child running the data plane's own module."""
     for pid in children(server_pid):
-        line = cmdline(pid)
-        if "multiprocessing" in line and "resource_tracker" not in line:
+        if CHILD_MODULE in cmdline(pid):
             return pid
     return None
 

@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     flags = ["--model", args.model, "--store", store.url, "--kv-quality", "lossless",
              "--kv-cache-memory", args.kv_cache_memory, "--set", f"dataplane.chunk_size={args.chunk_size}",
              # Local prefix caching off: a repeated prompt must take the fetch path, not reuse local blocks.
-             "--set", "engine.enable_prefix_caching=false", "--set", "server.log_level=warning"]
+             "--set", "engine.enable_prefix_caching=false", "--set", "server.log_level=warning",
+             # Every hit fetched: the faults target the fetch path, which the cost policy may skip on a fast model.
+             "--set", "dataplane.fetch_policy=always"]
     for item in args.overrides:
         flags += ["--set", item]
     try:
