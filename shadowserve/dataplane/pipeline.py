@@ -209,8 +209,6 @@ class Pipeline:
             self._settle(c, False, "fetch: chunk not in the store", "missing")
             return None
         c.nbytes = n
-        if self.tier is not None:
-            self.tier.admit_fetched(c.key, slot[:n])
         return "decompress"
 
     def _decompress(self, c: _Chunk) -> str:
@@ -227,6 +225,8 @@ class Pipeline:
             c.staging = c.recv = -1
             c.from_tier, c.skip_tier, c.nbytes = False, True, 0
             return "fetch"
+        if self.tier is not None and not c.from_tier:  # verified just now: only good chunks enter the tier
+            self.tier.admit_fetched(c.key, self.receive.slot(c.recv)[: c.nbytes])
         self.receive.release(c.recv)
         c.recv = -1
         return "dequantize"
