@@ -175,11 +175,14 @@ class KVCacheManager:
         return hit * self.chunk_size
 
     def _longest_prefix(self, keys: list[bytes]) -> int:
+        run = self.tier.run(keys)
+        if run == len(keys):
+            return run  # all in the local tier: the store was not asked, so it says nothing of the store
         try:
             hit = self.tier.longest_prefix(self.store, keys)
         except ShadowServeError as exc:
             self._store_failed(exc)
-            return 0  # the store is unreachable: compute instead of waiting on it
+            return run  # the store is unreachable: the tier's chunks still serve, the rest is computed
         self.store_health.answered()
         return hit
 
@@ -250,7 +253,7 @@ class KVCacheManager:
         self.policy.observe(c)
         for kind, n in c.error_kinds.items():
             self.store_health.failed(kind, n, c.error)
-        if c.ok_chunks or c.nbytes:
+        if c.store_bytes or (c.kind == "save" and c.ok_chunks):  # the store itself served or took chunks
             self.store_health.answered()
         if c.kind == "save":
             blocks = self._saves.pop(c.job_id, None)

@@ -31,12 +31,17 @@ class TierDirectory:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def run(self, keys: list[bytes]) -> int:
+        """How many leading ``keys`` the tier holds."""
+        n = 0
+        while n < len(keys) and keys[n] in self._keys:
+            n += 1
+        return n
+
     def longest_prefix(self, store, keys: list[bytes]) -> int:
         """Leading chunks held by the tier or the store; the store is asked only past the tier's run."""
         held = self._keys
-        run = 0
-        while run < len(keys) and keys[run] in held:
-            run += 1
+        run = self.run(keys)
         if run == len(keys):
             return run
         if not held:
