@@ -109,3 +109,46 @@ def test_killed_dataplane_loses_the_tier_and_nothing_else(tiny, reference, tmp_p
     assert [r.output_token_ids for r in last] == reference(ps[2:])
     assert last[0].num_fetched_tokens == 200 // CHUNK * CHUNK  # the store still had everything
     eng.close()
+
+
+def test_a_corrupt_store_chunk_never_enters_the_tier(tiny, reference, tmp_path):
+    """Store-fetched chunks are admitted only once decompress has verified them."""
+    url = f"file://{tmp_path}/store"
+    ps = prompts(1, seed=15)
+    warm_store(tiny, url, ps)
+    for f in (p for p in (tmp_path / "store").rglob("*") if p.is_file()):  # flip a byte of every stored chunk
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    eng = tier_engine(tiny, url, "thread", save=False)  # no save: nothing good overwrites what was admitted
+    reqs = run(eng, ps)
+    assert [r.output_token_ids for r in reqs] == reference(ps) and reqs[0].num_fetched_tokens == 0
+    tier = eng.kv_manager.backend.pipeline.tier
+    assert tier.stats()["chunks"] == 0 and len(eng.kv_manager.tier) == 0
+    eng.close()
+
+
+def test_a_lookup_the_tier_answers_alone_says_nothing_of_the_store(tiny, reference):
+    """With the store gone, a prefix the tier holds is still fetched, and the store stays reported down."""
+    from shadowserve.store.launch import start_store_server
+
+    server = start_store_server()
+    try:
+        ps = prompts(2, seed=16)
+        eng = tier_engine(tiny, server.url, "thread", store_probe_interval=0.5)
+        run(eng, ps[:1])  # computed and saved: into the store and the tier
+        eng.flush()
+        server.stop()
+        health = eng.kv_manager.store_health
+        deadline = time.monotonic() + 20
+        while health.up is not False:  # the probes notice the store is gone
+            assert time.monotonic() < deadline, "the store was never reported down"
+            eng.check_liveness()
+            time.sleep(0.05)
+        again = run(eng, ps[1:])
+        assert [r.output_token_ids for r in again] == reference(ps[1:])
+        assert again[0].num_fetched_tokens == 200 // CHUNK * CHUNK  # every chunk from the tier
+        assert health.up is False  # the tier answering is not the store answering
+        eng.close()
+    finally:
+        server.stop()
