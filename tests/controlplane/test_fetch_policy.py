@@ -68,18 +68,21 @@ def test_fixed_policies_ignore_estimates(policy, chunks):
 
 @pytest.mark.parametrize("bandwidth,decision", [("?bandwidth=1mbit", "recompute"), ("", "fetch")])
 def test_decision_flips_with_the_link(tiny, reference, tmp_path, bandwidth, decision):
-    """Warm-up: one miss (prefill timing) and one optimistic fetch (link timing); then the link decides."""
+    """Warm-up: one miss (prefill timing) and one optimistic fetch (link timing); then the link decides.
+
+    A 900-token prefix (28 chunks): on tiny-random a 200-token one is a near tie on an unshaped link
+    (fetch ~4 ms against compute ~6 ms, a fetch's fixed cost dominating), which timing noise flipped."""
     url = f"file://{tmp_path}/store"
-    ps = prompts(3, seed=31)
+    ps = prompts(3, seed=31, shared_prefix=900)
     warm_store(tiny, url, ps[:1])
     cfg = DataPlaneConfig(fetch_mode="thread", chunk_size=CHUNK, save=False)
     eng = create_engine(EngineConfig(model="tiny-random", kv_cache_memory="16MiB", enable_prefix_caching=False),
                         loaded=tiny, dataplane=cfg, store_url=url + bandwidth, codec=LOSSLESS)
-    warm = run(eng, prompts(1, seed=32) + ps[1:2])
-    assert warm[1].kv_decision["reason"] == "optimistic" and warm[1].num_fetched_tokens == 200 // CHUNK * CHUNK
+    warm = run(eng, prompts(1, seed=32, shared_prefix=900) + ps[1:2])
+    assert warm[1].kv_decision["reason"] == "optimistic" and warm[1].num_fetched_tokens == 900 // CHUNK * CHUNK
     req = run(eng, ps[2:])[0]
     assert req.kv_decision["decision"] == decision and req.kv_decision["reason"] == "measured"
-    assert req.num_fetched_tokens == (0 if decision == "recompute" else 200 // CHUNK * CHUNK)
+    assert req.num_fetched_tokens == (0 if decision == "recompute" else 900 // CHUNK * CHUNK)
     assert [r.output_token_ids for r in warm[1:] + [req]] == reference(ps[1:])
     counts = eng.kv_manager.policy.counts
     assert counts[(decision, "measured")] == 1 and counts[("fetch", "optimistic")] == 1
