@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from shadowserve.dataplane.process import CHILD_MODULE
+from shadowserve.bench.common.proc_tree import dataplane_pid
 from shadowserve.server.launch import start_api_server
 from shadowserve.store.launch import start_store_server
 from tests.server.conftest import scrape
@@ -73,25 +73,12 @@ def test_second_request_fetches_its_prefix_and_answers_the_same(fetching_server)
     assert "shadowserve_dataplane_stage_busy_ratio{stage=\"fetch\"}" in after
 
 
-def _dataplane_pid(server_pid: int) -> int:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == server_pid:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if CHILD_MODULE.encode() in f.read():  # not the resource tracker
-                        return int(entry)
-    raise AssertionError("no data-plane child process found")
-
-
 def test_dead_data_plane_is_reported_and_replaced(fetching_server):
     url = fetching_server.url
     before = scrape(url)["shadowserve_dataplane_restarts_total"]
-    os.kill(_dataplane_pid(fetching_server.pid), signal.SIGKILL)
+    pid = dataplane_pid(fetching_server.pid)
+    assert pid is not None, "no data-plane child process found"
+    os.kill(pid, signal.SIGKILL)
     # Idle, the server notices within a heartbeat timeout: /health says 503, then it restarts the plane.
     _wait(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=10, what="/health to report the dead plane")
     _wait(lambda: scrape(url)["shadowserve_dataplane_restarts_total"] > before, timeout=15, what="a restart")
