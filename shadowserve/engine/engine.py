@@ -152,8 +152,9 @@ class LLMEngine:
             if self.scheduler.fetching or self.scheduler.waiting:
                 time.sleep(0.0005)  # only waiting on lookups or fetches: do not spin the engine core
             return []
-        prompt_lens = [len(c.request.prompt_token_ids) - c.request.num_computed_tokens for c in chunks]
-        prefill = sum(min(c.num_tokens, n) for c, n in zip(chunks, prompt_lens) if n > 0)
+        timed = not isinstance(self.remote_kv, NoRemoteKV)  # recompute: nobody weighs prefill against fetches
+        prefill = sum(min(c.num_tokens, n) for c in chunks
+                      if (n := len(c.request.prompt_token_ids) - c.request.num_computed_tokens) > 0) if timed else 0
         t0 = time.perf_counter()
         sampled = self.runner.run(chunks)
         if prefill:  # the prefill rate the control plane weighs fetches against
