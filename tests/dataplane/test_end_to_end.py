@@ -30,6 +30,9 @@ def prompts(n: int, seed: int, shared_prefix: int = 200, suffix: int = 9) -> lis
 
 
 def engine(tiny, store_url: str | None, mode: str, codec: CodecConfig = LOSSLESS, **plane) -> LLMEngine:
+    # These tests are about the fetch path, not the cost policy: on tiny-random computing a prefix is
+    # about as cheap as fetching it, so "auto" could skip the fetches they check.
+    plane.setdefault("fetch_policy", "always")
     cfg = DataPlaneConfig(fetch_mode=mode, chunk_size=CHUNK, heartbeat_interval=0.2, heartbeat_timeout=3.0, **plane)
     return create_engine(EngineConfig(model="tiny-random", kv_cache_memory="16MiB"), loaded=tiny,
                          dataplane=cfg, store_url=store_url, codec=codec)

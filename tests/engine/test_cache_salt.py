@@ -48,7 +48,8 @@ def test_local_prefix_cache_is_shared_only_within_a_salt(tiny):
 def test_store_is_shared_only_within_a_salt(tiny, tmp_path):
     url = f"file://{tmp_path}/chunks"
     common = dict(progress=False, store=url, fetch_mode="sync", kv_quality="lossless", chunk_size=32,
-                  enable_prefix_caching=False)  # every hit below comes from the store
+                  enable_prefix_caching=False,  # every hit below comes from the store
+                  fetch_policy="always")  # and is fetched: on tiny-random computing is about as cheap
     with LLM("tiny-random", **common) as writer:
         want = writer.generate([PROMPT], params("alice"))[0].token_ids
         writer.flush()

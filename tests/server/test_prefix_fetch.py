@@ -32,6 +32,7 @@ def fetching_server(store):
         "--model", "tiny-random", "--store", store.url, "--fetch-mode", "offload", "--quant", "none",
         "--lossless", "zstd", "--set", f"dataplane.chunk_size={CHUNK}", "--set", "engine.enable_prefix_caching=false",
         "--set", "dataplane.heartbeat_timeout=2",
+        "--set", "dataplane.fetch_policy=always",  # every store hit fetched: on tiny-random computing is as cheap
     )
     yield s
     s.stop()
