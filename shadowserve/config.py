@@ -203,6 +203,18 @@ def check_lossless_level(stage: str, level: int) -> None:
         raise ConfigError(f"{stage} level must be in [{lo}, {hi}] (or 0 for the default), got {level}")
 
 
+# The block sizes a blocked lossless payload may use (kvcache/blocks.py): multiples of 4 KiB up to the
+# 64 KiB that nvCOMP's batched Deflate decoder takes per block. 0 in a config: one stream per chunk.
+LOSSLESS_BLOCK_STEP = 4096
+LOSSLESS_BLOCK_MAX = 64 * 1024
+
+
+def is_lossless_block(nbytes: object) -> bool:
+    """True if ``nbytes`` is a block size a blocked payload may use."""
+    return (isinstance(nbytes, int) and not isinstance(nbytes, bool)
+            and LOSSLESS_BLOCK_STEP <= nbytes <= LOSSLESS_BLOCK_MAX and nbytes % LOSSLESS_BLOCK_STEP == 0)
+
+
 # A fitted schedule's name (kvcache/schedules.py), as opposed to a list of numbers.
 _SCHEDULE_NAME = re.compile(r"^[a-z][a-z0-9._-]*$")
 
@@ -233,6 +245,10 @@ class CodecConfig:
     whose lossless stage saves less than this share of its bytes is stored without it (as ``none``),
     so fetching it costs no decompression for next to no transfer (like ZFS's 12.5% rule; 0 keeps
     the stage always). Decoders read either, so it is a transport choice, not part of the chunk keys.
+    ``lossless_block``: compress the staging bytes as independent blocks of this many bytes (a
+    multiple of 4 KiB, at most 64 KiB; a version-3 chunk), which GPU batched decompressors decode
+    in parallel; 0 writes one stream per chunk (version 2). A transport choice too: decoders read
+    both, and the decoded KV and chunk keys are the same (docs/codec.md, "Blocked lossless payloads").
     """
 
     quant: str = "rms"
@@ -245,6 +261,7 @@ class CodecConfig:
     pack_nibbles: bool = True
     min_saving: float = 0.125
     key_offsets: bool = False
+    lossless_block: int = 0
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_MODES:
@@ -265,6 +282,9 @@ class CodecConfig:
         if isinstance(self.min_saving, bool) or not isinstance(self.min_saving, (int, float)) \
                 or not 0 <= self.min_saving < 1:
             raise ConfigError(f"min_saving must be a number in [0, 1), got {self.min_saving!r}")
+        if self.lossless_block != 0 and not is_lossless_block(self.lossless_block):
+            raise ConfigError(f"lossless_block must be 0 (one stream) or a multiple of {LOSSLESS_BLOCK_STEP} "
+                              f"up to {LOSSLESS_BLOCK_MAX} bytes, got {self.lossless_block!r}")
         steps = self.layer_steps.strip()
         if steps and not _SCHEDULE_NAME.match(steps):
             # A list of multipliers; a schedule's name is resolved (and checked) by kvcache.schedules.

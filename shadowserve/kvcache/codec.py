@@ -24,6 +24,7 @@ import torch
 
 from shadowserve.config import CodecConfig
 from shadowserve.errors import ChunkFormatError
+from shadowserve.kvcache import blocks
 from shadowserve.kvcache import format as fmt
 from shadowserve.kvcache import quant as q
 from shadowserve.kvcache.lossless import as_u8, make_stage
@@ -36,9 +37,10 @@ _ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 def kv_format_id_of(config: CodecConfig) -> str:
     """A stable name for what a chunk decodes to: container version, quantizer and its parameters.
 
-    It seeds the chunk keys. The lossless stage and its level are left out: they change the bytes on
-    the wire, never the decoded KV, so chunks saved with zstd, deflate, lz4 or none are the same cache
-    entry, and any decoder of this format reads them all.
+    It seeds the chunk keys. The lossless stage, its level and its blocking are left out (and so is
+    the container version, which only says whether the payload is blocked): they change the bytes on
+    the wire, never the decoded KV, so chunks saved with zstd, deflate, lz4 or none, blocked or not,
+    are the same cache entry, and any decoder of this format reads them all.
     """
     if config.quant == "rms":
         qpart = f"rms:k{config.key_step:g}:v{config.value_step:g}"
@@ -49,7 +51,7 @@ def kv_format_id_of(config: CodecConfig) -> str:
         qpart = f"{config.quant}:b{config.bins}"
     else:
         qpart = config.quant
-    return f"sskv{fmt.FORMAT_VERSION}/{qpart}"
+    return f"sskv{fmt.KV_FORMAT_VERSION}/{qpart}"
 
 
 def codec_id_of(config: CodecConfig, lossless: str | None = None) -> str:
@@ -113,8 +115,10 @@ class KVCodec:
     def max_encoded_nbytes(self, shape: tuple[int, ...]) -> int:
         """A safe upper bound on the size of an encoded chunk of ``shape`` (for receive buffers)."""
         raw = self.max_staging_nbytes(shape)
-        # Every stage's worst case on incompressible input is within 1/128 + 1 KiB of the input size.
-        return fmt.header_nbytes(self.codec_id, self.model_fingerprint) + raw + raw // 128 + 1024
+        # Every stage's worst case on incompressible input is within 1/128 + 1 KiB of the input size;
+        # a blocked payload (from any saver's block size) adds its table and per-block framing.
+        return (fmt.header_nbytes(self.codec_id, self.model_fingerprint) + raw + raw // 128 + 1024
+                + blocks.max_overhead_nbytes(raw))
 
     # ---- encode ------------------------------------------------------------------------------
 
@@ -142,12 +146,19 @@ class KVCodec:
             packed = q.pack_staging(layout, staging, self.config.key_offsets) if self.config.pack_nibbles else None
             if packed is not None:
                 staging = packed
-        payload, codec_id = self.lossless.compress(staging), self.codec_id
+        staging = as_u8(staging)
+        blocked = bool(self.config.lossless_block) and self.config.lossless != "none"
+        if blocked:
+            payload = blocks.compress(self.lossless, staging, self.config.lossless_block)
+        else:
+            payload = self.lossless.compress(staging)
+        codec_id = self.codec_id
         skip_below = self.config.min_saving  # 0: keep the stage whatever it saves
         if skip_below and self.config.lossless != "none" and len(payload) > staging.nbytes * (1 - skip_below):
             # The stage would cost every fetch a decompress for too few bytes saved: store it raw.
             payload, codec_id = self._stage("none").compress(staging), codec_id_of(self.config, "none")
-        return fmt.pack(shape, kv.dtype, codec_id, self.model_fingerprint, staging.nbytes, payload)
+            blocked = False
+        return fmt.pack(shape, kv.dtype, codec_id, self.model_fingerprint, staging.nbytes, payload, blocked)
 
     # ---- decode ------------------------------------------------------------------------------
 
@@ -176,7 +187,22 @@ class KVCodec:
                 f"{self.staging_nbytes(header.shape, header.dtype)}")
         if dst.nbytes < expected:
             raise ValueError(f"staging buffer holds {dst.nbytes} bytes, this chunk needs {expected}")
-        self._stage(header.lossless).decompress_into(payload, dst[:expected])
+        if header.blocked:
+            blocks.decompress_into(self._stage(header.lossless), payload, dst[:expected])
+        else:
+            self._stage(header.lossless).decompress_into(payload, dst[:expected])
+
+    def lossless_blocks(self, blob: Any) -> list[blocks.Block]:
+        """Verify a chunk and list its independently decodable lossless blocks, offsets from the start
+        of ``blob``: (compressed offset, compressed bytes, staging offset, staging bytes) per block, what
+        a GPU batched decompressor takes as its input and output arrays (the stage is the header's
+        ``lossless``). A version-2 chunk is one block, its whole payload; a ``none`` chunk's one block is
+        the staging bytes themselves."""
+        header, payload = fmt.parse(blob, self.kv_format_id, self.model_fingerprint)
+        h, n = header.header_nbytes, header.staging_nbytes
+        if not header.blocked:
+            return [blocks.Block(h, header.payload_nbytes, 0, n)]
+        return [b._replace(comp_offset=b.comp_offset + h) for b in blocks.table(payload, n)]
 
     def _stage(self, name: str):
         stage = self._stages.get(name)

@@ -17,7 +17,14 @@ Layout (all integers little-endian)::
     payload_sum  u64  xxh3_64 of the payload
     codec_len    u16, codec id (utf-8)   -- names the quantizer, its parameters and the lossless stage
     fp_len       u16, model fingerprint (utf-8)
+    pad          version 3 only: 0-7 zero bytes, so that header_len is a multiple of 8
     header_sum   u64  xxh3_64 of every header byte before it
+
+Two container versions are written and read. Version 2: the payload is one lossless stream of the
+staging bytes. Version 3: the payload is independent blocks of at most 64 KiB of staging each, behind
+a block table (kvcache/blocks.py), the layout GPU batched decompressors need; its header is padded so
+that the payload, and with it every block, starts 8-byte aligned in the blob. The container version
+does not change the decoded KV, so it is not the version in the KV format id (``KV_FORMAT_VERSION``).
 
 A reader checks, in order: length, magic, version, header checksum, codec id, model fingerprint,
 shape sanity, exact blob length, payload checksum. Any failure is a ``ChunkFormatError`` naming what
@@ -39,7 +46,14 @@ from shadowserve.errors import ChunkFormatError
 from shadowserve.kvcache.lossless import LOSSLESS_STAGES
 
 MAGIC = b"SSKV"
-FORMAT_VERSION = 2  # 2: lossy symbols may be stored two per byte (kvcache/quant.py)
+FORMAT_VERSION = 3  # the newest container: 3 = blocked lossless payload (kvcache/blocks.py)
+UNBLOCKED_VERSION = 2  # one lossless stream per chunk; still written when blocking is off
+READ_VERSIONS = (UNBLOCKED_VERSION, FORMAT_VERSION)
+# The version in the KV format id (``sskv2/...``), which seeds chunk keys: the staging layouts and
+# what they decode to (2: lossy symbols may be stored two per byte, kvcache/quant.py). Blocking the
+# payload changes neither, so chunks of either container version share keys.
+KV_FORMAT_VERSION = 2
+_PAD_TO = 8  # a version-3 header's length is a multiple of this
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 CODE_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
@@ -61,6 +75,12 @@ class ChunkHeader:
     staging_nbytes: int
     payload_nbytes: int
     header_nbytes: int
+    version: int = UNBLOCKED_VERSION
+
+    @property
+    def blocked(self) -> bool:
+        """True when the payload is independent blocks behind a block table (version 3)."""
+        return self.version == FORMAT_VERSION
 
     @property
     def lossless(self) -> str:
@@ -68,14 +88,18 @@ class ChunkHeader:
         return self.codec_id.rpartition("/")[2]
 
 
-def header_nbytes(codec_id: str, model_fingerprint: str) -> int:
-    """Size of the header for this codec id and fingerprint (it does not depend on the chunk)."""
-    return _FIXED.size + 2 + len(codec_id.encode()) + 2 + len(model_fingerprint.encode()) + 8
+def header_nbytes(codec_id: str, model_fingerprint: str, version: int = FORMAT_VERSION) -> int:
+    """Size of the header for this codec id, fingerprint and version (it does not depend on the chunk)."""
+    n = _FIXED.size + 2 + len(codec_id.encode()) + 2 + len(model_fingerprint.encode())
+    if version == FORMAT_VERSION:
+        n = -(-n // _PAD_TO) * _PAD_TO
+    return n + 8
 
 
 def pack(shape: tuple[int, ...], dtype: torch.dtype, codec_id: str, model_fingerprint: str,
-         staging_nbytes: int, payload: Any) -> bytes:
-    """Build a complete chunk: header followed by ``payload`` (the lossless stage's output)."""
+         staging_nbytes: int, payload: Any, blocked: bool = False) -> bytes:
+    """Build a complete chunk: header followed by ``payload`` (the lossless stage's output; with
+    ``blocked``, a blocked payload from kvcache/blocks.py, in a version-3 container)."""
     if dtype not in DTYPE_CODES:
         raise ChunkFormatError(f"cannot store KV of dtype {dtype}")
     if len(shape) != 5 or shape[1] != 2:
@@ -84,11 +108,13 @@ def pack(shape: tuple[int, ...], dtype: torch.dtype, codec_id: str, model_finger
     if len(cid) > MAX_TEXT or len(fp) > MAX_TEXT:
         raise ChunkFormatError("codec id or model fingerprint is too long for the chunk header")
     payload = memoryview(payload).cast("B")
-    hlen = header_nbytes(codec_id, model_fingerprint)
+    version = FORMAT_VERSION if blocked else UNBLOCKED_VERSION
+    hlen = header_nbytes(codec_id, model_fingerprint, version)
     layers, _, tokens, heads, head_dim = shape
-    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, hlen, DTYPE_CODES[dtype], 0, layers, 2, tokens, heads,
+    fixed = _FIXED.pack(MAGIC, version, hlen, DTYPE_CODES[dtype], 0, layers, 2, tokens, heads,
                         head_dim, staging_nbytes, payload.nbytes, xxhash.xxh3_64_intdigest(payload))
     head = b"".join([fixed, _U16.pack(len(cid)), cid, _U16.pack(len(fp)), fp])
+    head += bytes(hlen - 8 - len(head))  # version 3: zeros up to a multiple of 8
     return b"".join([head, _U64.pack(xxhash.xxh3_64_intdigest(head)), payload])
 
 
@@ -112,8 +138,9 @@ def parse(blob: Any, expect_kv_format: str, expect_fingerprint: str) -> tuple[Ch
      payload_len, payload_sum) = _FIXED.unpack_from(mv, 0)
     if magic != MAGIC:
         raise ChunkFormatError(f"not a ShadowServe KV chunk (magic {bytes(magic)!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise ChunkFormatError(f"unsupported chunk format version {version} (this build reads {FORMAT_VERSION})")
+    if version not in READ_VERSIONS:
+        raise ChunkFormatError(f"unsupported chunk format version {version} "
+                               f"(this build reads {', '.join(map(str, READ_VERSIONS))})")
     if hlen > n or hlen < _FIXED.size + 12:
         raise ChunkFormatError(f"chunk is truncated or corrupt: header claims {hlen} bytes, chunk has {n}")
     (stored_sum,) = _U64.unpack_from(mv, hlen - 8)
@@ -128,13 +155,19 @@ def parse(blob: Any, expect_kv_format: str, expect_fingerprint: str) -> tuple[Ch
     off += 2
     fingerprint = bytes(mv[off: off + flen]).decode("utf-8", "replace")
     off += flen
-    if off + 8 != hlen:
+    pad = hlen - 8 - off
+    if version == FORMAT_VERSION:
+        if not 0 <= pad < _PAD_TO or hlen % _PAD_TO or any(mv[off: off + pad]):
+            raise ChunkFormatError("chunk header lengths are inconsistent")
+    elif pad != 0:
         raise ChunkFormatError("chunk header lengths are inconsistent")
     kv_format, _, lossless = codec_id.rpartition("/")
     if kv_format != expect_kv_format:
         raise ChunkFormatError(f"chunk was encoded with codec {codec_id!r}, this decoder reads {expect_kv_format!r}/*")
     if lossless not in LOSSLESS_STAGES:
         raise ChunkFormatError(f"chunk names an unknown lossless stage {lossless!r} (codec {codec_id!r})")
+    if version == FORMAT_VERSION and lossless == "none":
+        raise ChunkFormatError("a blocked chunk must name a compressing lossless stage, not 'none'")
     if fingerprint != expect_fingerprint:
         raise ChunkFormatError(
             f"chunk belongs to model {fingerprint!r}, expected {expect_fingerprint!r}: refusing foreign KV")
@@ -151,5 +184,5 @@ def parse(blob: Any, expect_kv_format: str, expect_fingerprint: str) -> tuple[Ch
         raise ChunkFormatError("chunk payload checksum mismatch: the payload is corrupt")
     header = ChunkHeader(shape=(layers, 2, tokens, heads, head_dim), dtype=CODE_DTYPES[dcode],
                          codec_id=codec_id, model_fingerprint=fingerprint, staging_nbytes=staging_len,
-                         payload_nbytes=payload_len, header_nbytes=hlen)
+                         payload_nbytes=payload_len, header_nbytes=hlen, version=version)
     return header, payload

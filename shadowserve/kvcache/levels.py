@@ -43,7 +43,7 @@ def codec_for_quality(quality: str = DEFAULT_QUALITY, /, **overrides: Any) -> Co
 
 def quality_of(codec: CodecConfig) -> str | None:
     """The level whose codec ``codec`` is (ignoring transport-only choices), or None for a custom one."""
-    transport = ("lossless", "level", "min_saving", "pack_nibbles", "key_offsets")  # none changes decoded KV
+    transport = ("lossless", "level", "min_saving", "pack_nibbles", "key_offsets", "lossless_block")  # none changes decoded KV
     mine = {k: v for k, v in asdict(codec).items() if k not in transport}
     for name, config in QUALITY_LEVELS.items():
         if mine == {k: v for k, v in asdict(config).items() if k not in transport}:

@@ -95,6 +95,21 @@ class LosslessStage:
             raise ChunkFormatError(f"stored payload is {s.nbytes} bytes, expected {dst.nbytes}")
         np.copyto(dst, s)
 
+    def decompress_blocks_into(self, src: np.ndarray, dst: np.ndarray,
+                               blocks: list[tuple[int, int, int, int]]) -> None:
+        """Decode independent blocks ``(src offset, src bytes, dst offset, dst bytes)`` of ``src`` into
+        their slices of ``dst`` (a blocked payload, kvcache/blocks.py). The caller has checked that every
+        range lies inside its buffer. Native stages call the C decoder once per block on raw addresses,
+        with no per-block slicing; each block must fill its slice exactly."""
+        native = getattr(self, "_native_into", None)
+        if native is None or not self.native:
+            for so, sn, do, dn in blocks:
+                self.decompress_into(src[so: so + sn], dst[do: do + dn])
+            return
+        s, d = _addr(src), _addr(dst)
+        for so, sn, do, dn in blocks:
+            native(s + so, sn, d + do, dn)
+
 
 class _PerThread(threading.local):
     """Per-thread native contexts; freed when the thread ends."""
@@ -151,15 +166,18 @@ class DeflateStage(LosslessStage):
                 raise ChunkFormatError(f"deflate payload inflated to {len(out)} bytes, expected {dst.nbytes}")
             np.copyto(dst, np.frombuffer(out, np.uint8))
             return
+        self._native_into(_addr(s), s.nbytes, _addr(dst), dst.nbytes)
+
+    def _native_into(self, src: int, src_n: int, dst: int, dst_n: int) -> None:
         lib = self._lib
         dec = _TLS.get("libdeflate", lib.libdeflate_alloc_decompressor, lib.libdeflate_free_decompressor)
         # Passing actual_out and checking it rejects short streams (result 0 would mean "exact fit" only
         # when actual_out is NULL).
         actual = ctypes.c_size_t(0)
-        rc = lib.libdeflate_deflate_decompress(dec, _addr(s), s.nbytes, _addr(dst), dst.nbytes, ctypes.byref(actual))
-        if rc != 0 or actual.value != dst.nbytes:
+        rc = lib.libdeflate_deflate_decompress(dec, src, src_n, dst, dst_n, ctypes.byref(actual))
+        if rc != 0 or actual.value != dst_n:
             raise ChunkFormatError(
-                f"deflate payload is corrupt (libdeflate result {rc}, {actual.value} of {dst.nbytes} bytes)")
+                f"deflate payload is corrupt (libdeflate result {rc}, {actual.value} of {dst_n} bytes)")
 
 
 class ZstdStage(LosslessStage):
@@ -198,13 +216,16 @@ class ZstdStage(LosslessStage):
                 raise ChunkFormatError(f"zstd payload decompressed to {len(out)} bytes, expected {dst.nbytes}")
             np.copyto(dst, np.frombuffer(out, np.uint8))
             return
+        self._native_into(_addr(s), s.nbytes, _addr(dst), dst.nbytes)
+
+    def _native_into(self, src: int, src_n: int, dst: int, dst_n: int) -> None:
         lib = self._lib
         ctx = _TLS.get("zstd", lib.ZSTD_createDCtx, lib.ZSTD_freeDCtx)
-        n = lib.ZSTD_decompressDCtx(ctx, _addr(dst), dst.nbytes, _addr(s), s.nbytes)
+        n = lib.ZSTD_decompressDCtx(ctx, dst, dst_n, src, src_n)
         if lib.ZSTD_isError(n):
             raise ChunkFormatError(f"zstd payload is corrupt: {lib.ZSTD_getErrorName(n).decode()}")
-        if n != dst.nbytes:
-            raise ChunkFormatError(f"zstd payload decompressed to {n} bytes, expected {dst.nbytes}")
+        if n != dst_n:
+            raise ChunkFormatError(f"zstd payload decompressed to {n} bytes, expected {dst_n}")
 
 
 class Lz4Stage(LosslessStage):
@@ -234,9 +255,12 @@ class Lz4Stage(LosslessStage):
                 raise ChunkFormatError(f"lz4 payload decompressed to {len(out)} bytes, expected {dst.nbytes}")
             np.copyto(dst, np.frombuffer(out, np.uint8))
             return
-        n = self._lib.LZ4_decompress_safe(_addr(s), _addr(dst), s.nbytes, dst.nbytes)
-        if n != dst.nbytes:
-            raise ChunkFormatError(f"lz4 payload is corrupt (decoder returned {n}, expected {dst.nbytes} bytes)")
+        self._native_into(_addr(s), s.nbytes, _addr(dst), dst.nbytes)
+
+    def _native_into(self, src: int, src_n: int, dst: int, dst_n: int) -> None:
+        n = self._lib.LZ4_decompress_safe(src, dst, src_n, dst_n)
+        if n != dst_n:
+            raise ChunkFormatError(f"lz4 payload is corrupt (decoder returned {n}, expected {dst_n} bytes)")
 
 
 _STAGES: dict[str, type[LosslessStage]] = {
