@@ -179,6 +179,21 @@ class DeflateStage(LosslessStage):
             raise ChunkFormatError(
                 f"deflate payload is corrupt (libdeflate result {rc}, {actual.value} of {dst_n} bytes)")
 
+    def decompress_blocks_into(self, src: np.ndarray, dst: np.ndarray,
+                               blocks: list[tuple[int, int, int, int]]) -> None:
+        if self._lib is None:
+            return super().decompress_blocks_into(src, dst, blocks)
+        lib = self._lib  # one context lookup per chunk, one native call per block
+        dec = _TLS.get("libdeflate", lib.libdeflate_alloc_decompressor, lib.libdeflate_free_decompressor)
+        decompress, s, d = lib.libdeflate_deflate_decompress, _addr(src), _addr(dst)
+        actual = ctypes.c_size_t(0)
+        ref = ctypes.byref(actual)
+        for so, sn, do, dn in blocks:
+            rc = decompress(dec, s + so, sn, d + do, dn, ref)
+            if rc != 0 or actual.value != dn:
+                raise ChunkFormatError(
+                    f"deflate payload is corrupt (libdeflate result {rc}, {actual.value} of {dn} bytes)")
+
 
 class ZstdStage(LosslessStage):
     """Zstandard frames; the fastest decoder of the three for this data on one core."""
@@ -222,10 +237,27 @@ class ZstdStage(LosslessStage):
         lib = self._lib
         ctx = _TLS.get("zstd", lib.ZSTD_createDCtx, lib.ZSTD_freeDCtx)
         n = lib.ZSTD_decompressDCtx(ctx, dst, dst_n, src, src_n)
-        if lib.ZSTD_isError(n):
-            raise ChunkFormatError(f"zstd payload is corrupt: {lib.ZSTD_getErrorName(n).decode()}")
         if n != dst_n:
-            raise ChunkFormatError(f"zstd payload decompressed to {n} bytes, expected {dst_n}")
+            self._fail(n, dst_n)
+
+    def decompress_blocks_into(self, src: np.ndarray, dst: np.ndarray,
+                               blocks: list[tuple[int, int, int, int]]) -> None:
+        if self._lib is None:
+            return super().decompress_blocks_into(src, dst, blocks)
+        # The per-block loop is the blocked format's CPU overhead: one context lookup per chunk, one
+        # native call per block (an error code never equals a block's size, so isError only on failure).
+        lib = self._lib
+        ctx = _TLS.get("zstd", lib.ZSTD_createDCtx, lib.ZSTD_freeDCtx)
+        decompress, s, d = lib.ZSTD_decompressDCtx, _addr(src), _addr(dst)
+        for so, sn, do, dn in blocks:
+            n = decompress(ctx, d + do, dn, s + so, sn)
+            if n != dn:
+                self._fail(n, dn)
+
+    def _fail(self, n: int, expected: int) -> None:
+        if self._lib.ZSTD_isError(n):
+            raise ChunkFormatError(f"zstd payload is corrupt: {self._lib.ZSTD_getErrorName(n).decode()}")
+        raise ChunkFormatError(f"zstd payload decompressed to {n} bytes, expected {expected}")
 
 
 class Lz4Stage(LosslessStage):

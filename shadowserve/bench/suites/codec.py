@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pydoc_data.topics import topics
 from typing import Any
 
@@ -69,12 +70,44 @@ PRESETS: dict[str, CodecConfig] = {
 }
 
 
+# Modifiers a preset name may carry after a "+" (e.g. "balanced+deflate+blocked"), so variants that differ
+# only in transport are timed side by side in one run without a preset for each combination.
+_STAGE_MODIFIERS = ("zstd", "deflate", "lz4", "none")
+
+
+def resolve_preset(name: str) -> CodecConfig:
+    """A preset's config with its "+" modifiers applied: a lossless stage (``zstd``, ``deflate``, ``lz4``,
+    ``none``), ``blocked`` (64 KiB lossless blocks, format version 3), ``blocked<N>k`` (N KiB blocks) or
+    ``oneblock`` (one stream per chunk)."""
+    base, *mods = name.split("+")
+    if base not in PRESETS:
+        raise ConfigError(f"unknown codec preset {base!r}: choose from {', '.join(PRESETS)}")
+    config = PRESETS[base]
+    for mod in mods:
+        if mod in _STAGE_MODIFIERS:
+            config = replace(config, lossless=mod)
+        elif mod == "oneblock":
+            config = replace(config, lossless_block=0)
+        elif mod.startswith("blocked"):
+            kib = mod[len("blocked"):].removesuffix("k") or "64"
+            if not kib.isdigit():
+                raise ConfigError(f"unknown preset modifier {mod!r} in {name!r}")
+            config = replace(config, lossless_block=int(kib) * 1024)
+        else:
+            raise ConfigError(f"unknown preset modifier {mod!r} in {name!r}: use a lossless stage "
+                              f"({', '.join(_STAGE_MODIFIERS)}), blocked, blocked<N>k or oneblock")
+    return config
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m"], help="model whose KV is coded")
     parser.add_argument("--context", type=int, default=2048, help="tokens of context whose KV is coded")
     parser.add_argument("--eval-tokens", type=int, default=256, help="tokens scored teacher-forced after it")
     parser.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk")
-    parser.add_argument("--codecs", default=",".join(PRESETS), help=f"comma-separated presets: {', '.join(PRESETS)}")
+    parser.add_argument("--codecs", default=",".join(PRESETS),
+                        help=f"comma-separated presets: {', '.join(PRESETS)}; each may add +<modifier>s: "
+                             "+zstd/+deflate/+lz4/+none (lossless stage), +blocked (64 KiB blocks), "
+                             "+blocked<N>k, +oneblock")
     parser.add_argument("--repeat", type=int, default=3, help="timing passes over all chunks (best is reported)")
     parser.add_argument("--model-threads", type=int, default=2, help="torch threads for the model forward passes")
     parser.add_argument("--layer-sensitivity", action="store_true",
@@ -122,7 +155,7 @@ class CodecBench:
         torch.set_num_threads(self.model_threads)
         decoded = torch.cat(timing.pop("decoded"), dim=2)
         acc = _metrics(_score(self.model, decoded, self.eval_ids), self.ref, self.targets)
-        return {"name": name, "codec": codec.codec_id, **timing, **acc}
+        return {"name": name, "codec": codec.codec_id, "lossless_block": config.lossless_block, **timing, **acc}
 
 
 def _load(model_name: str):
@@ -239,35 +272,34 @@ def _time_codec(codec, chunks: list[torch.Tensor], repeat: int) -> dict[str, Any
 
 def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.codecs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PRESETS]
-    if unknown:
-        raise ConfigError(f"unknown codec preset(s) {', '.join(unknown)}: choose from {', '.join(PRESETS)}")
+    configs = [resolve_preset(n) for n in names]  # every name checked before the model loads
     bench = CodecBench(args.model, args.context, args.eval_tokens, args.chunk_size, args.model_threads)
     print(bench.describe())
     rows: list[dict[str, Any]] = []
-    for name in names:
-        rows.append(bench.measure(name, PRESETS[name], args.repeat))
+    for name, config in zip(names, configs):
+        rows.append(bench.measure(name, config, args.repeat))
         print(f"  measured {name}", flush=True)
 
     if args.layer_sensitivity:
-        first = PRESETS[names[0]]
+        first = configs[0]
         print(f"layer sensitivity: one layer at {names[0]}'s steps, every other layer at int8")
         per_layer = _layer_sensitivity(bench.model, bench.kv, bench.eval_ids, bench.ref, bench.targets, first)
         for i, m in enumerate(per_layer):
             print(f"  layer {i:2d}: KL {m['kl']:.4f}  argmax {m['argmax_agreement']:.3f}  ppl+% {m['ppl_increase_pct']:6.2f}")
 
-    header = (f"{'preset':18s} {'codec':28s} {'ratio':>6s} {'ppl+%':>7s} {'argmax':>7s} {'KL':>7s} "
+    width = max(18, *(len(n) for n in names))
+    header = (f"{'preset':{width}s} {'codec':28s} {'ratio':>6s} {'ppl+%':>7s} {'argmax':>7s} {'KL':>7s} "
               f"{'enc GB/s':>8s} {'dec GB/s':>8s} {'(inflate':>8s} {'dequant)':>8s}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['name']:18s} {r['codec']:28s} {r['ratio_vs_fp16']:6.2f} {r['ppl_increase_pct']:7.2f} "
+        print(f"{r['name']:{width}s} {r['codec']:28s} {r['ratio_vs_fp16']:6.2f} {r['ppl_increase_pct']:7.2f} "
               f"{r['argmax_agreement']:7.3f} {r['kl']:7.4f} {r['encode_gbps']:8.3f} {r['decode_gbps_per_core']:8.2f} "
               f"{r['decompress_gbps']:8.2f} {r['dequantize_gbps']:8.2f}")
     print("decode GB/s = fp16 bytes produced per second on one thread (inflate + dequantize into reused buffers)")
     if args.json_path:
         keys = ("codec", "name", "ratio_vs_fp16", "ppl_increase_pct", "argmax_agreement", "encode_gbps",
-                "decode_gbps_per_core", "decompress_gbps", "dequantize_gbps", "kl", "encoded_bytes")
+                "decode_gbps_per_core", "decompress_gbps", "dequantize_gbps", "kl", "encoded_bytes", "lossless_block")
         payload = {
             "model": args.model, "context": args.context, "eval_tokens": args.eval_tokens,
             "chunk_size": args.chunk_size,
