@@ -142,14 +142,14 @@ class DeflateStage(LosslessStage):
     """Raw DEFLATE (RFC 1951) through libdeflate: the format SmartNIC decompression engines accept."""
 
     name = "deflate"
-    _lib = _load("deflate", "_deflate*.so", "deflate", "libdeflate_deflate_decompress")
+    _lib = _load("deflate", "_deflate*.so", "deflate", "libdeflate_deflate_decompress_ex")
     if _lib is not None:
         _lib.libdeflate_alloc_decompressor.restype = ctypes.c_void_p
         _lib.libdeflate_free_decompressor.argtypes = [ctypes.c_void_p]
-        _lib.libdeflate_deflate_decompress.restype = ctypes.c_int
-        _lib.libdeflate_deflate_decompress.argtypes = [
+        _lib.libdeflate_deflate_decompress_ex.restype = ctypes.c_int
+        _lib.libdeflate_deflate_decompress_ex.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
-            ctypes.POINTER(ctypes.c_size_t)]
+            ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
     native = _lib is not None
 
     def compress(self, data: Any) -> bytes:
@@ -171,13 +171,13 @@ class DeflateStage(LosslessStage):
     def _native_into(self, src: int, src_n: int, dst: int, dst_n: int) -> None:
         lib = self._lib
         dec = _TLS.get("libdeflate", lib.libdeflate_alloc_decompressor, lib.libdeflate_free_decompressor)
-        # Passing actual_out and checking it rejects short streams (result 0 would mean "exact fit" only
-        # when actual_out is NULL).
-        actual = ctypes.c_size_t(0)
-        rc = lib.libdeflate_deflate_decompress(dec, src, src_n, dst, dst_n, ctypes.byref(actual))
-        if rc != 0 or actual.value != dst_n:
-            raise ChunkFormatError(
-                f"deflate payload is corrupt (libdeflate result {rc}, {actual.value} of {dst_n} bytes)")
+        # Checking actual_out rejects short streams (result 0 would mean "exact fit" only when it is
+        # NULL); checking actual_in rejects bytes after the stream's end, which libdeflate ignores.
+        used, actual = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        rc = lib.libdeflate_deflate_decompress_ex(dec, src, src_n, dst, dst_n, ctypes.byref(used), ctypes.byref(actual))
+        if rc != 0 or actual.value != dst_n or used.value != src_n:
+            raise ChunkFormatError(f"deflate payload is corrupt (libdeflate result {rc}, {actual.value} of "
+                                   f"{dst_n} bytes from {used.value} of {src_n})")
 
     def decompress_blocks_into(self, src: np.ndarray, dst: np.ndarray,
                                blocks: list[tuple[int, int, int, int]]) -> None:
@@ -185,14 +185,14 @@ class DeflateStage(LosslessStage):
             return super().decompress_blocks_into(src, dst, blocks)
         lib = self._lib  # one context lookup per chunk, one native call per block
         dec = _TLS.get("libdeflate", lib.libdeflate_alloc_decompressor, lib.libdeflate_free_decompressor)
-        decompress, s, d = lib.libdeflate_deflate_decompress, _addr(src), _addr(dst)
-        actual = ctypes.c_size_t(0)
-        ref = ctypes.byref(actual)
+        decompress, s, d = lib.libdeflate_deflate_decompress_ex, _addr(src), _addr(dst)
+        used, actual = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        used_ref, actual_ref = ctypes.byref(used), ctypes.byref(actual)
         for so, sn, do, dn in blocks:
-            rc = decompress(dec, s + so, sn, d + do, dn, ref)
-            if rc != 0 or actual.value != dn:
-                raise ChunkFormatError(
-                    f"deflate payload is corrupt (libdeflate result {rc}, {actual.value} of {dn} bytes)")
+            rc = decompress(dec, s + so, sn, d + do, dn, used_ref, actual_ref)
+            if rc != 0 or actual.value != dn or used.value != sn:
+                raise ChunkFormatError(f"deflate block is corrupt (libdeflate result {rc}, {actual.value} of "
+                                       f"{dn} bytes from {used.value} of {sn})")
 
 
 class ZstdStage(LosslessStage):
