@@ -17,9 +17,9 @@ from shadowserve.store.memory import MemoryStore
 LAYERS, HEADS, DIM, BS, CHUNK = 3, 2, 8, 16, 32
 
 
-def setup(num_blocks: int = 40):
+def setup(num_blocks: int = 40, config: CodecConfig | None = None):
     pool = torch.zeros(LAYERS, 2, num_blocks, BS, HEADS, DIM)
-    codec = KVCodec(CodecConfig(quant="none", lossless="lz4"), "fp")
+    codec = KVCodec(config or CodecConfig(quant="none", lossless="lz4"), "fp")
     cfg = DataPlaneConfig(fetch_mode="thread", chunk_size=CHUNK, receive_slots=2, staging_slots=2, kv_slots=1)
     layout = buffer_layout((LAYERS, 2, CHUNK, HEADS, DIM), 4, codec)
     store = MemoryStore()
@@ -52,6 +52,23 @@ def test_fetch_lands_in_contiguous_and_scattered_blocks():
     assert pool[:, :, untouched].abs().sum() == 0
     stats = pipe.stats()
     assert all(v == 0 for v in stats["buffer_in_use"].values())
+    pipe.close()
+
+
+def test_blocked_chunks_save_and_fetch_like_any_other():
+    """Chunks with 4 KiB lossless blocks (container version 3) and one-stream ones (version 2) mix."""
+    blocked = CodecConfig(quant="none", lossless="zstd", lossless_block=4096, min_saving=0)
+    pool, codec, store, pipe = setup(config=blocked)
+    pool.normal_()
+    assert wait(pipe, SaveCommand(1, "r", (b"s0",), ((7, 3),))).ok
+    assert codec.read_header(store.get(b"s0")).blocked
+    plain = KVCodec(CodecConfig(quant="none", lossless="zstd", min_saving=0), "fp")
+    kv = torch.randn(LAYERS, 2, CHUNK, HEADS, DIM)
+    store.put(b"p0", plain.encode(kv))
+    expect = blocks_of(pool, [7, 3]).clone()
+    done = wait(pipe, FetchCommand(2, "r", (b"s0", b"p0"), ((20, 21), (30, 31))))
+    assert done.ok and done.ok_chunks == 2
+    assert torch.equal(blocks_of(pool, [20, 21]), expect) and torch.equal(blocks_of(pool, [30, 31]), kv)
     pipe.close()
 
 
