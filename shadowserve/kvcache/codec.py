@@ -35,7 +35,7 @@ _ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 def kv_format_id_of(config: CodecConfig) -> str:
-    """A stable name for what a chunk decodes to: container version, quantizer and its parameters.
+    """A stable name for what a chunk decodes to: staging layout version, quantizer and its parameters.
 
     It seeds the chunk keys. The lossless stage, its level and its blocking are left out (and so is
     the container version, which only says whether the payload is blocked): they change the bytes on
