@@ -36,7 +36,8 @@ def test_soak_answers_everything_correctly_and_leaks_nothing(tmp_path):
     damaged = [e["detail"] for e in report["fault_events"] if e["fault"] == "store-corrupt" and e["action"] == "begin"]
     assert all(d.startswith("damaged ") and int(d.split()[1]) > 0 for d in damaged), damaged
     for name, r in report["resources"].items():
-        assert r["end"] == r["start"], (name, r)
+        # Nothing grows: a leak adds; a descriptor the server opened at start-up may have closed since.
+        assert r["end"] <= r["start"] if name == "open_fds" else r["end"] == r["start"], (name, r)
     counters = report["server_counters"]
     assert counters["dataplane_restarts_total"] >= 2  # the kills were noticed and recovered from
     assert counters["fetch_failures_total"] > 0  # damaged chunks were refused, not served
