@@ -35,6 +35,18 @@ SCHEDULES: dict[str, str] = {
         "2.25,1.25,1,1.12,1,1,1.12,1.25,1.25,1.4,0.9,1.25,1.4,1.25,0.9,0.8,0.8,0.71,1.12,1.12,"
         "0.56,1.4,1.12,3.2,0.71,0.63,0.71,0.71,0.56,0.5,0.5,0.45,0.63,0.8,0.56,0.5,0.56,0.4,0.63,0.56,"
         "0.45,0.45,0.5,0.63,0.56,0.9,0.4,0.45,0.35,0.5,1.12,1,0.56,1,0.71,1.12,1,0.9,0.8,1.12"),
+    # Session 12, fitted to the answers of bench quality's tasks as well as to long text (docs/codec.md,
+    # "Steps fitted to answers"): each plane's cost is 0.7 x its share of the answer-position KL plus
+    # 0.3 x its share of the long-text KL, at lambda 5e-3 ("qa-balanced") and 3e-3 ("qa-5x"), then the
+    # keys of layers 17, 18, 20, 23 and the values of 17 and 18 (where retrieval happens) pinned finer.
+    "smollm2-135m-qa-balanced": (
+        "2.8,1.8,1.12,1.4,1.12,1.25,1.25,1.6,1.6,1.8,1,1.4,1.12,1.25,0.63,0.71,0.63,0.71,1.25,1.4,"
+        "0.71,1.6,1,1.8,0.8,0.71,0.8,0.9,0.63,0.56,0.5,0.5,0.8,1,0.125,0.3,0.08,0.25,0.63,0.56,"
+        "0.125,0.45,0.56,0.71,0.63,1.12,0.08,0.45,0.4,0.56,1.6,1.25,0.71,1.25,0.9,1.4,1,1.12,1,1.4"),
+    "smollm2-135m-qa-5x": (
+        "2.25,1.4,0.9,1.12,0.9,1,1,1.25,1.25,1.4,0.8,1.12,0.9,1,0.56,0.56,0.56,0.56,1,1.12,"
+        "0.63,1.25,0.8,1.4,0.63,0.63,0.63,0.71,0.56,0.45,0.45,0.45,0.63,0.8,0.125,0.3,0.08,0.25,0.5,0.5,"
+        "0.125,0.4,0.5,0.56,0.56,0.8,0.08,0.4,0.35,0.45,1.25,1,0.56,1,0.71,1.12,0.8,0.9,0.8,1.12"),
     # lambda 5e-4.
     "smollm2-135m-7x": (
         "3.6,2,1.6,1.8,1.6,1.6,1.8,2,2,2.5,1.4,2,2,2,1.25,1.4,1.12,1.12,1.8,1.8,"
@@ -91,4 +103,29 @@ def fit(kl: list, bits: list, grid: list[float], lam: float) -> tuple[float, ...
         for plane_kl, plane_bits in zip(layer_kl, layer_bits):
             costs = [plane_kl * m * m + lam * b for m, b in zip(grid, plane_bits)]
             out.append(grid[costs.index(min(costs))])
+    return tuple(out)
+
+
+def blend(answer_kl: list, text_kl: list, answer_weight: float) -> list:
+    """Per-plane costs mixing two sensitivities, each as its share of its own total.
+
+    ``answer_kl[layer][kv]``: KL at the answer tokens of gold-answer questions with only that plane
+    quantized; ``text_kl``: the same on long text. Answers weigh retrieval (a few key planes carry
+    most of it); text keeps perplexity in check everywhere else.
+    """
+    total_a = sum(map(sum, answer_kl))
+    total_t = sum(map(sum, text_kl))
+    return [[answer_weight * a / total_a + (1 - answer_weight) * t / total_t for a, t in zip(la, lt)]
+            for la, lt in zip(answer_kl, text_kl)]
+
+
+def pin(mults: tuple[float, ...], pins: dict[tuple[int, int], float]) -> tuple[float, ...]:
+    """``mults`` with the planes in ``pins`` ((layer, kv) -> multiplier) made at least that fine.
+
+    For planes whose fine steps the nibble-entropy grid cannot price (their symbols escape the nibble
+    range), chosen by measuring whole chunks instead (docs/codec.md, "Steps fitted to answers").
+    """
+    out = list(mults)
+    for (layer, kv), m in pins.items():
+        out[2 * layer + kv] = min(out[2 * layer + kv], m)
     return tuple(out)

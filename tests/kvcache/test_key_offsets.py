@@ -161,7 +161,8 @@ def test_steps_per_layer_and_plane():
         codec.encode(kv)
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-high", "smollm2-135m-balanced", "smollm2-135m-compact"])
+@pytest.mark.parametrize("name", ["smollm2-135m-high", "smollm2-135m-balanced", "smollm2-135m-qa-balanced",
+                                  "smollm2-135m-compact"])
 def test_named_schedules_fit_their_model_and_adapt_to_others(name):
     from shadowserve.kvcache.schedules import SCHEDULES, mean_pair, multipliers, step_multipliers
 
@@ -190,16 +191,24 @@ def test_named_schedules_are_the_fit_of_their_recorded_measurements():
     import json
     from pathlib import Path
 
-    from shadowserve.kvcache.schedules import SCHEDULES, fit, multipliers
+    from shadowserve.kvcache.schedules import SCHEDULES, blend, fit, multipliers, pin
 
-    data = json.loads((Path(__file__).parents[2] / "docs" / "codec-plane-fit.json").read_text())
+    docs = Path(__file__).parents[2] / "docs"
+    data = json.loads((docs / "codec-plane-fit.json").read_text())
+    answers = json.loads((docs / "codec-task-fit.json").read_text())
     texts = ("calib", "calib2")
     kl = np.mean([data["kl_at_default_step"][t] for t in texts], 0).tolist()
-    assert set(data["lambdas"]) == set(SCHEDULES)
+    assert set(data["lambdas"]) | set(answers["lambdas"]) == set(SCHEDULES)
     for name, (lam, which) in data["lambdas"].items():
         bits = np.mean([data[which][t] for t in texts], 0).tolist()
         grid = data["grid_byte" if which == "bits_byte" else "grid_nibble"]
         assert fit(kl, bits, grid, lam) == multipliers(name)
+    # Fitted to answers as well as text, then the retrieval planes pinned (docs/codec-task-fit.json).
+    bits = np.mean([data["bits_nibble"][t] for t in texts], 0).tolist()
+    costs = blend(answers["answer_kl"], kl, answers["answer_weight"])
+    pins = {(layer, kv): m for layer, kv, m in answers["pins"]}
+    for name, lam in answers["lambdas"].items():
+        assert pin(fit(costs, bits, data["grid_nibble"], lam), pins) == multipliers(name)
 
 
 def test_a_named_schedule_is_unused_by_other_quantizers():
