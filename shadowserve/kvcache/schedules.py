@@ -24,6 +24,12 @@ SCHEDULES: dict[str, str] = {
         "1,0.5,0.45,0.45,0.4,0.4,0.45,0.56,0.56,0.63,0.4,0.5,0.56,0.5,0.32,0.36,0.28,0.28,0.5,0.45,"
         "0.225,0.56,0.5,1,0.28,0.25,0.25,0.28,0.18,0.18,0.18,0.16,0.25,0.32,0.16,0.18,0.16,0.125,0.25,0.2,"
         "0.125,0.14,0.18,0.25,0.18,0.36,0.06,0.18,0.06,0.18,0.5,0.4,0.2,0.4,0.28,0.45,0.4,0.36,0.36,0.5"),
+    # Session 12: "high" with the retrieval planes pinned finer (docs/codec-task-fit.json, "derived"). Scored
+    # worse than "high" on bench quality (docs/results.md, session 12); kept so that result can be rerun.
+    "smollm2-135m-high-pinned": (
+        "1,0.5,0.45,0.45,0.4,0.4,0.45,0.56,0.56,0.63,0.4,0.5,0.56,0.5,0.1,0.36,0.1,0.28,0.5,0.45,"
+        "0.225,0.56,0.5,1,0.28,0.25,0.25,0.28,0.18,0.18,0.18,0.16,0.25,0.32,0.06,0.08,0.05,0.06,0.25,0.2,"
+        "0.05,0.14,0.18,0.25,0.18,0.36,0.05,0.08,0.06,0.18,0.5,0.4,0.2,0.4,0.28,0.45,0.4,0.36,0.36,0.5"),
     # lambda 4e-5 (nibble entropy with key offsets): tried in session 10 for a balanced level that keeps
     # task accuracy (docs/results.md, "Answer quality").
     "smollm2-135m-4x": (

@@ -64,9 +64,11 @@ PRESETS: dict[str, CodecConfig] = {
     "planes-balanced-finekeys-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-balanced",
                                                     key_step=0.25),
     "planes-7x-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-7x"),
-    # Session 12: steps fitted to task answers too, retrieval planes pinned fine (docs/codec.md).
+    # Session 12: steps fitted to task answers too, retrieval planes pinned fine (docs/codec.md); the last is
+    # "high" pinned finer, which scored worse than "high" (docs/results.md).
     "planes-qa-balanced-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-balanced"),
     "planes-qa-5x-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x"),
+    "planes-high-pinned-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high-pinned"),
     "planes-compact-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
     "fp16-zstd": CodecConfig(quant="none", lossless="zstd", min_saving=0),  # zstd kept where it saves ~8%
     "fp16-raw": CodecConfig(quant="none", lossless="none"),
