@@ -99,16 +99,16 @@ class LosslessStage:
                                blocks: list[tuple[int, int, int, int]]) -> None:
         """Decode independent blocks ``(src offset, src bytes, dst offset, dst bytes)`` of ``src`` into
         their slices of ``dst`` (a blocked payload, kvcache/blocks.py). The caller has checked that every
-        range lies inside its buffer. Native stages call the C decoder once per block on raw addresses,
-        with no per-block slicing; each block must fill its slice exactly."""
-        native = getattr(self, "_native_into", None)
-        if native is None or not self.native:
+        range lies inside its buffer. Native stages look up their decoder context once per chunk and call
+        the C decoder once per block on raw addresses; each block must fill its slice exactly."""
+        make = getattr(self, "_native_decoder", None)
+        if make is None or not self.native:
             for so, sn, do, dn in blocks:
                 self.decompress_into(src[so: so + sn], dst[do: do + dn])
             return
-        s, d = _addr(src), _addr(dst)
+        decode, s, d = make(), _addr(src), _addr(dst)
         for so, sn, do, dn in blocks:
-            native(s + so, sn, d + do, dn)
+            decode(s + so, sn, d + do, dn)
 
 
 class _PerThread(threading.local):
@@ -166,33 +166,24 @@ class DeflateStage(LosslessStage):
                 raise ChunkFormatError(f"deflate payload inflated to {len(out)} bytes, expected {dst.nbytes}")
             np.copyto(dst, np.frombuffer(out, np.uint8))
             return
-        self._native_into(_addr(s), s.nbytes, _addr(dst), dst.nbytes)
+        self._native_decoder()(_addr(s), s.nbytes, _addr(dst), dst.nbytes)
 
-    def _native_into(self, src: int, src_n: int, dst: int, dst_n: int) -> None:
+    def _native_decoder(self) -> Callable[[int, int, int, int], None]:
+        """``decode(src, src_n, dst, dst_n)`` on this thread's decompressor, looked up once."""
         lib = self._lib
         dec = _TLS.get("libdeflate", lib.libdeflate_alloc_decompressor, lib.libdeflate_free_decompressor)
-        # Checking actual_out rejects short streams (result 0 would mean "exact fit" only when it is
-        # NULL); checking actual_in rejects bytes after the stream's end, which libdeflate ignores.
-        used, actual = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        rc = lib.libdeflate_deflate_decompress_ex(dec, src, src_n, dst, dst_n, ctypes.byref(used), ctypes.byref(actual))
-        if rc != 0 or actual.value != dst_n or used.value != src_n:
-            raise ChunkFormatError(f"deflate payload is corrupt (libdeflate result {rc}, {actual.value} of "
-                                   f"{dst_n} bytes from {used.value} of {src_n})")
-
-    def decompress_blocks_into(self, src: np.ndarray, dst: np.ndarray,
-                               blocks: list[tuple[int, int, int, int]]) -> None:
-        if self._lib is None:
-            return super().decompress_blocks_into(src, dst, blocks)
-        lib = self._lib  # one context lookup per chunk, one native call per block
-        dec = _TLS.get("libdeflate", lib.libdeflate_alloc_decompressor, lib.libdeflate_free_decompressor)
-        decompress, s, d = lib.libdeflate_deflate_decompress_ex, _addr(src), _addr(dst)
+        decompress = lib.libdeflate_deflate_decompress_ex
         used, actual = ctypes.c_size_t(0), ctypes.c_size_t(0)
         used_ref, actual_ref = ctypes.byref(used), ctypes.byref(actual)
-        for so, sn, do, dn in blocks:
-            rc = decompress(dec, s + so, sn, d + do, dn, used_ref, actual_ref)
-            if rc != 0 or actual.value != dn or used.value != sn:
-                raise ChunkFormatError(f"deflate block is corrupt (libdeflate result {rc}, {actual.value} of "
-                                       f"{dn} bytes from {used.value} of {sn})")
+
+        def decode(src: int, src_n: int, dst: int, dst_n: int) -> None:
+            # Checking actual_out rejects short streams (result 0 would mean "exact fit" only when it is
+            # NULL); checking actual_in rejects bytes after the stream's end, which libdeflate ignores.
+            rc = decompress(dec, src, src_n, dst, dst_n, used_ref, actual_ref)
+            if rc != 0 or actual.value != dst_n or used.value != src_n:
+                raise ChunkFormatError(f"deflate payload is corrupt (libdeflate result {rc}, {actual.value} of "
+                                       f"{dst_n} bytes from {used.value} of {src_n})")
+        return decode
 
 
 class ZstdStage(LosslessStage):
@@ -231,33 +222,21 @@ class ZstdStage(LosslessStage):
                 raise ChunkFormatError(f"zstd payload decompressed to {len(out)} bytes, expected {dst.nbytes}")
             np.copyto(dst, np.frombuffer(out, np.uint8))
             return
-        self._native_into(_addr(s), s.nbytes, _addr(dst), dst.nbytes)
+        self._native_decoder()(_addr(s), s.nbytes, _addr(dst), dst.nbytes)
 
-    def _native_into(self, src: int, src_n: int, dst: int, dst_n: int) -> None:
+    def _native_decoder(self) -> Callable[[int, int, int, int], None]:
+        """``decode(src, src_n, dst, dst_n)`` on this thread's context, looked up once."""
         lib = self._lib
         ctx = _TLS.get("zstd", lib.ZSTD_createDCtx, lib.ZSTD_freeDCtx)
-        n = lib.ZSTD_decompressDCtx(ctx, dst, dst_n, src, src_n)
-        if n != dst_n:
-            self._fail(n, dst_n)
+        decompress = lib.ZSTD_decompressDCtx
 
-    def decompress_blocks_into(self, src: np.ndarray, dst: np.ndarray,
-                               blocks: list[tuple[int, int, int, int]]) -> None:
-        if self._lib is None:
-            return super().decompress_blocks_into(src, dst, blocks)
-        # The per-block loop is the blocked format's CPU overhead: one context lookup per chunk, one
-        # native call per block (an error code never equals a block's size, so isError only on failure).
-        lib = self._lib
-        ctx = _TLS.get("zstd", lib.ZSTD_createDCtx, lib.ZSTD_freeDCtx)
-        decompress, s, d = lib.ZSTD_decompressDCtx, _addr(src), _addr(dst)
-        for so, sn, do, dn in blocks:
-            n = decompress(ctx, d + do, dn, s + so, sn)
-            if n != dn:
-                self._fail(n, dn)
-
-    def _fail(self, n: int, expected: int) -> None:
-        if self._lib.ZSTD_isError(n):
-            raise ChunkFormatError(f"zstd payload is corrupt: {self._lib.ZSTD_getErrorName(n).decode()}")
-        raise ChunkFormatError(f"zstd payload decompressed to {n} bytes, expected {expected}")
+        def decode(src: int, src_n: int, dst: int, dst_n: int) -> None:
+            n = decompress(ctx, dst, dst_n, src, src_n)
+            if n != dst_n:  # an error code never equals a size, so isError only on failure
+                if lib.ZSTD_isError(n):
+                    raise ChunkFormatError(f"zstd payload is corrupt: {lib.ZSTD_getErrorName(n).decode()}")
+                raise ChunkFormatError(f"zstd payload decompressed to {n} bytes, expected {dst_n}")
+        return decode
 
 
 class Lz4Stage(LosslessStage):
@@ -287,12 +266,17 @@ class Lz4Stage(LosslessStage):
                 raise ChunkFormatError(f"lz4 payload decompressed to {len(out)} bytes, expected {dst.nbytes}")
             np.copyto(dst, np.frombuffer(out, np.uint8))
             return
-        self._native_into(_addr(s), s.nbytes, _addr(dst), dst.nbytes)
+        self._native_decoder()(_addr(s), s.nbytes, _addr(dst), dst.nbytes)
 
-    def _native_into(self, src: int, src_n: int, dst: int, dst_n: int) -> None:
-        n = self._lib.LZ4_decompress_safe(src, dst, src_n, dst_n)
-        if n != dst_n:
-            raise ChunkFormatError(f"lz4 payload is corrupt (decoder returned {n}, expected {dst_n} bytes)")
+    def _native_decoder(self) -> Callable[[int, int, int, int], None]:
+        """``decode(src, src_n, dst, dst_n)`` through LZ4's context-free decoder."""
+        decompress = self._lib.LZ4_decompress_safe
+
+        def decode(src: int, src_n: int, dst: int, dst_n: int) -> None:
+            n = decompress(src, dst, src_n, dst_n)
+            if n != dst_n:
+                raise ChunkFormatError(f"lz4 payload is corrupt (decoder returned {n}, expected {dst_n} bytes)")
+        return decode
 
 
 _STAGES: dict[str, type[LosslessStage]] = {
