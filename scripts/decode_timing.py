@@ -1,0 +1,61 @@
+"""Decode speed of bench codec presets, interleaved, one thread: which codec decodes faster, at ~1% resolution.
+
+``bench codec`` times one codec after another, so on a shared machine its GB/s column moves by ±30% between
+runs. Here every round times each codec once in turn, on bench codec's chunks (SmolLM2 KV of 2048 tokens of
+its text, 8 chunks of 256), and the best round of each is kept: ``KVCodec.decompress_into`` (inflate) and
+``dequantize_into`` into a reused staging buffer and fp16 tensor, as the data plane does. Usage::
+
+    python scripts/decode_timing.py --codecs default,balanced,planes-qa-balanced-smollm2 --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from shadowserve.bench.suites.codec import _load, _prefill, _text, resolve_preset
+from shadowserve.kvcache.codec import KVCodec
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--codecs", default="default,balanced", help="bench codec presets, comma-separated")
+    p.add_argument("--rounds", type=int, default=15)
+    args = p.parse_args()
+    names = args.codecs.split(",")
+    torch.set_num_threads(2)
+    tok, model = _load("smollm2-135m")
+    kv = _prefill(model, tok(_text()[:400_000], return_tensors="pt").input_ids[:, :2048])
+    torch.set_num_threads(1)
+    chunks = [kv[:, :, i:i + 256].half().contiguous() for i in range(0, 2048, 256)]
+    shape = tuple(chunks[0].shape)
+    coded = {}
+    for n in names:
+        codec = KVCodec(resolve_preset(n), "bench:decode-timing")
+        coded[n] = (codec, [codec.encode(c) for c in chunks], bytearray(codec.max_staging_nbytes(shape)))
+    out = torch.empty(shape, dtype=torch.float16)
+    best = {n: (float("inf"), 0.0, 0.0) for n in names}
+    for _ in range(args.rounds):
+        for n in names:
+            codec, blobs, staging = coded[n]
+            inflate = dequant = 0.0
+            for blob in blobs:
+                t0 = time.perf_counter()
+                header = codec.decompress_into(blob, staging)
+                t1 = time.perf_counter()
+                codec.dequantize_into(header, staging, out)
+                inflate, dequant = inflate + t1 - t0, dequant + time.perf_counter() - t1
+            if inflate + dequant < best[n][0]:
+                best[n] = (inflate + dequant, inflate, dequant)
+    gb = sum(c.numel() * 2 for c in chunks) / 1e9
+    k = len(chunks)
+    for n in names:
+        total, inflate, dequant = best[n]
+        print(f"{n:32s} decode {gb / total:5.2f} GB/s   per chunk {total * 1e3 / k:.2f} ms "
+              f"(inflate {inflate * 1e3 / k:.2f}, dequantize {dequant * 1e3 / k:.2f})")
+
+
+if __name__ == "__main__":
+    main()
