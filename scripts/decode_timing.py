@@ -11,11 +11,10 @@ its text, 8 chunks of 256), and the best round of each is kept: ``KVCodec.decomp
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from shadowserve.bench.suites.codec import _load, _prefill, _text, resolve_preset
+from shadowserve.bench.suites.codec import _load, _prefill, _text, decode_pass, resolve_preset
 from shadowserve.kvcache.codec import KVCodec
 
 
@@ -39,14 +38,7 @@ def main() -> None:
     best = {n: (float("inf"), 0.0, 0.0) for n in names}
     for _ in range(args.rounds):
         for n in names:
-            codec, blobs, staging = coded[n]
-            inflate = dequant = 0.0
-            for blob in blobs:
-                t0 = time.perf_counter()
-                header = codec.decompress_into(blob, staging)
-                t1 = time.perf_counter()
-                codec.dequantize_into(header, staging, out)
-                inflate, dequant = inflate + t1 - t0, dequant + time.perf_counter() - t1
+            inflate, dequant = decode_pass(*coded[n], out)
             if inflate + dequant < best[n][0]:
                 best[n] = (inflate + dequant, inflate, dequant)
     gb = sum(c.numel() * 2 for c in chunks) / 1e9

@@ -235,6 +235,18 @@ def _layer_sensitivity(model, kv: torch.Tensor, ev: torch.Tensor, ref: torch.Ten
     return out
 
 
+def decode_pass(codec: KVCodec, blobs: list[bytes], staging: Any, out: torch.Tensor) -> tuple[float, float]:
+    """Decode every blob into the reused ``staging`` and ``out``: seconds spent inflating, dequantizing."""
+    dz = dq = 0.0
+    for blob in blobs:
+        t0 = time.perf_counter()
+        header = codec.decompress_into(blob, staging)
+        t1 = time.perf_counter()
+        codec.dequantize_into(header, staging, out)
+        dz, dq = dz + t1 - t0, dq + time.perf_counter() - t1
+    return dz, dq
+
+
 def _time_codec(codec, chunks: list[torch.Tensor], repeat: int) -> dict[str, Any]:
     """Encode every chunk, then time decode halves into one reused staging buffer and out tensor."""
     shape = tuple(chunks[0].shape)
@@ -253,15 +265,7 @@ def _time_codec(codec, chunks: list[torch.Tensor], repeat: int) -> dict[str, Any
         decoded.append(codec.dequantize_into(header, staging, out).clone())
     best_dec = best_dz = best_dq = math.inf
     for _ in range(repeat):
-        dz = dq = 0.0
-        for blob in blobs:
-            t0 = time.perf_counter()
-            header = codec.decompress_into(blob, staging)
-            t1 = time.perf_counter()
-            codec.dequantize_into(header, staging, out)
-            t2 = time.perf_counter()
-            dz += t1 - t0
-            dq += t2 - t1
+        dz, dq = decode_pass(codec, blobs, staging, out)
         best_dec, best_dz, best_dq = min(best_dec, dz + dq), min(best_dz, dz), min(best_dq, dq)
     encoded = sum(len(b) for b in blobs)
     return {
