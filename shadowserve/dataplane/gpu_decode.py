@@ -18,8 +18,8 @@ import torch
 
 from shadowserve.dataplane.kv_targets import ChunkPlan, CudaEngineKV
 from shadowserve.kvcache import format as fmt
+from shadowserve.kvcache.packing import PackedSymbols, split_staging, unpack_into
 from shadowserve.kvcache.plan import TOKEN
-from shadowserve.kvcache.quant import PackedSymbols, split_staging, unpack_into
 
 
 class GpuDequantizer:
@@ -45,9 +45,12 @@ class GpuDequantizer:
         """Hot path: pinned staging bytes -> device -> KV in the destination blocks; returns when landed."""
         stream, event, scratch, unpacked = self._thread_state()
         n = header.staging_nbytes
+        packing = None
         if self.codec.lossy:
             layout = self.codec.layout_of(header.shape)
-            split_staging(layout, staging[:n], n)  # checks escape positions on the host, before any kernel
+            # Checks the symbol table and escape positions on the host, before any kernel.
+            _, host_symbols = split_staging(layout, staging[:n], n)
+            packing = host_symbols.packing if isinstance(host_symbols, PackedSymbols) else None
         dev = self._dev_staging[slot]
         with torch.cuda.stream(stream):
             dev[:n].copy_(staging[:n], non_blocking=True)
@@ -59,7 +62,7 @@ class GpuDequantizer:
             if not self.codec.lossy:
                 out.copy_(dev[:n].view(header.dtype).view(header.shape))
             else:
-                scales, symbols = split_staging(layout, dev[:n], n, check=False)
+                scales, symbols = split_staging(layout, dev[:n], n, check=False, packing=packing)
                 _dequantize_on_device(layout, scales, symbols, out, unpacked)
             if out is scratch:
                 self.target.scatter_on_device(plan, scratch)

@@ -24,9 +24,10 @@ import torch
 
 from shadowserve.config import CodecConfig
 from shadowserve.errors import ChunkFormatError
-from shadowserve.kvcache import blocks
+from shadowserve.kvcache import blocks, packing
 from shadowserve.kvcache import format as fmt
 from shadowserve.kvcache import quant as q
+from shadowserve.kvcache.layout import Layout
 from shadowserve.kvcache.lossless import as_u8, make_stage
 from shadowserve.kvcache.plan import plan
 from shadowserve.kvcache.schedules import is_named, step_multipliers
@@ -74,7 +75,7 @@ class KVCodec:
         # Decoders for chunks saved through another lossless stage (same KV format), made on first use.
         self._stages = {config.lossless: self.lossless}
         self.lossy = config.quant != "none"
-        self._layouts: dict[tuple[int, int, int], q.Layout] = {}
+        self._layouts: dict[tuple[int, int, int], Layout] = {}
         self._lock = threading.Lock()
         self._tls = threading.local()
 
@@ -83,7 +84,7 @@ class KVCodec:
 
     # ---- sizes -------------------------------------------------------------------------------
 
-    def _layout(self, shape: tuple[int, ...]) -> q.Layout:
+    def _layout(self, shape: tuple[int, ...]) -> Layout:
         layers, _, tokens, heads, head_dim = shape
         key = (layers, tokens, heads * head_dim)
         layout = self._layouts.get(key)
@@ -91,12 +92,12 @@ class KVCodec:
             c = self.config
             rules = plan(c.quant, layers, c.bins, c.key_step, c.value_step, step_multipliers(c),
                          adapt=is_named(c))
-            layout = q.Layout(rules, tokens, heads * head_dim)
+            layout = Layout(rules, tokens, heads * head_dim)
             with self._lock:
                 self._layouts[key] = layout
         return layout
 
-    def layout_of(self, shape: tuple[int, ...]) -> q.Layout:
+    def layout_of(self, shape: tuple[int, ...]) -> Layout:
         """Where a lossy chunk's scales and symbols sit in its staging bytes (for device-side decoders)."""
         return self._layout(_check_shape(tuple(shape)))
 
@@ -140,10 +141,10 @@ class KVCodec:
         else:
             layout = self._layout(shape)
             staging = np.zeros(layout.staging_nbytes, dtype=np.uint8)
-            scales, symbols = q.split_staging(layout, _tensor_u8(staging), layout.staging_nbytes)
+            scales, symbols = packing.split_staging(layout, _tensor_u8(staging), layout.staging_nbytes)
             x = kv.float().reshape(shape[0], 2, shape[2], shape[3] * shape[4])
             q.quantize(x, layout, scales, symbols)
-            packed = q.pack_staging(layout, staging, self.config.key_offsets) if self.config.pack_nibbles else None
+            packed = packing.pack_staging(layout, staging, self.config.key_offsets) if self.config.pack_nibbles else None
             if packed is not None:
                 staging = packed
         staging = as_u8(staging)
@@ -180,7 +181,7 @@ class KVCodec:
     def _decompress(self, header: fmt.ChunkHeader, payload: np.ndarray, dst: np.ndarray) -> None:
         expected = header.staging_nbytes
         if self.lossy:
-            self._layout(header.shape).escapes_in(expected)  # a size one of the symbol layouts has
+            self._layout(header.shape).check_staging_nbytes(expected)  # a size a symbol layout can have
         elif expected != self.staging_nbytes(header.shape, header.dtype):
             raise ChunkFormatError(
                 f"chunk claims {expected} staging bytes, its shape implies "
@@ -233,7 +234,7 @@ class KVCodec:
             out.copy_(raw)
             return out
         layout = self._layout(header.shape)
-        scales, symbols = q.split_staging(layout, _tensor_u8(src[:n]), n)
+        scales, symbols = packing.split_staging(layout, _tensor_u8(src[:n]), n)
         q.dequantize_into(layout, scales, symbols, out)
         return out
 
@@ -256,7 +257,7 @@ class KVCodec:
         if not self.lossy:
             raise ValueError("a lossless codec has no quantization error")
         layout = self._layout(header.shape)
-        scales, _ = q.split_staging(layout, _tensor_u8(as_u8(staging)[: header.staging_nbytes]), header.staging_nbytes)
+        scales, _ = packing.split_staging(layout, _tensor_u8(as_u8(staging)[: header.staging_nbytes]), header.staging_nbytes)
         return q.error_bound(layout, scales)
 
 

@@ -49,10 +49,11 @@ MAGIC = b"SSKV"
 FORMAT_VERSION = 3  # the newest container: 3 = blocked lossless payload (kvcache/blocks.py)
 UNBLOCKED_VERSION = 2  # one lossless stream per chunk; still written when blocking is off
 READ_VERSIONS = (UNBLOCKED_VERSION, FORMAT_VERSION)
-# The version in the KV format id (``sskv2/...``), which seeds chunk keys: the staging layouts and
-# what they decode to (2: lossy symbols may be stored two per byte, kvcache/quant.py). Blocking the
-# payload changes neither, so chunks of either container version share keys.
-KV_FORMAT_VERSION = 2
+# The version in the KV format id (``sskv3/...``), which seeds chunk keys: the staging layouts and
+# what they decode to (2: lossy symbols may be stored two per byte; 3: a packed chunk starts with a
+# symbol table and stores each plane 4 or 8 bits wide, kvcache/packing.py). Blocking the payload
+# changes neither, so chunks of either container version share keys.
+KV_FORMAT_VERSION = 3
 _PAD_TO = 8  # a version-3 header's length is a multiple of this
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}

@@ -11,6 +11,7 @@ from shadowserve.dataplane.gpu_decode import _dequantize_on_device
 from shadowserve.errors import ChunkFormatError, ConfigError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import format as fmt
+from shadowserve.kvcache import packing as pk
 from shadowserve.kvcache import quant as q
 from shadowserve.kvcache.plan import plan
 from tests.kvcache.conftest import FINGERPRINT, SHAPE, make_kv
@@ -34,6 +35,10 @@ def _decode(codec: KVCodec, blob: bytes, dtype=torch.float32, shape=SHAPE):
     return header, staging, codec.dequantize_into(header, staging, torch.empty(shape, dtype=dtype))
 
 
+def _packing(layout, staging, header) -> pk.Packing:
+    return pk.read_packing(layout, torch.from_numpy(staging), header.staging_nbytes)
+
+
 def _shifted_kv(seed: int) -> torch.Tensor:
     kv = make_kv(seed=seed)
     kv[:, 0, :, 1, 5] += 30.0  # a key channel with a steady offset, as real keys have
@@ -46,11 +51,11 @@ def test_key_offsets_decode_to_the_same_kv(config, dtype):
     with_offsets, plain = KVCodec(_offsets(config), FINGERPRINT), KVCodec(config, FINGERPRINT)
     assert with_offsets.codec_id == plain.codec_id  # a storage detail: same keys, same decoded KV
     kv = _shifted_kv(seed=3)
-    ho, _, out_o = _decode(plain, with_offsets.encode(kv), dtype)  # any decoder of the format reads it
-    hp, _, out_p = _decode(with_offsets, plain.encode(kv), dtype)  # and the other way round
+    ho, so, out_o = _decode(plain, with_offsets.encode(kv), dtype)  # any decoder of the format reads it
+    hp, sp, out_p = _decode(with_offsets, plain.encode(kv), dtype)  # and the other way round
     layout = plain.layout_of(SHAPE)
-    assert layout.packing_of(ho.staging_nbytes)[1] is True
-    assert layout.packing_of(hp.staging_nbytes)[1] is False
+    assert _packing(layout, so, ho).key_offsets is True
+    assert _packing(layout, sp, hp).key_offsets is False
     assert torch.equal(out_o, out_p)
 
 
@@ -58,13 +63,13 @@ def test_key_offsets_remove_escapes_of_steady_channels():
     kv = _shifted_kv(seed=4)
     plain, with_offsets = KVCodec(CodecConfig(lossless="none"), FINGERPRINT), \
         KVCodec(CodecConfig(lossless="none", key_offsets=True), FINGERPRINT)
-    hp, _, _ = _decode(plain, plain.encode(kv))
+    hp, sp, _ = _decode(plain, plain.encode(kv))
     ho, staging, _ = _decode(with_offsets, with_offsets.encode(kv))
     layout = plain.layout_of(SHAPE)
-    esc_plain, esc_offsets = layout.escapes_in(hp.staging_nbytes), layout.escapes_in(ho.staging_nbytes)
+    esc_plain, esc_offsets = _packing(layout, sp, hp).escapes, _packing(layout, staging, ho).escapes
     assert esc_offsets < esc_plain
     # The offsets hold each key channel's median symbol; the steady channel's is far from 0.
-    _, symbols = q.split_staging(layout, torch.from_numpy(staging), ho.staging_nbytes)
+    _, symbols = pk.split_staging(layout, torch.from_numpy(staging), ho.staging_nbytes)
     assert symbols.key_offsets.shape == (SHAPE[0], 1, SHAPE[3] * SHAPE[4])
     assert int(symbols.key_offsets[:, 0, 16 + 5].abs().min()) > 8
 
@@ -82,27 +87,35 @@ def test_the_device_decoder_applies_key_offsets():
     codec = KVCodec(CodecConfig(key_offsets=True), FINGERPRINT)
     header, staging, host = _decode(codec, codec.encode(_shifted_kv(seed=6)))
     layout = codec.layout_of(SHAPE)
-    scales, symbols = q.split_staging(layout, torch.from_numpy(staging), header.staging_nbytes)
+    scales, symbols = pk.split_staging(layout, torch.from_numpy(staging), header.staging_nbytes)
     assert symbols.key_offsets is not None
     out = torch.empty(SHAPE)
     _dequantize_on_device(layout, scales, symbols, out, torch.empty(out.numel(), dtype=torch.int8))
     assert torch.equal(out, host)
 
 
-def test_staging_sizes_of_the_layouts_never_collide():
+def test_packed_sizes_follow_the_symbol_table():
     for shape in [SHAPE, (30, 2, 256, 3, 64), (3, 2, 8, 1, 10), (2, 2, 6, 1, 10)]:
         layout = q.Layout(plan("rms", shape[0]), shape[2], shape[3] * shape[4])
-        assert layout.offsets_nbytes % 4 == 0 and layout.offsets_nbytes % 5 != 0
-        assert layout.offsets_nbytes >= layout.num_offsets
+        assert layout.offsets_nbytes % 4 == 0 and layout.offsets_nbytes >= layout.num_offsets
         if not layout.offsets_packable:
             continue
-        sizes_plain = {layout.packed_nbytes(k) for k in range(layout.max_escapes + 1)}
-        sizes_offsets = {layout.packed_nbytes(k, offsets=True) for k in range(layout.max_escapes + 1)}
-        assert not sizes_plain & sizes_offsets
-        assert max(sizes_offsets) < layout.staging_nbytes
+        assert layout.packed_nbytes(0) < layout.packed_nbytes(0, offsets=True) < layout.staging_nbytes
         for k in (0, layout.max_escapes):
-            assert layout.packing_of(layout.packed_nbytes(k, offsets=True)) == (k, True)
-            assert layout.packing_of(layout.packed_nbytes(k)) == (k, False)
+            for offsets in (False, True):
+                for wide in (0, 1, layout.planes // 3):
+                    n = layout.packed_nbytes(k, offsets, wide)
+                    if n >= layout.staging_nbytes:
+                        continue
+                    widths = [1] * wide + [0] * (layout.planes - wide)
+                    staging = torch.zeros(n, dtype=torch.uint8)
+                    t0 = layout.symbols_offset
+                    staging[t0: t0 + 4] = torch.tensor(list(k.to_bytes(4, "little")), dtype=torch.uint8)
+                    staging[t0 + 4] = int(offsets)
+                    staging[t0 + 5: t0 + 5 + layout.planes] = torch.tensor(widths, dtype=torch.uint8)
+                    assert pk.read_packing(layout, staging, n) == pk.Packing(k, offsets, tuple(map(bool, widths)))
+                    with pytest.raises(ChunkFormatError, match="no symbol layout"):
+                        pk.read_packing(layout, staging, n - 1)
 
 
 def _reseal(codec: KVCodec, staging: np.ndarray) -> bytes:
@@ -115,12 +128,13 @@ def test_corrupt_offset_chunks_are_refused():
     blob = codec.encode(_shifted_kv(seed=7))
     header, staging, _ = _decode(codec, blob)
     layout = codec.layout_of(SHAPE)
-    k, has_offsets = layout.packing_of(header.staging_nbytes)
-    assert has_offsets and k > 0
+    packing = _packing(layout, staging, header)
+    k = packing.escapes
+    assert packing.key_offsets and k > 0
     good = staging[: header.staging_nbytes].copy()
     # an escape position past the end (a broken encoder: the checksums pass)
     bad = good.copy()
-    g0 = layout.escapes_offset + layout.offsets_nbytes
+    g0 = layout.escapes_offset(sum(packing.wide), offsets=True)
     bad[g0 + 4 * (k - 1): g0 + 4 * k] = np.array([layout.symbols_nbytes], "<u4").view(np.uint8)
     with pytest.raises(ChunkFormatError, match="outside"):
         _decode(codec, _reseal(codec, bad))
@@ -224,12 +238,12 @@ def test_a_named_schedule_is_unused_by_other_quantizers():
 
 
 def test_chunks_too_small_for_the_offsets_block_pack_without_it():
-    shape = (2, 2, 1, 1, 8)  # one token: the offsets would cost as much as the symbols
-    layout = q.Layout(plan("rms", 2), 1, 8)
+    shape = (2, 2, 1, 1, 64)  # one token: the offsets would cost as much as the symbols
+    layout = q.Layout(plan("rms", 2), 1, 64)
     assert layout.packable and not layout.offsets_packable
     codec = KVCodec(CodecConfig(key_offsets=True), FINGERPRINT)
     kv = make_kv(shape, seed=11)
-    header, _, out = _decode(codec, codec.encode(kv), shape=shape)
-    assert codec.layout_of(shape).packing_of(header.staging_nbytes) == (layout.escapes_in(header.staging_nbytes), False)
+    header, staging, out = _decode(codec, codec.encode(kv), shape=shape)
+    assert header.staging_nbytes < layout.staging_nbytes and not _packing(layout, staging, header).key_offsets
     plain = KVCodec(CodecConfig(), FINGERPRINT)
     assert torch.equal(out, _decode(plain, plain.encode(kv), shape=shape)[2])

@@ -11,6 +11,7 @@ from shadowserve.dataplane.gpu_decode import _dequantize_on_device
 from shadowserve.errors import ChunkFormatError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import format as fmt
+from shadowserve.kvcache import packing as pk
 from shadowserve.kvcache import quant as q
 from tests.kvcache.conftest import FINGERPRINT, SHAPE, make_kv
 
@@ -19,7 +20,7 @@ PACKABLE = [
     CodecConfig(quant="rms", key_step=0.3, value_step=2.0, lossless="deflate"),
     CodecConfig(quant="uniform", bins=5, lossless="none"),
     CodecConfig(quant="kivi", bins=16, lossless="zstd"),
-    # 32 bins in layer 0 over this data's wide outlier channel: too many escapes, so one byte each.
+    # 32 bins in layer 0 over this data's wide outlier channel: layer 0's keys go one byte per symbol.
     CodecConfig(quant="cachegen", lossless="lz4"),
 ]
 
@@ -44,7 +45,7 @@ def test_packed_chunks_decode_to_the_same_kv_as_one_byte_symbols(config, dtype):
     hb, _, out_b = _decode(packed, plain.encode(kv), dtype)  # a packing codec still reads one-byte chunks
     layout = packed.layout_of(SHAPE)
     assert hb.staging_nbytes == layout.staging_nbytes
-    assert (hp.staging_nbytes < layout.staging_nbytes) == (config.quant != "cachegen")
+    assert hp.staging_nbytes < layout.staging_nbytes
     assert torch.equal(out_p, out_b)
 
 
@@ -53,9 +54,9 @@ def test_outliers_are_escaped_and_restored_exactly():
     kv = make_kv(seed=5)  # an outlier key channel 20x the rest: symbols far beyond [-8, 7]
     header, staging, out = _decode(codec, codec.encode(kv))
     layout = codec.layout_of(SHAPE)
-    escapes = layout.escapes_in(header.staging_nbytes)
-    assert escapes and escapes > 0
-    _, symbols = q.split_staging(layout, torch.from_numpy(staging), header.staging_nbytes)
+    escapes = pk.read_packing(layout, torch.from_numpy(staging), header.staging_nbytes).escapes
+    assert escapes > 0
+    _, symbols = pk.split_staging(layout, torch.from_numpy(staging), header.staging_nbytes)
     assert bool(((symbols.values < -8) | (symbols.values > 7)).all())  # only out-of-nibble symbols escape
     # The escaped values decode to the exact symbol x scale of the one-byte layout, outliers included.
     _, _, plain = _decode(codec, _one_per_byte(CodecConfig()).encode(kv))
@@ -96,13 +97,15 @@ def _reseal(codec: KVCodec, staging: np.ndarray) -> bytes:
 def _packed_staging(codec: KVCodec) -> tuple[np.ndarray, q.Layout, int]:
     header, staging, _ = _decode(codec, codec.encode(make_kv(seed=5)))
     layout = codec.layout_of(SHAPE)
-    return staging[: header.staging_nbytes].copy(), layout, layout.escapes_in(header.staging_nbytes)
+    staging = staging[: header.staging_nbytes].copy()
+    return staging, layout, pk.read_packing(layout, torch.from_numpy(staging), header.staging_nbytes)
 
 
 def test_escape_positions_outside_the_chunk_are_refused():
     codec = KVCodec(CodecConfig(), FINGERPRINT)
-    staging, layout, k = _packed_staging(codec)
-    gaps = staging[layout.escapes_offset: layout.escapes_offset + 4 * k].view("<u4")
+    staging, layout, packing = _packed_staging(codec)
+    k, g0 = packing.escapes, layout.escapes_offset(sum(packing.wide))
+    gaps = staging[g0: g0 + 4 * k].view("<u4")
     gaps[-1] = layout.symbols_nbytes  # the last escape lands past the end
     with pytest.raises(ChunkFormatError, match="outside"):
         _decode(codec, _reseal(codec, staging))
@@ -113,8 +116,8 @@ def test_escape_positions_outside_the_chunk_are_refused():
 
 def test_a_staging_size_no_layout_has_is_refused():
     codec = KVCodec(CodecConfig(), FINGERPRINT)
-    staging, layout, k = _packed_staging(codec)
-    for size in (staging.nbytes - 1, layout.escapes_offset - 4, layout.staging_nbytes + 8):
+    staging, layout, packing = _packed_staging(codec)
+    for size in (staging.nbytes - 1, layout.escapes_offset(sum(packing.wide)) - 4, layout.staging_nbytes + 8):
         bad = np.zeros(size, np.uint8)
         bad[: min(size, staging.nbytes)] = staging[:size]
         with pytest.raises(ChunkFormatError, match="no symbol layout"):
@@ -127,8 +130,8 @@ def test_the_device_decoder_matches_the_host_decoder(pack):
     codec = KVCodec(CodecConfig(pack_nibbles=pack), FINGERPRINT)
     header, staging, host = _decode(codec, codec.encode(make_kv(seed=6)))
     layout = codec.layout_of(SHAPE)
-    scales, symbols = q.split_staging(layout, torch.from_numpy(staging), header.staging_nbytes)
-    assert isinstance(symbols, q.PackedSymbols) == pack
+    scales, symbols = pk.split_staging(layout, torch.from_numpy(staging), header.staging_nbytes)
+    assert isinstance(symbols, pk.PackedSymbols) == pack
     out = torch.empty(SHAPE)
     _dequantize_on_device(layout, scales, symbols, out, torch.empty(out.numel(), dtype=torch.int8))
     assert torch.equal(out, host)
