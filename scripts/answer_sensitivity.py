@@ -33,6 +33,7 @@ from shadowserve.bench.common.quality_tasks import Document, TaskBuilder, TaskSp
 from shadowserve.bench.suites.codec import PRESETS, _load, _prefill
 from shadowserve.kvcache import quant
 from shadowserve.kvcache.codec import KVCodec
+from shadowserve.kvcache.layout import Layout
 from shadowserve.kvcache.plan import plan
 from shadowserve.model.loader import load_model
 
@@ -146,7 +147,7 @@ def coded(config, kv: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, flo
 def one_plane_quantized(kv: torch.Tensor) -> torch.Tensor:
     """Every plane of ``kv`` quantized at the default steps (keys 0.5, values 1.0 x row RMS)."""
     layers, _, tokens, heads, head_dim = kv.shape
-    layout = quant.Layout(plan("rms", layers), tokens, heads * head_dim)
+    layout = Layout(plan("rms", layers), tokens, heads * head_dim)
     scales = torch.empty(layout.num_scales, dtype=torch.float16)
     symbols = torch.empty(layout.symbols_nbytes, dtype=torch.int8)
     quant.quantize(kv.reshape(layers, 2, tokens, -1).float(), layout, scales, symbols)

@@ -23,7 +23,10 @@ QUALITY_LEVELS: dict[str, CodecConfig] = {
     # Steps per (layer, K/V) plane fitted for SmolLM2-135M (kvcache/schedules.py; on other models
     # their mean steps), key symbols relative to their channel's median: docs/codec.md, session 10.
     "high": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high"),
-    "balanced": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-balanced"),
+    # Session 13: the schedule fitted to answers as well as text, retrieval planes finer (session 12),
+    # which half the accuracy loss of session 10's "smollm2-135m-balanced" (bench preset
+    # planes-balanced-smollm2); byte-wide planes (kvcache/packing.py) made its fine planes cheap.
+    "balanced": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x"),
     "compact": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
 }
 

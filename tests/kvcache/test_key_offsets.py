@@ -12,7 +12,7 @@ from shadowserve.errors import ChunkFormatError, ConfigError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import format as fmt
 from shadowserve.kvcache import packing as pk
-from shadowserve.kvcache import quant as q
+from shadowserve.kvcache.layout import Layout
 from shadowserve.kvcache.plan import plan
 from tests.kvcache.conftest import FINGERPRINT, SHAPE, make_kv
 
@@ -96,7 +96,7 @@ def test_the_device_decoder_applies_key_offsets():
 
 def test_packed_sizes_follow_the_symbol_table():
     for shape in [SHAPE, (30, 2, 256, 3, 64), (3, 2, 8, 1, 10), (2, 2, 6, 1, 10)]:
-        layout = q.Layout(plan("rms", shape[0]), shape[2], shape[3] * shape[4])
+        layout = Layout(plan("rms", shape[0]), shape[2], shape[3] * shape[4])
         assert layout.offsets_nbytes % 4 == 0 and layout.offsets_nbytes >= layout.num_offsets
         if not layout.offsets_packable:
             continue
@@ -239,7 +239,7 @@ def test_a_named_schedule_is_unused_by_other_quantizers():
 
 def test_chunks_too_small_for_the_offsets_block_pack_without_it():
     shape = (2, 2, 1, 1, 64)  # one token: the offsets would cost as much as the symbols
-    layout = q.Layout(plan("rms", 2), 1, 64)
+    layout = Layout(plan("rms", 2), 1, 64)
     assert layout.packable and not layout.offsets_packable
     codec = KVCodec(CodecConfig(key_offsets=True), FINGERPRINT)
     kv = make_kv(shape, seed=11)

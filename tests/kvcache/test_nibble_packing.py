@@ -12,7 +12,7 @@ from shadowserve.errors import ChunkFormatError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import format as fmt
 from shadowserve.kvcache import packing as pk
-from shadowserve.kvcache import quant as q
+from shadowserve.kvcache.layout import Layout
 from tests.kvcache.conftest import FINGERPRINT, SHAPE, make_kv
 
 PACKABLE = [
@@ -94,7 +94,7 @@ def _reseal(codec: KVCodec, staging: np.ndarray) -> bytes:
     return fmt.pack(SHAPE, torch.float32, codec.codec_id, FINGERPRINT, staging.nbytes, payload)
 
 
-def _packed_staging(codec: KVCodec) -> tuple[np.ndarray, q.Layout, int]:
+def _packed_staging(codec: KVCodec) -> tuple[np.ndarray, Layout, int]:
     header, staging, _ = _decode(codec, codec.encode(make_kv(seed=5)))
     layout = codec.layout_of(SHAPE)
     staging = staging[: header.staging_nbytes].copy()

@@ -25,6 +25,7 @@ from shadowserve.config import CodecConfig
 from shadowserve.errors import ConfigError, ModelError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import quant as q
+from shadowserve.kvcache.layout import Layout
 from shadowserve.kvcache.levels import QUALITY_LEVELS
 from shadowserve.kvcache.plan import plan
 from shadowserve.kvcache.schedules import is_named, step_multipliers
@@ -225,7 +226,7 @@ def _layer_sensitivity(model, kv: torch.Tensor, ev: torch.Tensor, ref: torch.Ten
     x = kv.reshape(layers, 2, tokens, heads * head_dim).float()
     out = []
     for i in range(layers):
-        layout = q.Layout([rules[j] if j == i else int8[j] for j in range(layers)], tokens, heads * head_dim)
+        layout = Layout([rules[j] if j == i else int8[j] for j in range(layers)], tokens, heads * head_dim)
         scales = torch.empty(layout.num_scales, dtype=torch.float16)
         symbols = torch.empty(layout.symbols_nbytes, dtype=torch.int8)
         q.quantize(x, layout, scales, symbols)
