@@ -3,7 +3,8 @@
 ``bench codec`` times one codec after another, so on a shared machine its GB/s column moves by ±30% between
 runs. Here every round times each codec once in turn, on bench codec's chunks (SmolLM2 KV of 2048 tokens of
 its text, 8 chunks of 256), and the best round of each is kept: ``KVCodec.decompress_into`` (inflate) and
-``dequantize_into`` into a reused staging buffer and fp16 tensor, as the data plane does. Usage::
+``dequantize_into`` into a reused staging buffer and fp16 tensor, as the data plane does. It also prints
+each codec's ratio vs fp16 on those chunks. Usage::
 
     python scripts/decode_timing.py --codecs default,balanced,planes-qa-balanced-smollm2 --rounds 15
 """
@@ -45,7 +46,8 @@ def main() -> None:
     k = len(chunks)
     for n in names:
         total, inflate, dequant = best[n]
-        print(f"{n:32s} decode {gb / total:5.2f} GB/s   per chunk {total * 1e3 / k:.2f} ms "
+        ratio = gb * 1e9 / sum(len(b) for b in coded[n][1])
+        print(f"{n:32s} ratio {ratio:5.2f}  decode {gb / total:5.2f} GB/s   per chunk {total * 1e3 / k:.2f} ms "
               f"(inflate {inflate * 1e3 / k:.2f}, dequantize {dequant * 1e3 / k:.2f})")
 
 
