@@ -52,7 +52,8 @@ def kv_format_id_of(config: CodecConfig) -> str:
         qpart = f"{config.quant}:b{config.bins}"
     else:
         qpart = config.quant
-    return f"sskv{fmt.KV_FORMAT_VERSION}/{qpart}"
+    version = fmt.RAW_KV_FORMAT_VERSION if config.quant == "none" else fmt.KV_FORMAT_VERSION
+    return f"sskv{version}/{qpart}"
 
 
 def codec_id_of(config: CodecConfig, lossless: str | None = None) -> str:

@@ -54,6 +54,9 @@ READ_VERSIONS = (UNBLOCKED_VERSION, FORMAT_VERSION)
 # symbol table and stores each plane 4 or 8 bits wide, kvcache/packing.py). Blocking the payload
 # changes neither, so chunks of either container version share keys.
 KV_FORMAT_VERSION = 3
+# Raw chunks (``quant="none"``) stage the KV itself, a layout unchanged since version 2: their keys stay,
+# so lossless caches survive the upgrade.
+RAW_KV_FORMAT_VERSION = 2
 _PAD_TO = 8  # a version-3 header's length is a multiple of this
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}

@@ -105,3 +105,13 @@ def test_a_table_that_disagrees_with_the_size_is_refused():
     bad[codec.layout_of(SHAPE).symbols_offset + 5 + 2] = 0  # a wide plane claimed 4 bits wide
     with pytest.raises(ChunkFormatError, match="no symbol layout"):
         _decode(codec, _reseal(codec, bad))
+
+
+def test_only_the_lossy_formats_changed_keys():
+    """Packed staging changed in KV format 3, so lossy chunks from earlier builds are misses (never
+    misread); raw chunks stage the KV itself, unchanged, so lossless caches keep their keys."""
+    from shadowserve.kvcache.codec import kv_format_id_of
+
+    assert kv_format_id_of(CodecConfig()) == "sskv3/rms:k0.5:v1"
+    assert kv_format_id_of(CodecConfig(quant="cachegen")) == "sskv3/cachegen"
+    assert kv_format_id_of(CodecConfig(quant="none")) == "sskv2/none"
