@@ -153,7 +153,9 @@ class KVCacheManager:
             return 0
         fut = self._lookups.get(req.request_id)
         if fut is None:
-            if self.backend.synchronous:
+            # The tier directory is local: a prefix it holds whole needs no store round trip, so it is
+            # answered now and the request is admitted in this very step (not after a pool hop and a poll).
+            if self.backend.synchronous or self.tier.run(keys[:usable]) == usable:
                 fut = _done_future(self._longest_prefix(keys[:usable]))
             else:
                 fut = self._lookup_pool.submit(self._longest_prefix, keys[:usable])
