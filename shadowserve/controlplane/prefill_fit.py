@@ -8,12 +8,15 @@ are why computing the rest of a prompt after a partial fetch costs more per toke
 the start: those tokens sit at the end of a long context. A per-token fit alone misjudged exactly that
 (bench tiers at 10 Mbit/s: a partial fetch predicted 2% ahead, 13% behind in fact).
 
-The terms are fitted by least squares with exponential forgetting (recent steps weigh most). Terms the
-steps seen so far cannot separate (e.g. only full prefills of one length) are left out, down to the
-per-token fit; a term is never negative.
+The terms are fitted by least squares with exponential forgetting (recent steps weigh most). A model is
+used only when the recent steps hold more distinct shapes than it has terms (so at least one residual
+checks it: three shapes fit three terms exactly, timing noise included, which was measured to misjudge
+by 20%), its terms are told apart and none is negative; otherwise fewer terms, down to the per-token fit.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from shadowserve.engine.remote_kv import pairs_of
 TERMS = ("step", "token", "pair", "kv_token")
 SUBSETS = ((0, 1, 2, 3), (0, 1, 2), (0, 1))  # the richest model the data determine wins
 MAX_CONDITION = 1e6  # of the scaled normal equations: beyond it the terms are not told apart
+RECENT_SHAPES = 32  # distinct step shapes remembered, most recent first out of the window last
 
 
 class PrefillFit:
@@ -32,6 +36,7 @@ class PrefillFit:
         self._xtx = np.zeros((4, 4))
         self._xty = np.zeros(4)
         self._w = 0.0
+        self._shapes: OrderedDict[tuple[int, int, int], None] = OrderedDict()  # recent distinct steps
 
     def add(self, tokens: int, seconds: float, pairs: int = 0, kv_tokens: int = 0) -> None:
         """One step: ``tokens`` run, ``pairs`` query-key pairs attended, ``kv_tokens`` of KV read."""
@@ -39,6 +44,10 @@ class PrefillFit:
         self._xtx = self._xtx * self.decay + np.outer(x, x)
         self._xty = self._xty * self.decay + x * seconds
         self._w = self._w * self.decay + 1
+        self._shapes[(tokens, pairs, kv_tokens)] = None
+        self._shapes.move_to_end((tokens, pairs, kv_tokens))
+        if len(self._shapes) > RECENT_SHAPES:
+            self._shapes.popitem(last=False)
 
     def coefficients(self) -> tuple[float, float, float, float] | None:
         """(a, b, c, d) of the richest model the steps determine with every term >= 0; None before any step."""
@@ -52,6 +61,8 @@ class PrefillFit:
         return 0.0, my / mx, 0.0, 0.0  # too little spread in step sizes (or noise): cost proportional to tokens
 
     def _solve(self, cols: list[int]) -> tuple[float, float, float, float] | None:
+        if len({tuple(shape[c - 1] for c in cols[1:]) for shape in self._shapes}) <= len(cols):
+            return None  # no residual left to check the model against
         m = self._xtx[np.ix_(cols, cols)]
         diag = np.sqrt(np.diag(m))
         if np.any(diag <= 0):
