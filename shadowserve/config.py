@@ -147,6 +147,10 @@ class DataPlaneConfig:
     # Which prefix hits to fetch: "auto" (those whose predicted fetch beats computing them:
     # controlplane/fetch_policy.py), "always" (every hit) or "never" (compute everything).
     fetch_policy: str = "auto"
+    # "auto" re-measures a store it stopped fetching from: after this many decisions that left it out, or
+    # this many seconds since it last served, one decision fetches up to one store chunk anyway (0: never).
+    fetch_explore_every: int = 32
+    fetch_explore_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if self.fetch_mode not in FETCH_MODES:
@@ -167,6 +171,8 @@ class DataPlaneConfig:
             raise ConfigError(f"local_tier_admission must be first or second, got {self.local_tier_admission!r}")
         if self.fetch_policy not in FETCH_POLICIES:
             raise ConfigError(f"unknown fetch_policy {self.fetch_policy!r}: choose one of {', '.join(FETCH_POLICIES)}")
+        if self.fetch_explore_every < 0 or self.fetch_explore_seconds < 0:
+            raise ConfigError("fetch_explore_every and fetch_explore_seconds must be >= 0 (0: never explore)")
         if self.fetch_timeout <= 0 or self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("timeouts must be > 0 and heartbeat_timeout > heartbeat_interval")
 

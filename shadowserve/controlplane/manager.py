@@ -153,7 +153,9 @@ class KVCacheManager:
             return 0
         fut = self._lookups.get(req.request_id)
         if fut is None:
-            if self.backend.synchronous:
+            # The tier directory is local: a prefix it holds whole needs no store round trip, so it is
+            # answered now and the request is admitted in this very step (not after a pool hop and a poll).
+            if self.backend.synchronous or self.tier.run(keys[:usable]) == usable:
                 fut = _done_future(self._longest_prefix(keys[:usable]))
             else:
                 fut = self._lookup_pool.submit(self._longest_prefix, keys[:usable])
@@ -365,9 +367,10 @@ class KVCacheManager:
                 self._abandoned[job] = f.blocks
         self.forget(req)
 
-    def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float) -> None:
-        """The engine timed a step that prefilled: the prefill-rate estimate learns from it."""
-        self.policy.observe_step(prefill_tokens, other_tokens, seconds)
+    def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float, pairs: int = 0,
+                    kv_tokens: int = 0) -> None:
+        """The engine timed a step that prefilled: the prefill-cost estimate learns from it."""
+        self.policy.observe_step(prefill_tokens, other_tokens, seconds, pairs, kv_tokens)
 
     def decision(self, req: PromptRequest) -> dict | None:
         """This request's fetch-or-recompute decision and the estimates behind it (None before lookup)."""

@@ -31,6 +31,12 @@ class Pending(enum.Enum):
 PENDING = Pending.PENDING
 
 
+def pairs_of(tokens: int, context: int) -> int:
+    """Query-key pairs attended by ``tokens`` new tokens after ``context`` cached ones (causal attention):
+    the measure of attention work that ``record_step`` reports beside the token count."""
+    return tokens * context + tokens * (tokens + 1) // 2
+
+
 class PromptRequest(Protocol):
     """What a lookup reads of a request (vLLM's own Request has these too); nothing is ever written.
 
@@ -103,9 +109,11 @@ class RemoteKV(Protocol):
         Called before the scheduler frees the request's blocks; ``forget`` follows.
         """
 
-    def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float) -> None:
-        """A model step that prefilled ``prefill_tokens`` (and ran ``other_tokens`` more) took ``seconds``:
-        the measured prefill rate against which fetching a prefix is weighed."""
+    def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float, pairs: int = 0,
+                    kv_tokens: int = 0) -> None:
+        """A model step that prefilled ``prefill_tokens`` (and ran ``other_tokens`` more) took ``seconds``;
+        its tokens attended over ``pairs`` query-key pairs (``pairs_of``) and it read ``kv_tokens`` of cached
+        KV (0: not known): the measured prefill cost against which fetching a prefix is weighed."""
 
     def decision(self, request: PromptRequest) -> dict | None:
         """Why the answered lookup fetches what it does (fetch, partial, recompute, and the estimates)."""
@@ -139,7 +147,8 @@ class NoRemoteKV:
     def abort(self, request: KVRequest) -> None:
         pass
 
-    def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float) -> None:
+    def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float, pairs: int = 0,
+                    kv_tokens: int = 0) -> None:
         pass
 
     def decision(self, request: PromptRequest) -> dict | None:

@@ -47,6 +47,9 @@ class AttentionMetadata:
     prefills: list[PrefillSlice] = field(default_factory=list)
 
 
+PREFILL_QUERY_BLOCK = 256  # new tokens per attention call in a CPU prefill with cached context
+
+
 def causal_mask_with_context(n_new: int, context_before: int, device: torch.device) -> torch.Tensor:
     """Boolean [n_new, context_before + n_new] mask: new token i sees everything up to its own position."""
     total = context_before + n_new
@@ -101,10 +104,32 @@ def paged_attention(
             vs = v[p.start : p.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
         else:
-            ks, vs = _context_kv(k_cache, v_cache, p, p.context_before + (p.end - p.start))
-            ks, vs = ks.transpose(0, 1)[None], vs.transpose(0, 1)[None]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
+            o = _prefill_with_context(qs, k_cache, v_cache, p)
         out[p.start : p.end] = o[0].transpose(0, 1)
+    return out
+
+
+def _prefill_with_context(qs: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          p: PrefillSlice) -> torch.Tensor:
+    """A CPU prefill chunk after ``context_before`` cached tokens (a fetched or locally cached prefix).
+
+    One call under the whole ``[n, context + n]`` mask also computes every masked-out pair: for a long
+    chunk that is the full rectangle, up to twice a causal prefill's attention work (measured: 3846 tokens
+    after 256 cached took 1.4x a 4102-token prefill from scratch). In query blocks, new tokens ``[i, j)``
+    attend only keys ``[0, context + j)``, so the work is ``n * context + n * n / 2`` plus half a block per
+    row. A chunk within one block (a suffix after a fetched prefix) is one call, as before.
+    """
+    n = p.end - p.start
+    ks, vs = _context_kv(k_cache, v_cache, p, p.context_before + n)
+    ks, vs = ks.transpose(0, 1)[None], vs.transpose(0, 1)[None]
+    if n <= PREFILL_QUERY_BLOCK:
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=True)
+    out = torch.empty_like(qs)
+    for i in range(0, n, PREFILL_QUERY_BLOCK):
+        j = min(n, i + PREFILL_QUERY_BLOCK)
+        keys = p.context_before + j
+        out[:, :, i:j] = F.scaled_dot_product_attention(qs[:, :, i:j], ks[:, :, :keys], vs[:, :, :keys],
+                                                        attn_mask=p.mask[i:j, :keys], enable_gqa=True)
     return out
 
 

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
 
 from shadowserve.config import DataPlaneConfig, EngineConfig
 from shadowserve.engine.engine import LLMEngine
+from shadowserve.engine.request import RequestStatus
 from shadowserve.llm import create_engine
 from tests.dataplane import test_end_to_end as e2e
-from tests.dataplane.test_end_to_end import CHUNK, LOSSLESS, prompts, run, warm_store
+from tests.dataplane.test_end_to_end import CHUNK, GREEDY, LOSSLESS, prompts, run, warm_store
 
 reference = e2e.reference  # the recompute outputs fixture, shared
 
@@ -152,3 +154,33 @@ def test_a_lookup_the_tier_answers_alone_says_nothing_of_the_store(tiny, referen
         eng.close()
     finally:
         server.stop()
+
+
+def test_a_prefix_the_tier_holds_whole_needs_no_lookup_round_trip(tiny, reference, tmp_path):
+    """The tier directory is local: such a request starts fetching in the step it arrives in, even with
+    every lookup worker busy; a prefix that needs the store waits for a worker (the control)."""
+    url = f"file://{tmp_path}/store"
+    ps = prompts(2, seed=17)
+    other = prompts(1, seed=18)[0]
+    eng = tier_engine(tiny, url, "thread", lookup_workers=1)
+    run(eng, ps[:1])  # computed, then saved to the store and the tier
+    eng.flush()
+    gate = threading.Event()
+    eng.kv_manager._lookup_pool.submit(gate.wait)  # the only lookup worker is taken
+    try:
+        held = eng.add_request(ps[1], GREEDY)
+        eng.step()
+        assert held.status != RequestStatus.WAITING  # fetching from the tier (or already done)
+        stored = eng.add_request(other, GREEDY)
+        eng.step()
+        assert stored.status == RequestStatus.WAITING  # its lookup is queued behind the busy worker
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 60
+    while eng.has_unfinished():
+        assert time.monotonic() < deadline, "requests hung"
+        eng.step()
+    assert [held.output_token_ids, stored.output_token_ids] == reference([ps[1], other])
+    assert held.num_fetched_tokens == 200 // CHUNK * CHUNK
+    assert eng.kv_manager.stats.fetched_chunks["tier"] == 200 // CHUNK
+    eng.close()

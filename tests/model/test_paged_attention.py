@@ -1,11 +1,20 @@
-"""Decode attention's two paths (one padded batch; one sequence at a time) against plain attention."""
+"""Paged attention's paths against plain attention: decode (one padded batch; one sequence at a time)
+and a prefill after cached context (one masked call; query blocks)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from shadowserve.model.attention import AttentionMetadata, DecodeSequence, paged_attention
+from shadowserve.model import attention
+from shadowserve.model.attention import (
+    AttentionMetadata,
+    DecodeSequence,
+    PrefillSlice,
+    causal_mask_with_context,
+    paged_attention,
+)
 
 BS, KV_HEADS, GROUP, HEAD_DIM, BLOCKS = 4, 2, 3, 8, 64
 
@@ -66,3 +75,31 @@ def test_both_decode_paths_match_plain_attention():
     # the new token's own K/V takes part: attention over the context without it differs
     without = _reference(layer, tables, contexts, q)
     assert not torch.allclose(per_seq, without, atol=1e-3)
+
+
+@pytest.mark.parametrize("query_block", [1000, 8, 7])
+def test_prefill_after_cached_context_matches_plain_causal_attention(monkeypatch, query_block):
+    """37 new tokens after 23 cached ones, in one masked call or in query blocks (8 divides no edge)."""
+    monkeypatch.setattr(attention, "PREFILL_QUERY_BLOCK", query_block)
+    ctx, n = 23, 37
+    gen = torch.Generator().manual_seed(1)
+    layer = torch.randn(2, BLOCKS, BS, KV_HEADS, HEAD_DIM, generator=gen)
+    table = torch.randperm(BLOCKS, generator=gen)[: -(-(ctx + n) // BS)]
+    q = torch.randn(n, KV_HEADS * GROUP, HEAD_DIM, generator=gen)
+    k = torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen)
+    v = torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen)
+    pos = torch.arange(ctx, ctx + n)
+    slots = table[pos // BS] * BS + pos % BS
+    meta = AttentionMetadata(slot_mapping=slots, prefills=[
+        PrefillSlice(0, n, ctx, block_table=table, mask=causal_mask_with_context(n, ctx, torch.device("cpu")))])
+    got = paged_attention(q, k, v, layer.clone(), meta, torch.empty_like(q))
+
+    keys = layer[0][table].reshape(-1, KV_HEADS, HEAD_DIM)[:ctx]
+    values = layer[1][table].reshape(-1, KV_HEADS, HEAD_DIM)[:ctx]
+    keys, values = torch.cat([keys, k]), torch.cat([values, v])  # the whole sequence, in order
+    want = torch.empty_like(q)
+    for i in range(n):  # token ctx + i sees positions 0 .. ctx + i
+        kk = keys[: ctx + i + 1].transpose(0, 1).repeat_interleave(GROUP, 0)
+        vv = values[: ctx + i + 1].transpose(0, 1).repeat_interleave(GROUP, 0)
+        want[i] = F.scaled_dot_product_attention(q[i][:, None], kk, vv)[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
