@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from shadowserve.config import CodecConfig, DataPlaneConfig
-from shadowserve.controlplane.manager import BlockHolder, KeyFn, KVCacheManager
+from shadowserve.controlplane.manager import KVCacheManager
+from shadowserve.controlplane.ports import BlockHolder, KeyFn
 from shadowserve.dataplane.backends import FetchBackend, LookupOnlyBackend, create_backend
 from shadowserve.dataplane.spec import DataPlaneSpec, buffer_layout
 from shadowserve.engine.remote_kv import KVHost

@@ -20,10 +20,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Protocol
 
 from shadowserve.config import DataPlaneConfig
 from shadowserve.controlplane.fetch_policy import FetchPolicy
+from shadowserve.controlplane.ports import BlockHolder, KeyFn
 from shadowserve.controlplane.store_health import StoreHealth
 from shadowserve.controlplane.tier_directory import TierDirectory
 from shadowserve.dataplane.backends import FetchBackend
@@ -33,26 +33,6 @@ from shadowserve.errors import ShadowServeError, StoreUnavailable
 
 log = logging.getLogger("shadowserve.controlplane")
 PROBE_KEY = b"shadowserve-probe"  # never a chunk key (those are 16-byte hashes)
-
-
-class BlockHolder(Protocol):
-    """What the manager needs from whoever owns the KV blocks (our BlockManager, the vLLM ledger)."""
-
-    block_size: int
-
-    def hold(self, block_ids: list[int]) -> None:
-        """Take an extra reference: the data plane reads (save) or may still write (late fetch) them."""
-
-    def release(self, block_ids: list[int]) -> None:
-        """Drop a reference taken with ``hold``."""
-
-    def replace_blocks(self, request: KVRequest, first: int, last: int) -> bool:
-        """Give the request fresh blocks at positions [first, last); False if that cannot be done now."""
-
-
-class KeyFn(Protocol):
-    def __call__(self, token_ids: list[int], cache_salt: str | None = None) -> list[bytes]:
-        """The chained keys of the full chunks of a prompt, in the key space of its salt (None: shared)."""
 
 
 @dataclass

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shadowserve.controlplane.manager import BlockHolder, KVCacheManager
+from shadowserve.controlplane.manager import KVCacheManager
+from shadowserve.controlplane.ports import BlockHolder
 from shadowserve.engine.remote_kv import PENDING, KVRequest
 from shadowserve.integrations.vllm.config import ConnectorConfig
 from shadowserve.integrations.vllm.metadata import LoadSpec, SaveSpec, ShadowServeMetadata

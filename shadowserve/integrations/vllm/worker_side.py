@@ -15,7 +15,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from shadowserve.controlplane.manager import BlockHolder, KVCacheManager
+from shadowserve.controlplane.manager import KVCacheManager
+from shadowserve.controlplane.ports import BlockHolder
 from shadowserve.dataplane.backends import FetchBackend
 from shadowserve.dataplane.messages import Completion, FetchCommand, SaveCommand
 from shadowserve.engine.remote_kv import FetchEnded, KVRequest
