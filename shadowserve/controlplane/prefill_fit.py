@@ -37,6 +37,7 @@ class PrefillFit:
         self._xty = np.zeros(4)
         self._w = 0.0
         self._shapes: OrderedDict[tuple[int, int, int], None] = OrderedDict()  # recent distinct steps
+        self._coef: tuple[float, float, float, float] | None = None  # solved since the last step, if any
 
     def add(self, tokens: int, seconds: float, pairs: int = 0, kv_tokens: int = 0) -> None:
         """One step: ``tokens`` run, ``pairs`` query-key pairs attended, ``kv_tokens`` of KV read."""
@@ -48,9 +49,18 @@ class PrefillFit:
         self._shapes.move_to_end((tokens, pairs, kv_tokens))
         if len(self._shapes) > RECENT_SHAPES:
             self._shapes.popitem(last=False)
+        self._coef = None
 
     def coefficients(self) -> tuple[float, float, float, float] | None:
-        """(a, b, c, d) of the richest model the steps determine with every term >= 0; None before any step."""
+        """(a, b, c, d) of the richest model the steps determine with every term >= 0; None before any step.
+
+        Solved once per new step: a decision prices every split of a prompt with the same fit.
+        """
+        if self._coef is None:
+            self._coef = self._fit()
+        return self._coef
+
+    def _fit(self) -> tuple[float, float, float, float] | None:
         if self._w == 0 or self._xtx[1, 1] <= 0:
             return None
         for cols in SUBSETS:
