@@ -24,7 +24,7 @@ QUALITY_LEVELS: dict[str, CodecConfig] = {
     # their mean steps), key symbols relative to their channel's median: docs/codec.md, session 10.
     "high": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high"),
     # Session 13: the schedule fitted to answers as well as text, retrieval planes finer (session 12),
-    # which half the accuracy loss of session 10's "smollm2-135m-balanced" (bench preset
+    # which halves the accuracy loss of session 10's "smollm2-135m-balanced" (bench preset
     # planes-balanced-smollm2); byte-wide planes (kvcache/packing.py) made its fine planes cheap.
     "balanced": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x"),
     "compact": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
