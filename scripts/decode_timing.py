@@ -4,19 +4,55 @@
 runs. Here every round times each codec once in turn, on bench codec's chunks (SmolLM2 KV of 2048 tokens of
 its text, 8 chunks of 256), and the best round of each is kept: ``KVCodec.decompress_into`` (inflate) and
 ``dequantize_into`` into a reused staging buffer and fp16 tensor, as the data plane does. It also prints
-each codec's ratio vs fp16 on those chunks. Usage::
+each codec's ratio vs fp16 on those chunks, and how its chunks pack (symbol bytes against one per symbol,
+byte-wide planes). A codec may carry the packer's encode-side bars (``kvcache/packing.py``), which never
+change the decoded KV: ``NAME:wide=0.03`` (``WIDE_SHARE``), ``NAME:max=1`` (``MAX_PACKED_SHARE``), or
+``NAME:wide=1`` (no byte-wide planes: every out-of-range symbol escapes, the layout before KV format 3).
+Usage::
 
     python scripts/decode_timing.py --codecs default,balanced,planes-qa-balanced-smollm2 --rounds 15
+    python scripts/decode_timing.py --codecs planes-qa-5x-smollm2,planes-qa-5x-smollm2:wide=1,high,high:max=1
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
+import numpy as np
 import torch
 
 from shadowserve.bench.suites.codec import _load, _prefill, _text, decode_pass, resolve_preset
+from shadowserve.kvcache import packing
 from shadowserve.kvcache.codec import KVCodec
+
+_BARS = {"wide": "wide_share", "max": "max_share"}
+
+
+def _encode(name: str, chunks: list[torch.Tensor]) -> tuple[KVCodec, list[bytes]]:
+    """``name``'s chunks, packed with the bars it names (``preset:wide=X,max=Y``)."""
+    preset, _, bars = name.partition(":")
+    kwargs = {_BARS[k]: float(v) for k, v in (b.split("=") for b in bars.split(",") if b)}
+    codec = KVCodec(resolve_preset(preset), "bench:decode-timing")
+    default = packing.pack_staging
+    packing.pack_staging = functools.partial(default, **kwargs)  # the encoder's only call into the packer
+    try:
+        return codec, [codec.encode(c) for c in chunks]
+    finally:
+        packing.pack_staging = default
+
+
+def _packing_summary(codec: KVCodec, blobs: list[bytes], shape: tuple[int, ...]) -> str:
+    """Mean packed symbol bytes per one-byte symbol, and byte-wide planes per chunk."""
+    layout = codec.layout_of(shape)
+    staging = np.empty(codec.max_staging_nbytes(shape), np.uint8)
+    shares, wide = [], []
+    for blob in blobs:
+        n = codec.decompress_into(blob, staging).staging_nbytes
+        table = packing.read_packing(layout, torch.from_numpy(staging), n)
+        shares.append(1.0 if table is None else (n - layout.symbols_offset) / layout.symbols_nbytes)
+        wide.append(0 if table is None else sum(table.wide))
+    return f"symbols {np.mean(shares):4.0%} of one byte, {np.mean(wide):4.1f} byte-wide planes"
 
 
 def main() -> None:
@@ -33,8 +69,8 @@ def main() -> None:
     shape = tuple(chunks[0].shape)
     coded = {}
     for n in names:
-        codec = KVCodec(resolve_preset(n), "bench:decode-timing")
-        coded[n] = (codec, [codec.encode(c) for c in chunks], bytearray(codec.max_staging_nbytes(shape)))
+        codec, blobs = _encode(n, chunks)
+        coded[n] = (codec, blobs, bytearray(codec.max_staging_nbytes(shape)))
     out = torch.empty(shape, dtype=torch.float16)
     best = {n: (float("inf"), 0.0, 0.0) for n in names}
     for _ in range(args.rounds):
@@ -48,7 +84,8 @@ def main() -> None:
         total, inflate, dequant = best[n]
         ratio = gb * 1e9 / sum(len(b) for b in coded[n][1])
         print(f"{n:32s} ratio {ratio:5.2f}  decode {gb / total:5.2f} GB/s   per chunk {total * 1e3 / k:.2f} ms "
-              f"(inflate {inflate * 1e3 / k:.2f}, dequantize {dequant * 1e3 / k:.2f})")
+              f"(inflate {inflate * 1e3 / k:.2f}, dequantize {dequant * 1e3 / k:.2f})   "
+              f"{_packing_summary(coded[n][0], coded[n][1], shape)}")
 
 
 if __name__ == "__main__":
