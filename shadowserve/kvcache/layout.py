@@ -59,9 +59,13 @@ class Layout:
         """Bytes of plane data when ``wide`` planes are one byte per symbol and the rest two per byte."""
         return (self.planes - wide) * (self.plane_nbytes // 2) + wide * self.plane_nbytes
 
+    def offsets_offset(self, wide: int = 0) -> int:
+        """Where a packed chunk's key offsets (if any) start: after the plane data, 4-byte aligned."""
+        return _align(self.data_offset + self.data_nbytes(wide), 4)
+
     def escapes_offset(self, wide: int = 0, offsets: bool = False) -> int:
         """Where the escape gaps of a packed chunk start."""
-        return _align(self.data_offset + self.data_nbytes(wide), 4) + (self.offsets_nbytes if offsets else 0)
+        return self.offsets_offset(wide) + (self.offsets_nbytes if offsets else 0)
 
     def packed_nbytes(self, escapes: int, offsets: bool = False, wide: int = 0) -> int:
         """Staging size of a packed chunk with ``escapes`` escaped symbols, ``wide`` one-byte planes and,

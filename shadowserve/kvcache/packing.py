@@ -136,10 +136,10 @@ def pack_staging(layout: Layout, staging: np.ndarray, key_offsets: bool = False,
         row = raw[p] if wide[p] else nibbles[p]
         out[pos: pos + row.size] = row
         pos += row.size
-    g0 = layout.escapes_offset(nwide)
     if key_offsets:
-        out[g0: g0 + layout.num_offsets] = offsets.reshape(-1).view(torch.uint8).numpy()
-        g0 += layout.offsets_nbytes
+        o0 = layout.offsets_offset(nwide)
+        out[o0: o0 + layout.num_offsets] = offsets.reshape(-1).view(torch.uint8).numpy()
+    g0 = layout.escapes_offset(nwide, key_offsets)
     gaps = torch.diff(positions, prepend=positions.new_zeros(1)).to(torch.int32)
     out[g0: g0 + 4 * k] = gaps.numpy().astype("<u4").view(np.uint8)
     out[g0 + 4 * k: g0 + 5 * k] = sym[positions].numpy().view(np.uint8)
@@ -188,8 +188,8 @@ def split_staging(layout: Layout, staging: torch.Tensor, staging_nbytes: int, ch
     g0 = layout.escapes_offset(nwide, packing.key_offsets)
     key_offsets = None
     if packing.key_offsets:
-        key_offsets = staging[g0 - layout.offsets_nbytes: g0 - layout.offsets_nbytes + layout.num_offsets] \
-            .view(torch.int8).view(len(layout.rules), 1, layout.channels)
+        o0 = layout.offsets_offset(nwide)
+        key_offsets = staging[o0: o0 + layout.num_offsets].view(torch.int8).view(len(layout.rules), 1, layout.channels)
     raw_gaps = staging[g0: g0 + 4 * k]
     if raw_gaps.storage_offset() % 4:  # a caller's buffer that starts off a 4-byte boundary
         raw_gaps = raw_gaps.clone()
