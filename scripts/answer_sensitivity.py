@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from shadowserve.bench.common.quality_runner import CODE_TOKENS, GUARD_TOKENS
 from shadowserve.bench.common.quality_tasks import Document, TaskBuilder, TaskSpec, is_correct
-from shadowserve.bench.suites.codec import PRESETS, _load, _prefill
+from shadowserve.bench.suites.codec import _load, _prefill, resolve_preset
 from shadowserve.kvcache import quant
 from shadowserve.kvcache.codec import KVCodec
 from shadowserve.kvcache.layout import Layout
@@ -144,6 +144,12 @@ def coded(config, kv: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, flo
     return out, kv.numel() * 2 / nbytes
 
 
+def units(layers: int, heads: int, per_head: bool) -> list[tuple[int, int, int | None]]:
+    """The (layer, K/V, head) units ``planes`` quantizes one at a time; head None = the whole plane."""
+    return [(layer, i, h) for layer in range(layers) for i in range(2)
+            for h in (range(heads) if per_head else [None])]
+
+
 def one_plane_quantized(kv: torch.Tensor) -> torch.Tensor:
     """Every plane of ``kv`` quantized at the default steps (keys 0.5, values 1.0 x row RMS)."""
     layers, _, tokens, heads, head_dim = kv.shape
@@ -161,8 +167,9 @@ def main() -> int:
     p.add_argument("command", choices=["planes", "codecs"])
     p.add_argument("--seed", type=int, default=9, help="task seed (bench quality scores seed 0: fit on others)")
     p.add_argument("--documents", type=int, default=12, help="documents, half needle and half chain")
-    p.add_argument("--codecs", default="balanced,high", help="codecs: bench codec presets, comma-separated")
+    p.add_argument("--codecs", default="balanced,high", help="codecs: bench codec presets (with + modifiers), comma-separated")
     p.add_argument("--generate", action="store_true", help="codecs: also answer greedily and score accuracy")
+    p.add_argument("--per-head", action="store_true", help="planes: quantize one KV head of a plane at a time")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -174,7 +181,8 @@ def main() -> int:
     _, model = _load("smollm2-135m")
     layers = model.config.num_hidden_layers
     names = args.codecs.split(",") if args.command == "codecs" else []
-    plane_kl = [[0.0, 0.0] for _ in range(layers)]
+    heads = model.config.num_key_value_heads
+    plane_kl = {u: 0.0 for u in units(layers, heads, args.per_head)}
     rows = {n: {"ratio": [], "kl": [], "identical": [], "correct": []} for n in names}
     recompute: list[bool] = []
     started = time.monotonic()
@@ -185,13 +193,15 @@ def main() -> int:
         recompute += ref.correct
         if args.command == "planes":
             q = one_plane_quantized(kv)
-            for layer in range(layers):
-                for i in range(2):
-                    mixed = kv.clone()
+            for layer, i, h in plane_kl:
+                mixed = kv.clone()
+                if h is None:
                     mixed[layer, i] = q[layer, i]
-                    plane_kl[layer][i] += sum(compare(model, mixed, ref, ref_lp)[0])
+                else:
+                    mixed[layer, i, :, h] = q[layer, i, :, h]
+                plane_kl[layer, i, h] += sum(compare(model, mixed, ref, ref_lp)[0])
         for n in names:
-            decoded, ratio = coded(PRESETS[n], kv)
+            decoded, ratio = coded(resolve_preset(n), kv)
             kls, same = compare(model, decoded, ref, ref_lp)
             row = rows[n]
             row["ratio"].append(ratio)
@@ -205,7 +215,9 @@ def main() -> int:
     report: dict = {"seed": args.seed, "documents": args.documents, "questions": n_q,
                     "recompute_accuracy": sum(recompute) / n_q}
     if args.command == "planes":
-        report["answer_kl"] = [[s / n_q for s in pair] for pair in plane_kl]
+        per = [[[plane_kl[layer, i, h] / n_q for h in (range(heads) if args.per_head else [None])]
+                for i in range(2)] for layer in range(layers)]
+        report["answer_kl"] = per if args.per_head else [[u[0] for u in pair] for pair in per]
     for n, row in rows.items():
         summary = {"ratio_vs_fp16": sum(row["ratio"]) / len(row["ratio"]), "answer_kl": sum(row["kl"]) / n_q,
                    "identical_share": sum(row["identical"]) / n_q}

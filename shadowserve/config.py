@@ -255,6 +255,10 @@ class CodecConfig:
     multiple of 4 KiB, at most 64 KiB; a version-3 chunk), which GPU batched decompressors decode
     in parallel; 0 writes one stream per chunk (version 2). A transport choice too: decoders read
     both, and the decoded KV and chunk keys are the same (docs/codec.md, "Blocked lossless payloads").
+    ``key_channel_steps`` (``rms`` only): the name of a measured query-energy table
+    (``kvcache/channel_steps/``, e.g. ``smollm2-135m``) that gives each key channel its own step,
+    finer where queries weigh the channel more, as ``energy ** (-key_channel_power / 2)`` (geometric
+    mean 1 per layer; docs/codec.md, "Per-channel key steps"); empty: one step per key row.
     """
 
     quant: str = "rms"
@@ -268,6 +272,8 @@ class CodecConfig:
     min_saving: float = 0.125
     key_offsets: bool = False
     lossless_block: int = 0
+    key_channel_steps: str = ""
+    key_channel_power: float = 0.5
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_MODES:
@@ -291,6 +297,11 @@ class CodecConfig:
         if self.lossless_block != 0 and not is_lossless_block(self.lossless_block):
             raise ConfigError(f"lossless_block must be 0 (one stream) or a multiple of {LOSSLESS_BLOCK_STEP} "
                               f"up to {LOSSLESS_BLOCK_MAX} bytes, got {self.lossless_block!r}")
+        if self.key_channel_steps and not _SCHEDULE_NAME.match(self.key_channel_steps):
+            raise ConfigError(f"key_channel_steps must name a measured table, got {self.key_channel_steps!r}")
+        if isinstance(self.key_channel_power, bool) or not isinstance(self.key_channel_power, (int, float)) \
+                or not 0 <= self.key_channel_power <= 2:
+            raise ConfigError(f"key_channel_power must be a number in [0, 2], got {self.key_channel_power!r}")
         steps = self.layer_steps.strip()
         if steps and not _SCHEDULE_NAME.match(steps):
             # A list of multipliers; a schedule's name is resolved (and checked) by kvcache.schedules.

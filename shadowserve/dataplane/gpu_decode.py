@@ -63,22 +63,38 @@ class GpuDequantizer:
                 out.copy_(dev[:n].view(header.dtype).view(header.shape))
             else:
                 scales, symbols = split_staging(layout, dev[:n], n, check=False, packing=packing)
-                _dequantize_on_device(layout, scales, symbols, out, unpacked)
+                _dequantize_on_device(layout, scales, symbols, out, unpacked, self._key_state(layout))
             if out is scratch:
                 self.target.scatter_on_device(plan, scratch)
             event.record(stream)
         event.synchronize()
+
+    def _key_state(self, layout) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This thread's device copy of the key channels' step multipliers and an fp32 keys scratch,
+        made on first use (None when the codec has one step per key row)."""
+        if layout.key_steps is None:
+            return None
+        tls = self._tls
+        if getattr(tls, "key_steps", None) is None:
+            layers, _, tokens, heads, head_dim = self.target.chunk_shape
+            tls.key_steps = layout.key_steps.to(self.device)
+            tls.keys = torch.empty((layers, tokens, heads, head_dim), dtype=torch.float32, device=self.device)
+        return tls.key_steps, tls.keys
 
     def close(self) -> None:
         self._dev_staging = None
 
 
 def _dequantize_on_device(layout, scales16: torch.Tensor, symbols: torch.Tensor | PackedSymbols,
-                          out: torch.Tensor, unpacked: torch.Tensor) -> None:
+                          out: torch.Tensor, unpacked: torch.Tensor,
+                          key_state: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """``out = symbols * scales`` with the same rounding as the host path (product in fp32, one cast).
 
-    Packed symbols are first unpacked into ``unpacked`` (int8, at least the chunk's size). Plain torch
-    ops, so it runs on any device (the tests check it on the CPU against the host decoder).
+    Packed symbols are first unpacked into ``unpacked`` (int8, at least the chunk's size). With
+    per-channel key steps, ``key_state`` holds the multipliers [layers, channels] on the device and an
+    fp32 keys scratch [layers, tokens, heads, head_dim]: keys are ``(symbols * scales) * multipliers``
+    in fp32, as on the host, then cast once. Plain torch ops, so it runs on any device (the tests check
+    it on the CPU against the host decoder).
     """
     layers = len(layout.rules)
     if isinstance(symbols, PackedSymbols):
@@ -90,7 +106,14 @@ def _dequantize_on_device(layout, scales16: torch.Tensor, symbols: torch.Tensor 
     sym = symbols.view(layers, 2, t, heads, head_dim)
     out.copy_(sym)  # int8 values are exact in every float dtype
     if layout.token_only:
-        out.mul_(scales16.view(layers, 2, t, 1, 1))
+        per_token = scales16.view(layers, 2, t, 1, 1)
+        if key_state is None:
+            out.mul_(per_token)
+            return
+        key_steps, keys = key_state
+        out[:, 1].mul_(per_token[:, 1])
+        keys.copy_(sym[:, 0]).mul_(per_token[:, 0]).mul_(key_steps.view(layers, 1, heads, head_dim))
+        out[:, 0].copy_(keys)
         return
     for layer in range(layers):
         for kv in range(2):

@@ -9,9 +9,14 @@ layouts (kvcache/packing.py describes the second):
 
 A staging of exactly ``staging_nbytes`` is the first layout; any smaller one is packed, and its table
 says how (escape count, key offsets or not, each plane's width), so its exact size can be checked.
+
+A layout also carries what turns symbols back into values besides the scales: the key channels' step
+multipliers, when the codec gives each channel its own step (kvcache/channel_steps.py).
 """
 
 from __future__ import annotations
+
+import torch
 
 from shadowserve.errors import ChunkFormatError
 from shadowserve.kvcache.plan import TOKEN, PlaneRule
@@ -28,8 +33,14 @@ def _align(n: int, to: int) -> int:
 class Layout:
     """Offsets and sizes of both symbol layouts, for one chunk shape and plan."""
 
-    def __init__(self, rules: list[tuple[PlaneRule, PlaneRule]], tokens: int, channels: int) -> None:
+    def __init__(self, rules: list[tuple[PlaneRule, PlaneRule]], tokens: int, channels: int,
+                 key_steps: torch.Tensor | None = None) -> None:
         self.rules = rules
+        if key_steps is not None and tuple(key_steps.shape) != (len(rules), channels):
+            raise ValueError(f"key_steps must be [layers, channels] = [{len(rules)}, {channels}], "
+                             f"got {list(key_steps.shape)}")
+        # Key channel c of layer l is quantized with step scale x key_steps[l, c] (None: all 1).
+        self.key_steps = None if key_steps is None else key_steps.float().contiguous()
         self.tokens, self.channels = tokens, channels
         self.token_only = all(r.axis == TOKEN for pair in rules for r in pair)
         self.offsets: list[tuple[int, int]] = []  # (offset, length) in scale elements, per (layer, kv)

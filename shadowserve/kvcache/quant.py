@@ -5,6 +5,10 @@ token (a row of kv_heads*head_dim channels) or, for KIVI-style keys, per channel
 ``q * s`` is off by at most ``s / 2`` per value (plus the rounding of the output dtype): scales are
 stored in fp16 and rounded *up* before use, so clipping never happens and the bound is exact.
 
+With per-channel key steps (kvcache/channel_steps.py) key channel ``c`` is quantized as
+``round(x / (s * m_c))``: the keys are divided by their multipliers ``m`` first, and the decoder
+multiplies them back, so the bound becomes ``s * m_c / 2``.
+
 How ``s`` is chosen is the only difference between the modes:
 
 * ``absmax`` rules (CacheGen, uniform, int8, KIVI): ``s = max|x| / h`` with ``2h+1`` levels.
@@ -60,6 +64,9 @@ def quantize(x: torch.Tensor, layout: Layout, scales_out: torch.Tensor, symbols_
     Encode path (the save side); it allocates temporaries of the chunk's size.
     """
     layers = len(layout.rules)
+    if layout.key_steps is not None:
+        x = x.clone()
+        x[:, 0].div_(layout.key_steps[:, None, :])
     if layout.token_only:
         # All planes scale per token: do every layer at once.
         amax = x.abs().amax(-1)  # [L, 2, T]
@@ -128,6 +135,7 @@ def dequantize_into(layout: Layout, scales16: torch.Tensor, symbols: torch.Tenso
         unpack_into(symbols, unpacked)
         symbols = unpacked
     sym = symbols.view(layers, 2, t, heads, head_dim)
+    key_steps = None if layout.key_steps is None else layout.key_steps.view(layers, 1, heads, head_dim)
     for l0 in range(0, layers, group):
         g = min(group, layers - l0)
         dst = out[l0: l0 + g] if direct else work[:g]
@@ -141,6 +149,8 @@ def dequantize_into(layout: Layout, scales16: torch.Tensor, symbols: torch.Tenso
                     s = layout.scale_view(scales, layer, kv)
                     per_token = layout.rules[layer][kv].axis == TOKEN
                     dst[layer - l0, kv].mul_(s.view(t, 1, 1) if per_token else s.view(1, heads, head_dim))
+        if key_steps is not None:
+            dst[:g, 0].mul_(key_steps[l0: l0 + g])
         if not direct:
             out[l0: l0 + g].copy_(dst)
 
@@ -153,4 +163,6 @@ def error_bound(layout: Layout, scales16: torch.Tensor) -> torch.Tensor:
     for layer in range(layers):
         for kv in range(2):
             bound[layer, kv] = layout.scale_view(scales, layer, kv).expand(layout.tokens, layout.channels) / 2
+    if layout.key_steps is not None:
+        bound[:, 0].mul_(layout.key_steps[:, None, :])
     return bound

@@ -19,3 +19,17 @@ def test_modifiers_change_only_what_they_name():
 def test_unknown_presets_and_modifiers_are_refused(name):
     with pytest.raises(ConfigError):
         resolve_preset(name)
+
+
+def test_step_and_channel_modifiers():
+    c = resolve_preset("planes-qa-5x-smollm2+channels+k0.3")
+    assert (c.key_channel_steps, c.key_channel_power, c.key_step) == ("smollm2-135m", 0.5, 0.3)
+    assert c.layer_steps == PRESETS["planes-qa-5x-smollm2"].layer_steps
+    assert resolve_preset("default+channels1+v1.5").key_channel_power == 1.0
+    assert resolve_preset("default+v1.5").value_step == 1.5
+
+
+@pytest.mark.parametrize("name", ["default+channels3", "default+k99", "default+channelsx", "default+kx"])
+def test_bad_step_and_channel_modifiers_are_refused(name):
+    with pytest.raises(ConfigError):
+        resolve_preset(name)

@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
+from shadowserve.bench.common.quality_pool import pool_runs
 from shadowserve.bench.common.quality_stats import accuracy_interval, mcnemar_p, paired_difference
 from shadowserve.bench.common.quality_tasks import Question, TaskBuilder, TaskSpec, first_number, is_correct
 from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.engine.request import SamplingParams
+from shadowserve.errors import ConfigError
 from shadowserve.kvcache.chunking import chunk_keys, key_seed
 from shadowserve.kvcache.codec import KVCodec
 from shadowserve.kvcache.levels import QUALITY_LEVELS
@@ -146,6 +148,29 @@ def test_transcoded_chunks_are_the_bytes_a_cold_pass_would_save(tiny):
 
 @pytest.mark.smollm2
 @pytest.mark.slow
+def _run(recompute: str, codec: str, documents: list[int], kv_format: str = "sskv3/rms:k0.5:v1") -> dict:
+    return {"levels": {"balanced": {"codec": f"{kv_format}/zstd"}}, "codecs": {},
+            "per_question": {"document": documents, "recompute": recompute, "balanced": codec}}
+
+
+def test_pooling_joins_runs_question_by_question():
+    a = _run("1100", "1000", [0, 0, 1, 1])  # lost one
+    b = _run("0011", "1011", [0, 0, 1, 1])  # gained one
+    c = _run("111111", "000000", [0, 0, 0, 1, 1, 1])
+    ab = pool_runs([a, b], "balanced")
+    assert (ab["questions"], ab["documents"], ab["lost"], ab["gained"]) == (8, 4, 1, 1)  # documents kept apart
+    assert ab["delta_points"] == 0.0 and ab["mcnemar_p"] == 1.0
+    abc = pool_runs([a, b, c], "balanced")
+    assert abc["lost"] == 7 and abc["delta_points"] == pytest.approx(-600 / 14)
+    assert abc["delta_ci"][0] <= abc["delta_points"] <= abc["delta_ci"][1] and abc["mcnemar_p"] < 0.1
+    with pytest.raises(ConfigError, match="decodes differently"):
+        pool_runs([a, _run("1", "1", [0], "sskv3/int8")], "balanced")
+    with pytest.raises(ConfigError, match="did not measure"):
+        pool_runs([a], "compact")
+    with pytest.raises(ConfigError, match="per-question"):
+        pool_runs([{"levels": {}, "codecs": {}}], "balanced")
+
+
 def test_quick_run_writes_the_documented_json(tmp_path, smollm2):
     out, png = tmp_path / "quality.json", tmp_path / "quality.png"
     proc = subprocess.run([sys.executable, "-m", "shadowserve.cli", "bench", "quality", "--quick", "--json", str(out),
@@ -169,3 +194,12 @@ def test_quick_run_writes_the_documented_json(tmp_path, smollm2):
     assert report["levels"]["compact"]["ratio_vs_fp16"] > report["levels"]["balanced"]["ratio_vs_fp16"] \
         > report["levels"]["high"]["ratio_vs_fp16"]
     assert png.stat().st_size > 10_000
+    per = report["per_question"]
+    assert set(per) == {"document", "recompute", *QUALITY_LEVELS}
+    assert len(per["document"]) == len(per["recompute"]) == report["questions"]
+    assert per["lossless"] == per["recompute"]
+    twice = pool_runs([report, report], "balanced")  # the same run twice: counts double, the change stays
+    row = report["levels"]["balanced"]
+    assert (twice["questions"], twice["documents"]) == (2 * report["questions"], 2 * report["documents"])
+    assert (twice["lost"], twice["gained"]) == (2 * row["lost"], 2 * row["gained"])
+    assert abs(twice["delta_points"] - row["delta_points"]) < 1e-9

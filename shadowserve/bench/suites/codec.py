@@ -79,30 +79,41 @@ PRESETS: dict[str, CodecConfig] = {
 # Modifiers a preset name may carry after a "+" (e.g. "balanced+deflate+blocked"), so variants that differ
 # only in transport are timed side by side in one run without a preset for each combination.
 _STAGE_MODIFIERS = ("zstd", "deflate", "lz4", "none")
+CHANNEL_TABLE = "smollm2-135m"  # the query-energy table the "channels" modifier names (this bench's model)
 
 
 def resolve_preset(name: str) -> CodecConfig:
     """A preset's config with its "+" modifiers applied: a lossless stage (``zstd``, ``deflate``, ``lz4``,
-    ``none``), ``blocked`` (64 KiB lossless blocks, format version 3), ``blocked<N>k`` (N KiB blocks) or
-    ``oneblock`` (one stream per chunk)."""
+    ``none``), ``blocked`` (64 KiB lossless blocks, format version 3), ``blocked<N>k`` (N KiB blocks),
+    ``oneblock`` (one stream per chunk), ``channels`` / ``channels<P>`` (per-channel key steps from the
+    model's query-energy table, power 0.5 or P) or ``k<S>`` / ``v<S>`` (key / value step S)."""
     base, *mods = name.split("+")
     if base not in PRESETS:
         raise ConfigError(f"unknown codec preset {base!r}: choose from {', '.join(PRESETS)}")
     config = PRESETS[base]
-    for mod in mods:
-        if mod in _STAGE_MODIFIERS:
-            config = replace(config, lossless=mod)
-        elif mod == "oneblock":
-            config = replace(config, lossless_block=0)
-        elif mod.startswith("blocked"):
-            kib = mod[len("blocked"):].removesuffix("k") or "64"
-            if not kib.isdigit():
-                raise ConfigError(f"unknown preset modifier {mod!r} in {name!r}")
-            config = replace(config, lossless_block=int(kib) * 1024)
-        else:
-            raise ConfigError(f"unknown preset modifier {mod!r} in {name!r}: use a lossless stage "
-                              f"({', '.join(_STAGE_MODIFIERS)}), blocked, blocked<N>k or oneblock")
+    try:
+        for mod in mods:
+            config = _modified(config, mod)
+    except ValueError:
+        raise ConfigError(f"unknown preset modifier in {name!r}: use a lossless stage ({', '.join(_STAGE_MODIFIERS)}), "
+                          "blocked, blocked<N>k, oneblock, channels, channels<P>, k<S> or v<S>") from None
     return config
+
+
+def _modified(config: CodecConfig, mod: str) -> CodecConfig:
+    if mod in _STAGE_MODIFIERS:
+        return replace(config, lossless=mod)
+    if mod == "oneblock":
+        return replace(config, lossless_block=0)
+    if mod.startswith("blocked"):
+        kib = mod[len("blocked"):].removesuffix("k") or "64"
+        return replace(config, lossless_block=int(kib) * 1024)
+    if mod.startswith("channels"):
+        power = float(mod[len("channels"):] or 0.5)
+        return replace(config, key_channel_steps=CHANNEL_TABLE, key_channel_power=power)
+    if mod[:1] in ("k", "v") and mod[1:2].isdigit():
+        return replace(config, **{"key_step" if mod[0] == "k" else "value_step": float(mod[1:])})
+    raise ValueError(mod)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from shadowserve.bench.common.quality_runner import QualityRunner
 from shadowserve.bench.common.quality_stats import accuracy_interval, mcnemar_p, paired_difference
 from shadowserve.bench.common.quality_tasks import TASKS, TaskBuilder, TaskSpec
-from shadowserve.bench.suites.codec import PRESETS, CodecBench
+from shadowserve.bench.suites.codec import CodecBench, resolve_preset
 from shadowserve.config import CodecConfig
 from shadowserve.errors import ConfigError
 from shadowserve.kvcache.levels import DEFAULT_QUALITY, QUALITY_LEVELS
@@ -124,8 +124,9 @@ def _names(text: str, known, what: str) -> list[str]:
 
 def _extra_codecs(names: str, levels: dict[str, CodecConfig]) -> dict[str, CodecConfig]:
     # A preset equal to a level that runs is measured once, under the level's name.
-    return {n: PRESETS[n] for n in _names(names, PRESETS, "codec preset")
-            if n not in levels and PRESETS[n] not in levels.values()}
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    configs = {n: resolve_preset(n) for n in chosen}  # a preset, "+" modifiers and all
+    return {n: c for n, c in configs.items() if n not in levels and c not in levels.values()}
 
 
 def build_report(questions, runner, figures: dict[str, dict[str, Any]],
@@ -141,6 +142,9 @@ def build_report(questions, runner, figures: dict[str, dict[str, Any]],
                       "chain_first_hop_accuracy": _first_hop(ref)},
         "levels": {},
         "codecs": {},
+        # Per question, so runs can be pooled question by question (scripts/pool_quality.py):
+        # its document, and "1"/"0" for right/wrong, one character per question.
+        "per_question": {"document": clusters, "recompute": _marks(ref.correct)},
     }
     for name, contestant in runner.contestants.items():
         ans = contestant.answers
@@ -170,7 +174,12 @@ def build_report(questions, runner, figures: dict[str, dict[str, Any]],
             "decode_gbps_per_core": fig["decode_gbps_per_core"],
         }
         report["codecs" if name in extra else "levels"][name] = row
+        report["per_question"][name] = _marks(ans.correct)
     return report
+
+
+def _marks(correct: list[bool]) -> str:
+    return "".join("1" if c else "0" for c in correct)
 
 
 def _per_task(questions, correct: list[bool]) -> dict[str, float]:
