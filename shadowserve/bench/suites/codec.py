@@ -25,6 +25,7 @@ from shadowserve.config import CodecConfig
 from shadowserve.errors import ConfigError, ModelError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import quant as q
+from shadowserve.kvcache.channel_steps import key_multipliers
 from shadowserve.kvcache.layout import Layout
 from shadowserve.kvcache.levels import QUALITY_LEVELS
 from shadowserve.kvcache.plan import plan
@@ -234,10 +235,16 @@ def _layer_sensitivity(model, kv: torch.Tensor, ev: torch.Tensor, ref: torch.Ten
     rules = plan(config.quant, layers, config.bins, config.key_step, config.value_step,
                    step_multipliers(config), adapt=is_named(config))
     int8 = plan("int8", layers)
+    channel = key_multipliers(config, layers, heads, head_dim)
     x = kv.reshape(layers, 2, tokens, heads * head_dim).float()
     out = []
     for i in range(layers):
-        layout = Layout([rules[j] if j == i else int8[j] for j in range(layers)], tokens, heads * head_dim)
+        key_steps = None
+        if channel is not None:  # the layer's own key channel steps; int8 layers keep one step per row
+            key_steps = torch.ones_like(channel)
+            key_steps[i] = channel[i]
+        layout = Layout([rules[j] if j == i else int8[j] for j in range(layers)], tokens, heads * head_dim,
+                        key_steps)
         scales = torch.empty(layout.num_scales, dtype=torch.float16)
         symbols = torch.empty(layout.symbols_nbytes, dtype=torch.int8)
         q.quantize(x, layout, scales, symbols)
