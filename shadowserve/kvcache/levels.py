@@ -26,7 +26,10 @@ QUALITY_LEVELS: dict[str, CodecConfig] = {
     # Session 13: the schedule fitted to answers as well as text, retrieval planes finer (session 12),
     # which halves the accuracy loss of session 10's "smollm2-135m-balanced" (bench preset
     # planes-balanced-smollm2); byte-wide planes (kvcache/packing.py) made its fine planes cheap.
-    "balanced": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x"),
+    # Session 14: plus per-channel key steps from the queries' energy (kvcache/channel_steps.py), keys
+    # finer overall: a third less KL at the same ratio (session 13's codec: preset planes-qa-5x-smollm2).
+    "balanced": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x", key_step=0.3,
+                            key_channel_steps="smollm2-135m"),
     "compact": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
 }
 

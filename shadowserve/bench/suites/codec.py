@@ -71,6 +71,9 @@ PRESETS: dict[str, CodecConfig] = {
     "planes-qa-balanced-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-balanced"),
     "planes-qa-5x-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x"),
     "planes-high-pinned-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high-pinned"),
+    # Session 14: qa-5x with per-channel key steps (kvcache/channel_steps.py), keys finer: "balanced" since.
+    "planes-qa-5x-channels-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x", key_step=0.3,
+                                                 key_channel_steps="smollm2-135m"),
     "planes-compact-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
     "fp16-zstd": CodecConfig(quant="none", lossless="zstd", min_saving=0),  # zstd kept where it saves ~8%
     "fp16-raw": CodecConfig(quant="none", lossless="none"),
