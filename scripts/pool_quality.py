@@ -5,8 +5,9 @@ than any one of them (shadowserve/bench/common/quality_pool.py says how they are
 
     python scripts/pool_quality.py docs/quality-a.json docs/quality-b.json --name balanced
 
-A name is matched by its KV format id across runs, so a level and the preset it was measured as in
-another run pool together only if they decode to the same KV.
+The first run that measured ``--name`` fixes which KV it means; in the other runs the name counts only
+where it decodes to that KV, and a level or preset under another name that does is taken instead (so
+a preset measured in one run pools with the level it became in another).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import sys
 
 from shadowserve.bench.common.quality_pool import pool_runs
+from shadowserve.errors import ConfigError
 
 
 def main() -> int:
@@ -28,7 +30,11 @@ def main() -> int:
     for path in args.runs:
         with open(path) as f:
             reports.append(json.load(f))
-    row = pool_runs(reports, args.name)
+    try:
+        row = pool_runs(reports, args.name)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{row['name']} ({row['kv_format']}) over {row['questions']} questions, {row['documents']} documents, "
           f"{row['runs']} runs: recompute {100 * row['recompute_accuracy']:.1f}%, {row['name']} "
           f"{100 * row['accuracy']:.1f}%, delta {row['delta_points']:+.2f} points "

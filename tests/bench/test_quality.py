@@ -163,10 +163,14 @@ def test_pooling_joins_runs_question_by_question():
     abc = pool_runs([a, b, c], "balanced")
     assert abc["lost"] == 7 and abc["delta_points"] == pytest.approx(-600 / 14)
     assert abc["delta_ci"][0] <= abc["delta_points"] <= abc["delta_ci"][1] and abc["mcnemar_p"] < 0.1
-    with pytest.raises(ConfigError, match="decodes differently"):
+    with pytest.raises(ConfigError, match="did not measure"):  # same name, other KV: never pooled
         pool_runs([a, _run("1", "1", [0], "sskv3/int8")], "balanced")
     with pytest.raises(ConfigError, match="did not measure"):
         pool_runs([a], "compact")
+    renamed = _run("0011", "1011", [0, 0, 1, 1])  # the same KV measured as a preset in another run
+    renamed["codecs"] = {"preset+k0.3": renamed["levels"].pop("balanced")}
+    renamed["per_question"]["preset+k0.3"] = renamed["per_question"].pop("balanced")
+    assert pool_runs([a, renamed], "balanced") == ab
     with pytest.raises(ConfigError, match="per-question"):
         pool_runs([{"levels": {}, "codecs": {}}], "balanced")
 

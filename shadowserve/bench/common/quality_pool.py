@@ -12,30 +12,41 @@ from shadowserve.bench.common.quality_stats import accuracy_interval, mcnemar_p,
 from shadowserve.errors import ConfigError
 
 
-def _row(report: dict, name: str) -> dict | None:
-    return report["levels"].get(name) or report["codecs"].get(name)
+def _kv_format(row: dict) -> str:
+    return row["codec"].rsplit("/", 1)[0]  # the codec id less its lossless stage
+
+
+def _entry(report: dict, name: str, kv_format: str | None) -> str | None:
+    """The name under which ``report`` measured ``name``: itself, or (once the KV format is known from an
+    earlier run) any level or codec that decodes to the same KV, e.g. a level and the preset it became."""
+    rows = {**report["codecs"], **report["levels"]}
+    if name in rows and (kv_format is None or _kv_format(rows[name]) == kv_format):
+        return name
+    if kv_format is not None:
+        return next((n for n, row in rows.items() if _kv_format(row) == kv_format), None)
+    return None
 
 
 def pool_runs(reports: list[dict], name: str) -> dict:
-    """The pooled comparison of ``name`` with recompute over every run that measured it."""
-    ref, other, clusters, formats = [], [], [], set()
+    """The pooled comparison of ``name`` (or the same KV under another name) with recompute over the runs."""
+    ref, other, clusters, kv_format = [], [], [], None
     for i, report in enumerate(reports):
         per = report.get("per_question")
         if per is None:
             raise ConfigError(f"run {i + 1} has no per-question outcomes (rerun it with this version of bench quality)")
-        if name not in per:
-            raise ConfigError(f"run {i + 1} did not measure {name!r} (it has {', '.join(k for k in per if k != 'document')})")
-        formats.add(_row(report, name)["codec"].rsplit("/", 1)[0])
+        found = _entry(report, name, kv_format)
+        if found is None:
+            measured = ", ".join(k for k in per if k not in ("document", "recompute"))
+            raise ConfigError(f"run {i + 1} did not measure {name!r} or the KV it decodes to (it has {measured})")
+        kv_format = _kv_format({**report["codecs"], **report["levels"]}[found])
         ref += [c == "1" for c in per["recompute"]]
-        other += [c == "1" for c in per[name]]
+        other += [c == "1" for c in per[found]]
         clusters += [(i, d) for d in per["document"]]
-    if len(formats) > 1:
-        raise ConfigError(f"{name!r} decodes differently across the runs ({', '.join(sorted(formats))})")
     ids = {c: n for n, c in enumerate(dict.fromkeys(clusters))}
     diff = paired_difference(ref, other, [ids[c] for c in clusters])
     acc, low, high = accuracy_interval(other)
     ref_acc, ref_low, ref_high = accuracy_interval(ref)
-    return {"name": name, "kv_format": formats.pop(), "runs": len(reports), "questions": len(ref),
+    return {"name": name, "kv_format": kv_format, "runs": len(reports), "questions": len(ref),
             "documents": len(ids), "recompute_accuracy": ref_acc, "recompute_ci": [ref_low, ref_high],
             "accuracy": acc, "accuracy_ci": [low, high], "delta_points": diff.delta_points,
             "delta_ci": [diff.low, diff.high], "lost": diff.lost, "gained": diff.gained,
