@@ -56,6 +56,22 @@ def query_energy(model, ids: torch.Tensor) -> torch.Tensor:
     return (log - log.mean(dim=(1, 2), keepdim=True)).exp()
 
 
+def output_weights(model) -> torch.Tensor:
+    """Squared norm of each output-projection column per (layer, KV head, channel): how much an error in
+    that value channel moves the layer's output (mean over the query heads sharing the KV head)."""
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // heads
+    cols = [layer.self_attn.o_proj.weight.detach().double().square().sum(0) for layer in model.model.layers]
+    return torch.stack(cols).reshape(cfg.num_hidden_layers, kv_heads, heads // kv_heads, head_dim).mean(2)
+
+
+def _amgm(x: torch.Tensor) -> str:
+    """Per layer, arithmetic over geometric mean: how much a per-channel step can gain there."""
+    ratio = x.mean(dim=(1, 2)) / x.log().mean(dim=(1, 2)).exp()
+    return " ".join(f"{r:.2f}" for r in ratio.tolist())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", required=True, help="write the table here")
@@ -77,8 +93,8 @@ def main() -> int:
     with open(args.json, "w") as f:
         json.dump(table, f, indent=None, separators=(",", ":"))
         f.write("\n")
-    amgm = energy.mean(dim=(1, 2)) / energy.log().mean(dim=(1, 2)).exp()
-    print("AM/GM of the query energy per layer: " + " ".join(f"{x:.2f}" for x in amgm.tolist()))
+    print("AM/GM of the query energy per layer (keys): " + _amgm(energy))
+    print("AM/GM of the squared output-projection column norms per layer (values): " + _amgm(output_weights(model)))
     return 0
 
 
