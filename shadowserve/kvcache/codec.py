@@ -58,10 +58,10 @@ def kv_format_id_of(config: CodecConfig) -> str:
     return f"sskv{version}/{qpart}"
 
 
-def codec_id_of(config: CodecConfig, lossless: str | None = None) -> str:
-    """What a chunk's header names: its KV format and the lossless stage its payload went through
-    (``lossless``, when the chunk skipped the configured one)."""
-    return f"{kv_format_id_of(config)}/{lossless or config.lossless}"
+def codec_id_of(config: CodecConfig) -> str:
+    """What a chunk's header names: its KV format and the lossless stage its payload went through (a
+    chunk that skipped the configured stage names ``none`` instead: ``KVCodec.encode``)."""
+    return f"{kv_format_id_of(config)}/{config.lossless}"
 
 
 class KVCodec:
@@ -160,7 +160,7 @@ class KVCodec:
         skip_below = self.config.min_saving  # 0: keep the stage whatever it saves
         if skip_below and self.config.lossless != "none" and len(payload) > staging.nbytes * (1 - skip_below):
             # The stage would cost every fetch a decompress for too few bytes saved: store it raw.
-            payload, codec_id = self._stage("none").compress(staging), codec_id_of(self.config, "none")
+            payload, codec_id = self._stage("none").compress(staging), f"{self.kv_format_id}/none"
             blocked = False
         return fmt.pack(shape, kv.dtype, codec_id, self.model_fingerprint, staging.nbytes, payload, blocked)
 

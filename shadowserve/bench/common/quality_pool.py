@@ -16,15 +16,14 @@ def _kv_format(row: dict) -> str:
     return row["codec"].rsplit("/", 1)[0]  # the codec id less its lossless stage
 
 
-def _entry(report: dict, name: str, kv_format: str | None) -> str | None:
-    """The name under which ``report`` measured ``name``: itself, or (once the KV format is known from an
-    earlier run) any level or codec that decodes to the same KV, e.g. a level and the preset it became."""
-    rows = {**report["codecs"], **report["levels"]}
-    if name in rows and (kv_format is None or _kv_format(rows[name]) == kv_format):
-        return name
-    if kv_format is not None:
-        return next((n for n, row in rows.items() if _kv_format(row) == kv_format), None)
-    return None
+def _entry(report: dict, name: str, kv_format: str | None) -> tuple[str, str] | None:
+    """(name, KV format) under which ``report`` measured ``name``: itself, or (once the KV format is known
+    from an earlier run) any level or codec that decodes to the same KV, e.g. a level and the preset it
+    became."""
+    formats = {n: _kv_format(row) for n, row in {**report["codecs"], **report["levels"]}.items()}
+    if name in formats and kv_format in (None, formats[name]):
+        return name, formats[name]
+    return next(((n, f) for n, f in formats.items() if f == kv_format), None)
 
 
 def pool_runs(reports: list[dict], name: str) -> dict:
@@ -34,11 +33,11 @@ def pool_runs(reports: list[dict], name: str) -> dict:
         per = report.get("per_question")
         if per is None:
             raise ConfigError(f"run {i + 1} has no per-question outcomes (rerun it with this version of bench quality)")
-        found = _entry(report, name, kv_format)
-        if found is None:
+        entry = _entry(report, name, kv_format)
+        if entry is None:
             measured = ", ".join(k for k in per if k not in ("document", "recompute"))
             raise ConfigError(f"run {i + 1} did not measure {name!r} or the KV it decodes to (it has {measured})")
-        kv_format = _kv_format({**report["codecs"], **report["levels"]}[found])
+        found, kv_format = entry
         ref += [c == "1" for c in per["recompute"]]
         other += [c == "1" for c in per[found]]
         clusters += [(i, d) for d in per["document"]]

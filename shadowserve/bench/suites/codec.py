@@ -33,6 +33,8 @@ from shadowserve.kvcache.schedules import is_named, step_multipliers
 from shadowserve.model.weights_download import smollm2_gguf_path
 
 # name -> config; the first is the default codec.
+CHANNEL_TABLE = "smollm2-135m"  # the query-energy table of this bench's model (kvcache/channel_steps/)
+
 PRESETS: dict[str, CodecConfig] = {
     "default": CodecConfig(),
     **QUALITY_LEVELS,  # the quality levels' codecs under their level names (kvcache/levels.py)
@@ -73,10 +75,10 @@ PRESETS: dict[str, CodecConfig] = {
     "planes-high-pinned-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high-pinned"),
     # Session 14: the default's rule with key offsets and per-channel key steps, keys finer: 7.14x at less KL
     # than the default's 6.23x, decoding as fast (docs/codec.md, "Per-channel key steps").
-    "rms-channels-zstd": CodecConfig(key_offsets=True, key_step=0.4, key_channel_steps="smollm2-135m"),
+    "rms-channels-zstd": CodecConfig(key_offsets=True, key_step=0.4, key_channel_steps=CHANNEL_TABLE),
     # Session 14: qa-5x with per-channel key steps (kvcache/channel_steps.py), keys finer: "balanced" since.
     "planes-qa-5x-channels-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x", key_step=0.3,
-                                                 key_channel_steps="smollm2-135m"),
+                                                 key_channel_steps=CHANNEL_TABLE),
     "planes-compact-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
     "fp16-zstd": CodecConfig(quant="none", lossless="zstd", min_saving=0),  # zstd kept where it saves ~8%
     "fp16-raw": CodecConfig(quant="none", lossless="none"),
@@ -86,7 +88,6 @@ PRESETS: dict[str, CodecConfig] = {
 # Modifiers a preset name may carry after a "+" (e.g. "balanced+deflate+blocked"), so variants that differ
 # only in transport are timed side by side in one run without a preset for each combination.
 _STAGE_MODIFIERS = ("zstd", "deflate", "lz4", "none")
-CHANNEL_TABLE = "smollm2-135m"  # the query-energy table the "channels" modifier names (this bench's model)
 
 
 def resolve_preset(name: str) -> CodecConfig:
