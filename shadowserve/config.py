@@ -223,6 +223,7 @@ def is_lossless_block(nbytes: object) -> bool:
 
 # A fitted schedule's name (kvcache/schedules.py), as opposed to a list of numbers.
 _SCHEDULE_NAME = re.compile(r"^[a-z][a-z0-9._-]*$")
+_HEAD_STEP = re.compile(r"^\d+[kv]\d+:\d*\.?\d+$")  # <layer><k|v><head>:<multiplier>
 
 QUANT_MODES = ("rms", "cachegen", "uniform", "int8", "kivi", "none")
 LOSSLESS_MODES = ("zstd", "deflate", "lz4", "none")
@@ -259,6 +260,11 @@ class CodecConfig:
     (``kvcache/channel_steps/``, e.g. ``smollm2-135m``) that gives each key channel its own step,
     finer where queries weigh the channel more, as ``energy ** (-key_channel_power / 2)`` (geometric
     mean 1 per layer; docs/codec.md, "Per-channel key steps"); empty: one step per key row.
+    ``head_steps`` (``rms`` only): finer steps for single KV heads of single planes, where a model's
+    retrieval happens: a fitted set's name (``kvcache/schedules.py``, e.g. ``smollm2-135m-retrieval``,
+    left unused on a model of another shape) or a list ``<layer><k|v><head>:<multiplier>``, e.g.
+    ``18k2:0.3,23k0:0.3``. The row RMS is measured without them, so a pinned head gets finer while
+    the rest of its row keeps its step (docs/codec.md, "Steps per head").
     """
 
     quant: str = "rms"
@@ -274,6 +280,7 @@ class CodecConfig:
     lossless_block: int = 0
     key_channel_steps: str = ""
     key_channel_power: float = 0.5
+    head_steps: str = ""
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_MODES:
@@ -302,6 +309,16 @@ class CodecConfig:
         if isinstance(self.key_channel_power, bool) or not isinstance(self.key_channel_power, (int, float)) \
                 or not 0 <= self.key_channel_power <= 2:
             raise ConfigError(f"key_channel_power must be a number in [0, 2], got {self.key_channel_power!r}")
+        heads = self.head_steps.strip()
+        if heads and not _SCHEDULE_NAME.match(heads):
+            if not all(_HEAD_STEP.match(item.strip()) for item in heads.split(",")):
+                raise ConfigError(f"head_steps must be a fitted set's name or a list like '18k2:0.3,23k0:0.3', "
+                                  f"got {self.head_steps!r}")
+            if self.quant != "rms":
+                raise ConfigError(f"head_steps applies to quant 'rms' only, not {self.quant!r}")
+            for item in heads.split(","):
+                if not 0.01 <= float(item.split(":")[1]) <= 1:
+                    raise ConfigError(f"head_steps multipliers must be in [0.01, 1] (finer only), got {item.strip()!r}")
         steps = self.layer_steps.strip()
         if steps and not _SCHEDULE_NAME.match(steps):
             # A list of multipliers; a schedule's name is resolved (and checked) by kvcache.schedules.

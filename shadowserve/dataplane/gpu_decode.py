@@ -63,23 +63,22 @@ class GpuDequantizer:
                 out.copy_(dev[:n].view(header.dtype).view(header.shape))
             else:
                 scales, symbols = split_staging(layout, dev[:n], n, check=False, packing=packing)
-                _dequantize_on_device(layout, scales, symbols, out, unpacked, self._key_state(layout))
+                _dequantize_on_device(layout, scales, symbols, out, unpacked, self._step_state(layout))
             if out is scratch:
                 self.target.scatter_on_device(plan, scratch)
             event.record(stream)
         event.synchronize()
 
-    def _key_state(self, layout) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This thread's device copy of the key channels' step multipliers and an fp32 keys scratch,
-        made on first use (None when the codec has one step per key row)."""
-        if layout.key_steps is None:
+    def _step_state(self, layout) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This thread's device copy of the channels' step multipliers and an fp32 chunk scratch, made on
+        first use (None when the codec has one step per row)."""
+        if layout.steps is None:
             return None
         tls = self._tls
-        if getattr(tls, "key_steps", None) is None:
-            layers, _, tokens, heads, head_dim = self.target.chunk_shape
-            tls.key_steps = layout.key_steps.to(self.device)
-            tls.keys = torch.empty((layers, tokens, heads, head_dim), dtype=torch.float32, device=self.device)
-        return tls.key_steps, tls.keys
+        if getattr(tls, "steps", None) is None:
+            tls.steps = layout.steps.to(self.device)
+            tls.product = torch.empty(self.target.chunk_shape, dtype=torch.float32, device=self.device)
+        return tls.steps, tls.product
 
     def close(self) -> None:
         self._dev_staging = None
@@ -87,14 +86,14 @@ class GpuDequantizer:
 
 def _dequantize_on_device(layout, scales16: torch.Tensor, symbols: torch.Tensor | PackedSymbols,
                           out: torch.Tensor, unpacked: torch.Tensor,
-                          key_state: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                          step_state: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """``out = symbols * scales`` with the same rounding as the host path (product in fp32, one cast).
 
     Packed symbols are first unpacked into ``unpacked`` (int8, at least the chunk's size). With
-    per-channel key steps, ``key_state`` holds the multipliers [layers, channels] on the device and an
-    fp32 keys scratch [layers, tokens, heads, head_dim]: keys are ``(symbols * scales) * multipliers``
-    in fp32, as on the host, then cast once. Plain torch ops, so it runs on any device (the tests check
-    it on the CPU against the host decoder).
+    per-channel steps, ``step_state`` holds the multipliers [layers, 2, channels] on the device and an
+    fp32 scratch of the chunk's shape: values are ``(symbols * scales) * multipliers`` in fp32, as on the
+    host (a multiplier of 1 changes nothing), then cast once. Plain torch ops, so it runs on any device
+    (the tests check it on the CPU against the host decoder).
     """
     layers = len(layout.rules)
     if isinstance(symbols, PackedSymbols):
@@ -104,17 +103,17 @@ def _dequantize_on_device(layout, scales16: torch.Tensor, symbols: torch.Tensor 
     t = layout.tokens
     heads, head_dim = out.shape[3], out.shape[4]
     sym = symbols.view(layers, 2, t, heads, head_dim)
-    out.copy_(sym)  # int8 values are exact in every float dtype
     if layout.token_only:
         per_token = scales16.view(layers, 2, t, 1, 1)
-        if key_state is None:
+        if step_state is None:
+            out.copy_(sym)  # int8 values are exact in every float dtype
             out.mul_(per_token)
             return
-        key_steps, keys = key_state
-        out[:, 1].mul_(per_token[:, 1])
-        keys.copy_(sym[:, 0]).mul_(per_token[:, 0]).mul_(key_steps.view(layers, 1, heads, head_dim))
-        out[:, 0].copy_(keys)
+        steps, product = step_state
+        product.copy_(sym).mul_(per_token).mul_(steps.view(layers, 2, 1, heads, head_dim))
+        out.copy_(product)
         return
+    out.copy_(sym)
     for layer in range(layers):
         for kv in range(2):
             s = layout.scale_view(scales16, layer, kv)

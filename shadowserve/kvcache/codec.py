@@ -27,7 +27,7 @@ from shadowserve.errors import ChunkFormatError
 from shadowserve.kvcache import blocks, packing
 from shadowserve.kvcache import format as fmt
 from shadowserve.kvcache import quant as q
-from shadowserve.kvcache.channel_steps import format_tag, key_multipliers
+from shadowserve.kvcache.channel_steps import format_tag, plane_multipliers
 from shadowserve.kvcache.layout import Layout
 from shadowserve.kvcache.lossless import as_u8, make_stage
 from shadowserve.kvcache.plan import plan
@@ -95,7 +95,7 @@ class KVCodec:
             c = self.config
             rules = plan(c.quant, layers, c.bins, c.key_step, c.value_step, step_multipliers(c),
                          adapt=is_named(c))
-            layout = Layout(rules, tokens, heads * head_dim, key_multipliers(c, layers, heads, head_dim))
+            layout = Layout(rules, tokens, heads * head_dim, *plane_multipliers(c, layers, heads, head_dim))
             with self._lock:
                 self._layouts[key] = layout
         return layout

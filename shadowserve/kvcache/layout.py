@@ -10,8 +10,8 @@ layouts (kvcache/packing.py describes the second):
 A staging of exactly ``staging_nbytes`` is the first layout; any smaller one is packed, and its table
 says how (escape count, key offsets or not, each plane's width), so its exact size can be checked.
 
-A layout also carries what turns symbols back into values besides the scales: the key channels' step
-multipliers, when the codec gives each channel its own step (kvcache/channel_steps.py).
+A layout also carries what turns symbols back into values besides the scales: the channels' step
+multipliers, when the codec gives key channels or single heads their own steps (kvcache/channel_steps.py).
 """
 
 from __future__ import annotations
@@ -34,13 +34,23 @@ class Layout:
     """Offsets and sizes of both symbol layouts, for one chunk shape and plan."""
 
     def __init__(self, rules: list[tuple[PlaneRule, PlaneRule]], tokens: int, channels: int,
-                 key_steps: torch.Tensor | None = None) -> None:
+                 steps: torch.Tensor | None = None, rms_steps: torch.Tensor | None = None) -> None:
         self.rules = rules
-        if key_steps is not None and tuple(key_steps.shape) != (len(rules), channels):
-            raise ValueError(f"key_steps must be [layers, channels] = [{len(rules)}, {channels}], "
-                             f"got {list(key_steps.shape)}")
-        # Key channel c of layer l is quantized with step scale x key_steps[l, c] (None: all 1).
-        self.key_steps = None if key_steps is None else key_steps.float().contiguous()
+        for name, t in (("steps", steps), ("rms_steps", rms_steps)):
+            if t is not None and tuple(t.shape) != (len(rules), 2, channels):
+                raise ValueError(f"{name} must be [layers, 2, channels] = [{len(rules)}, 2, {channels}], "
+                                 f"got {list(t.shape)}")
+        if rms_steps is not None and steps is None:
+            raise ValueError("rms_steps needs steps")
+        # Channel c of plane (l, kv) is quantized with step scale x steps[l, kv, c] (None: all 1); the
+        # row's RMS is taken of x / rms_steps (None: the same as steps). The decoder needs only steps.
+        self.steps = None if steps is None else steps.float().contiguous()
+        self.rms_steps = None if rms_steps is None else rms_steps.float().contiguous()
+        # Which layers' key / value planes have any multiplier other than 1 (the decoder skips the rest).
+        self.scaled: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        if self.steps is not None:
+            ones = (self.steps == 1).all(-1)
+            self.scaled = tuple(tuple(i for i in range(len(rules)) if not bool(ones[i, kv])) for kv in (0, 1))
         self.tokens, self.channels = tokens, channels
         self.token_only = all(r.axis == TOKEN for pair in rules for r in pair)
         self.offsets: list[tuple[int, int]] = []  # (offset, length) in scale elements, per (layer, kv)

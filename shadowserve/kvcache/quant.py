@@ -5,9 +5,10 @@ token (a row of kv_heads*head_dim channels) or, for KIVI-style keys, per channel
 ``q * s`` is off by at most ``s / 2`` per value (plus the rounding of the output dtype): scales are
 stored in fp16 and rounded *up* before use, so clipping never happens and the bound is exact.
 
-With per-channel key steps (kvcache/channel_steps.py) key channel ``c`` is quantized as
-``round(x / (s * m_c))``: the keys are divided by their multipliers ``m`` first, and the decoder
-multiplies them back, so the bound becomes ``s * m_c / 2``.
+With per-channel steps (kvcache/channel_steps.py: key channels by the queries' energy, single heads
+finer) channel ``c`` of a plane is quantized as ``round(x / (s * m_c))``: the values are divided by
+their multipliers ``m`` first, and the decoder multiplies them back, so the bound becomes
+``s * m_c / 2``. The row's RMS is measured through the channel table alone, never the head steps.
 
 How ``s`` is chosen is the only difference between the modes:
 
@@ -48,13 +49,14 @@ def _round_up_fp16(s: torch.Tensor) -> torch.Tensor:
     return s16
 
 
-def _plane_scales(x: torch.Tensor, rule: PlaneRule) -> torch.Tensor:
-    """fp32 scales for a [tokens, channels] plane (before fp16 rounding)."""
+def _plane_scales(x: torch.Tensor, rule: PlaneRule, x_rms: torch.Tensor) -> torch.Tensor:
+    """fp32 scales for a [tokens, channels] plane (before fp16 rounding); ``x_rms`` is what the RMS
+    rule measures (``x`` but for head steps)."""
     dim = 1 if rule.axis == TOKEN else 0
     amax = x.abs().amax(dim)
     if rule.kind == "absmax":
         return amax / rule.param
-    rms = x.square().mean(dim).sqrt()
+    rms = x_rms.square().mean(dim).sqrt()
     return torch.maximum(rms * rule.param, amax / 127.0)
 
 
@@ -64,9 +66,10 @@ def quantize(x: torch.Tensor, layout: Layout, scales_out: torch.Tensor, symbols_
     Encode path (the save side); it allocates temporaries of the chunk's size.
     """
     layers = len(layout.rules)
-    if layout.key_steps is not None:
-        x = x.clone()
-        x[:, 0].div_(layout.key_steps[:, None, :])
+    x_rms = x
+    if layout.steps is not None:
+        x_rms = x / (layout.steps if layout.rms_steps is None else layout.rms_steps)[:, :, None, :]
+        x = x_rms if layout.rms_steps is None else x / layout.steps[:, :, None, :]
     if layout.token_only:
         # All planes scale per token: do every layer at once.
         amax = x.abs().amax(-1)  # [L, 2, T]
@@ -75,7 +78,7 @@ def quantize(x: torch.Tensor, layout: Layout, scales_out: torch.Tensor, symbols_
         is_rms = torch.tensor([[k == "rms" for k in pair] for pair in kind])[..., None]
         s = amax / torch.where(is_rms, torch.full_like(param, 127.0), param)
         if bool(is_rms.any()):
-            rms = x.square().mean(-1).sqrt()
+            rms = x_rms.square().mean(-1).sqrt()
             s = torch.where(is_rms, torch.maximum(rms * param, s), s)
         s16 = _round_up_fp16(s)
         scales_out.copy_(s16.reshape(-1))
@@ -89,7 +92,7 @@ def quantize(x: torch.Tensor, layout: Layout, scales_out: torch.Tensor, symbols_
         for kv in range(2):
             rule = layout.rules[layer][kv]
             plane = x[layer, kv]
-            s16 = _round_up_fp16(_plane_scales(plane, rule))
+            s16 = _round_up_fp16(_plane_scales(plane, rule, x_rms[layer, kv]))
             off, n = layout.offsets[layer * 2 + kv]
             scales_out[off: off + n].copy_(s16)
             view = layout.scale_view(scales_out, layer, kv).float()
@@ -135,7 +138,7 @@ def dequantize_into(layout: Layout, scales16: torch.Tensor, symbols: torch.Tenso
         unpack_into(symbols, unpacked)
         symbols = unpacked
     sym = symbols.view(layers, 2, t, heads, head_dim)
-    key_steps = None if layout.key_steps is None else layout.key_steps.view(layers, 1, heads, head_dim)
+    steps = None if layout.steps is None else layout.steps.view(layers, 2, 1, heads, head_dim)
     for l0 in range(0, layers, group):
         g = min(group, layers - l0)
         dst = out[l0: l0 + g] if direct else work[:g]
@@ -149,10 +152,23 @@ def dequantize_into(layout: Layout, scales16: torch.Tensor, symbols: torch.Tenso
                     s = layout.scale_view(scales, layer, kv)
                     per_token = layout.rules[layer][kv].axis == TOKEN
                     dst[layer - l0, kv].mul_(s.view(t, 1, 1) if per_token else s.view(1, heads, head_dim))
-        if key_steps is not None:
-            dst[:g, 0].mul_(key_steps[l0: l0 + g])
+        if steps is not None:
+            _multiply_steps(dst, steps, layout.scaled, l0, g)
         if not direct:
             out[l0: l0 + g].copy_(dst)
+
+
+def _multiply_steps(dst: torch.Tensor, steps: torch.Tensor, scaled: tuple[tuple[int, ...], tuple[int, ...]],
+                    l0: int, g: int) -> None:
+    """``dst`` (layers ``l0 .. l0+g``) times the channels' step multipliers, plane by plane where they
+    are not all 1, and one op over the group when every layer's keys (or values) have them."""
+    for kv in (0, 1):
+        layers = [i for i in scaled[kv] if l0 <= i < l0 + g]
+        if len(layers) == g:
+            dst[:g, kv].mul_(steps[l0: l0 + g, kv])
+        else:
+            for i in layers:
+                dst[i - l0, kv].mul_(steps[i, kv])
 
 
 def error_bound(layout: Layout, scales16: torch.Tensor) -> torch.Tensor:
@@ -163,6 +179,6 @@ def error_bound(layout: Layout, scales16: torch.Tensor) -> torch.Tensor:
     for layer in range(layers):
         for kv in range(2):
             bound[layer, kv] = layout.scale_view(scales, layer, kv).expand(layout.tokens, layout.channels) / 2
-    if layout.key_steps is not None:
-        bound[:, 0].mul_(layout.key_steps[:, None, :])
+    if layout.steps is not None:
+        bound.mul_(layout.steps[:, :, None, :])
     return bound

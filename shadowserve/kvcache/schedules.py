@@ -53,6 +53,12 @@ SCHEDULES: dict[str, str] = {
         "2.25,1.4,0.9,1.12,0.9,1,1,1.25,1.25,1.4,0.8,1.12,0.9,1,0.56,0.56,0.56,0.56,1,1.12,"
         "0.63,1.25,0.8,1.4,0.63,0.63,0.63,0.71,0.56,0.45,0.45,0.45,0.63,0.8,0.125,0.3,0.08,0.25,0.5,0.5,"
         "0.125,0.4,0.5,0.56,0.56,0.8,0.08,0.4,0.35,0.45,1.25,1,0.56,1,0.71,1.12,0.8,0.9,0.8,1.12"),
+    # Session 15: "qa-5x" before its pins (schedules.fit of the blend at lambda 3e-3), for levels that pin
+    # single heads instead of whole planes (HEAD_STEPS).
+    "smollm2-135m-qa-5x-heads": (
+        "2.25,1.4,0.9,1.12,0.9,1,1,1.25,1.25,1.4,0.8,1.12,0.9,1,0.56,0.56,0.56,0.56,1,1.12,"
+        "0.63,1.25,0.8,1.4,0.63,0.63,0.63,0.71,0.56,0.45,0.45,0.45,0.63,0.8,0.4,0.4,0.25,0.35,0.5,0.5,"
+        "0.35,0.4,0.5,0.56,0.56,0.8,0.25,0.4,0.35,0.45,1.25,1,0.56,1,0.71,1.12,0.8,0.9,0.8,1.12"),
     # lambda 5e-4.
     "smollm2-135m-7x": (
         "3.6,2,1.6,1.8,1.6,1.6,1.8,2,2,2.5,1.4,2,2,2,1.25,1.4,1.12,1.12,1.8,1.8,"
@@ -63,6 +69,17 @@ SCHEDULES: dict[str, str] = {
         "4,2.5,2,2.25,1.8,2.25,2.25,2.8,2.5,3.2,1.8,2.5,2.5,2.5,1.6,1.8,1.4,1.4,2.25,2.5,"
         "1.12,2.8,2,4,1.4,1.25,1.25,1.4,1,0.9,0.9,0.8,1.25,1.6,0.9,0.9,0.9,0.71,1.12,1,"
         "0.71,0.8,0.9,1.25,1,1.8,0.56,0.9,0.56,0.9,2.25,2,1,2,1.4,2.25,2,1.8,1.6,2.5"),
+}
+
+
+# Per-head steps (``CodecConfig.head_steps``): (layers, kv_heads) of the model they were measured on, and
+# the list. Session 15: the heads that hold most of bench quality's answer KL (docs/codec-task-heads.json):
+# the six whose planes "qa-5x" pins, at the pinned planes' steps relative to "qa-5x-heads" (0.08 / 0.25 =
+# 0.32, ...), and the next three (1-1.5% of the answer KL each) at half their plane's step, chosen on an
+# answer screen (docs/codec.md, "Steps per head").
+HEAD_STEPS: dict[str, tuple[tuple[int, int], str]] = {
+    "smollm2-135m-retrieval": ((30, 3), "17k1:0.31,18k2:0.32,20k2:0.36,23k0:0.32,17v1:0.75,18v2:0.71,"
+                                        "20k1:0.5,7k2:0.5,8k0:0.5"),
 }
 
 

@@ -212,7 +212,8 @@ def test_named_schedules_are_the_fit_of_their_recorded_measurements():
     answers = json.loads((docs / "codec-task-fit.json").read_text())
     texts = ("calib", "calib2")
     kl = np.mean([data["kl_at_default_step"][t] for t in texts], 0).tolist()
-    assert set(data["lambdas"]) | set(answers["lambdas"]) | set(answers["derived"]) == set(SCHEDULES)
+    assert set(data["lambdas"]) | set(answers["lambdas"]) | set(answers["derived"]) \
+        | set(answers["unpinned_lambdas"]) == set(SCHEDULES)
     for name, (lam, which) in data["lambdas"].items():
         bits = np.mean([data[which][t] for t in texts], 0).tolist()
         grid = data["grid_byte" if which == "bits_byte" else "grid_nibble"]
@@ -223,6 +224,8 @@ def test_named_schedules_are_the_fit_of_their_recorded_measurements():
     pins = {(layer, kv): m for layer, kv, m in answers["pins"]}
     for name, lam in answers["lambdas"].items():
         assert pin(fit(costs, bits, data["grid_nibble"], lam), pins) == multipliers(name)
+    for name, lam in answers["unpinned_lambdas"].items():  # pinned per head instead (HEAD_STEPS)
+        assert fit(costs, bits, data["grid_nibble"], lam) == multipliers(name)
     for name, how in answers["derived"].items():
         assert pin(multipliers(how["base"]), {(layer, kv): m for layer, kv, m in how["pins"]}) == multipliers(name)
 

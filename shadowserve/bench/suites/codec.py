@@ -25,7 +25,7 @@ from shadowserve.config import CodecConfig
 from shadowserve.errors import ConfigError, ModelError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import quant as q
-from shadowserve.kvcache.channel_steps import key_multipliers
+from shadowserve.kvcache.channel_steps import listed_head_steps, plane_multipliers
 from shadowserve.kvcache.layout import Layout
 from shadowserve.kvcache.levels import QUALITY_LEVELS
 from shadowserve.kvcache.plan import plan
@@ -34,6 +34,7 @@ from shadowserve.model.weights_download import smollm2_gguf_path
 
 # name -> config; the first is the default codec.
 CHANNEL_TABLE = "smollm2-135m"  # the query-energy table of this bench's model (kvcache/channel_steps/)
+HEAD_SET = "smollm2-135m-retrieval"  # the heads this bench's model retrieves with (kvcache/schedules.py)
 
 PRESETS: dict[str, CodecConfig] = {
     "default": CodecConfig(),
@@ -79,6 +80,10 @@ PRESETS: dict[str, CodecConfig] = {
     # Session 14: qa-5x with per-channel key steps (kvcache/channel_steps.py), keys finer: "balanced" since.
     "planes-qa-5x-channels-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x", key_step=0.3,
                                                  key_channel_steps=CHANNEL_TABLE),
+    # Session 15: the same, pinned per head instead of per plane (qa-5x's plane steps before its pins, the
+    # retrieval heads at the pinned planes' steps): docs/codec.md, "Steps per head".
+    "planes-qa-5x-heads-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x-heads", key_step=0.3,
+                                              key_channel_steps=CHANNEL_TABLE, head_steps=HEAD_SET),
     "planes-compact-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
     "fp16-zstd": CodecConfig(quant="none", lossless="zstd", min_saving=0),  # zstd kept where it saves ~8%
     "fp16-raw": CodecConfig(quant="none", lossless="none"),
@@ -94,7 +99,9 @@ def resolve_preset(name: str) -> CodecConfig:
     """A preset's config with its "+" modifiers applied: a lossless stage (``zstd``, ``deflate``, ``lz4``,
     ``none``), ``blocked`` (64 KiB lossless blocks, format version 3), ``blocked<N>k`` (N KiB blocks),
     ``oneblock`` (one stream per chunk), ``channels`` / ``channels<P>`` (per-channel key steps from the
-    model's query-energy table, power 0.5 or P) or ``k<S>`` / ``v<S>`` (key / value step S)."""
+    model's query-energy table, power 0.5 or P), ``heads`` (the model's retrieval heads pinned finer),
+    ``h<L><k|v><H>x<M>`` (head H of layer L's keys or values at M times its step; repeatable) or ``k<S>`` /
+    ``v<S>`` (key / value step S)."""
     base, *mods = name.split("+")
     if base not in PRESETS:
         raise ConfigError(f"unknown codec preset {base!r}: choose from {', '.join(PRESETS)}")
@@ -104,7 +111,7 @@ def resolve_preset(name: str) -> CodecConfig:
             config = _modified(config, mod)
     except ValueError:
         raise ConfigError(f"unknown preset modifier in {name!r}: use a lossless stage ({', '.join(_STAGE_MODIFIERS)}), "
-                          "blocked, blocked<N>k, oneblock, channels, channels<P>, k<S> or v<S>") from None
+                          "blocked, blocked<N>k, oneblock, channels, channels<P>, heads, h<L><k|v><H>x<M>, k<S> or v<S>") from None
     return config
 
 
@@ -119,6 +126,13 @@ def _modified(config: CodecConfig, mod: str) -> CodecConfig:
     if mod.startswith("channels"):
         power = float(mod[len("channels"):] or 0.5)
         return replace(config, key_channel_steps=CHANNEL_TABLE, key_channel_power=power)
+    if mod == "heads":
+        return replace(config, head_steps=HEAD_SET)
+    if mod[:1] == "h" and mod[1:2].isdigit():
+        where, factor = mod[1:].split("x")
+        pins = {f"{layer}{'kv'[kv]}{head}": m for (layer, kv, head), m in listed_head_steps(config).items()}
+        pins[where] = float(factor)
+        return replace(config, head_steps=",".join(f"{w}:{m:g}" for w, m in pins.items()))
     if mod[:1] in ("k", "v") and mod[1:2].isdigit():
         return replace(config, **{"key_step" if mod[0] == "k" else "value_step": float(mod[1:])})
     raise ValueError(mod)
@@ -242,16 +256,16 @@ def _layer_sensitivity(model, kv: torch.Tensor, ev: torch.Tensor, ref: torch.Ten
     rules = plan(config.quant, layers, config.bins, config.key_step, config.value_step,
                    step_multipliers(config), adapt=is_named(config))
     int8 = plan("int8", layers)
-    channel = key_multipliers(config, layers, heads, head_dim)
+    steps, rms_steps = plane_multipliers(config, layers, heads, head_dim)
     x = kv.reshape(layers, 2, tokens, heads * head_dim).float()
     out = []
     for i in range(layers):
-        key_steps = None
-        if channel is not None:  # the layer's own key channel steps; int8 layers keep one step per row
-            key_steps = torch.ones_like(channel)
-            key_steps[i] = channel[i]
-        layout = Layout([rules[j] if j == i else int8[j] for j in range(layers)], tokens, heads * head_dim,
-                        key_steps)
+        # The layer's own channel and head steps; int8 layers keep one step per row.
+        mine = [None if t is None else torch.ones_like(t) for t in (steps, rms_steps)]
+        for t, full in zip(mine, (steps, rms_steps)):
+            if t is not None:
+                t[i] = full[i]
+        layout = Layout([rules[j] if j == i else int8[j] for j in range(layers)], tokens, heads * head_dim, *mine)
         scales = torch.empty(layout.num_scales, dtype=torch.float16)
         symbols = torch.empty(layout.symbols_nbytes, dtype=torch.int8)
         q.quantize(x, layout, scales, symbols)
