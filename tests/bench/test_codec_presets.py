@@ -16,7 +16,8 @@ def test_modifiers_change_only_what_they_name():
 
 
 @pytest.mark.parametrize("name", ["nope", "default+brotli", "default+blockedxk", "default+blocked3k", "default+channels3",
-                                  "default+k99", "default+channelsx", "default+kx"])
+                                  "default+k99", "default+channelsx", "default+kx", "default+h18k2", "default+h18k2x2",
+                                  "default+h18q2x0.5", "int8-zstd+h1k0x0.5"])
 def test_unknown_presets_and_modifiers_are_refused(name):
     with pytest.raises(ConfigError):
         resolve_preset(name)
@@ -28,3 +29,12 @@ def test_step_and_channel_modifiers():
     assert c.layer_steps == PRESETS["planes-qa-5x-smollm2"].layer_steps
     assert resolve_preset("default+channels1+v1.5").key_channel_power == 1.0
     assert resolve_preset("default+v1.5").value_step == 1.5
+
+
+def test_head_modifiers_add_to_the_named_set():
+    assert resolve_preset("planes-qa-5x-smollm2+heads").head_steps == "smollm2-135m-retrieval"
+    c = resolve_preset("planes-qa-5x-heads-smollm2+h18k2x0.1+h2v0x0.5")
+    pins = dict(item.split(":") for item in c.head_steps.split(","))
+    assert pins["18k2"] == "0.1" and pins["2v0"] == "0.5"  # one head overridden, one added
+    assert pins["23k0"] == "0.32" and len(pins) == 10  # the rest of the set kept
+    assert resolve_preset("default+h1k0x0.5+h1k0x0.25").head_steps == "1k0:0.25"
