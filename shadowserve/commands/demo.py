@@ -127,7 +127,8 @@ def codec_name(codec) -> str:
     steps = f" (key step {codec.key_step}, value step {codec.value_step}" if codec.quant == "rms" else ""
     if steps:
         steps += ", per-layer multipliers" if codec.layer_steps else ""
-        steps += ", per-channel key steps)" if codec.key_channel_steps else ")"
+        steps += ", per-channel key steps" if codec.key_channel_steps else ""
+        steps += ", finer retrieval heads)" if codec.head_steps else ")"
     return f"{codec.quant}+{codec.lossless}{steps}"
 
 

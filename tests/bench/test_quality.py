@@ -173,6 +173,10 @@ def test_pooling_joins_runs_question_by_question():
     assert pool_runs([a, renamed], "balanced") == ab
     with pytest.raises(ConfigError, match="per-question"):
         pool_runs([{"levels": {}, "codecs": {}}], "balanced")
+    assert "per_task_delta" not in ab  # runs that do not name their questions' tasks
+    a["per_question"]["task"], b["per_question"]["task"] = "nncc", "ncnc"
+    split = pool_runs([a, b], "balanced")["per_task_delta"]
+    assert (split["needle"]["lost"], split["needle"]["gained"], split["chain"]["lost"] + split["chain"]["gained"]) == (1, 1, 0)
 
 
 def test_quick_run_writes_the_documented_json(tmp_path, smollm2):
@@ -199,11 +203,17 @@ def test_quick_run_writes_the_documented_json(tmp_path, smollm2):
         > report["levels"]["high"]["ratio_vs_fp16"]
     assert png.stat().st_size > 10_000
     per = report["per_question"]
-    assert set(per) == {"document", "recompute", *QUALITY_LEVELS}
-    assert len(per["document"]) == len(per["recompute"]) == report["questions"]
+    assert set(per) == {"document", "task", "recompute", *QUALITY_LEVELS}
+    assert len(per["document"]) == len(per["recompute"]) == len(per["task"]) == report["questions"]
+    for name, row in report["levels"].items():  # the change split by task adds up to the whole
+        split = row["per_task_delta"]
+        assert set(split) == {"needle", "chain"} and per["task"].count("n") + per["task"].count("c") == len(per["task"])
+        assert sum(d["lost"] for d in split.values()) == row["lost"], name
+        assert sum(d["gained"] for d in split.values()) == row["gained"], name
     assert per["lossless"] == per["recompute"]
     twice = pool_runs([report, report], "balanced")  # the same run twice: counts double, the change stays
     row = report["levels"]["balanced"]
     assert (twice["questions"], twice["documents"]) == (2 * report["questions"], 2 * report["documents"])
     assert (twice["lost"], twice["gained"]) == (2 * row["lost"], 2 * row["gained"])
     assert abs(twice["delta_points"] - row["delta_points"]) < 1e-9
+    assert twice["per_task_delta"]["needle"]["lost"] == 2 * row["per_task_delta"]["needle"]["lost"]

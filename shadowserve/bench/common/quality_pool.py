@@ -2,14 +2,18 @@
 
 Runs on different seeds ask different questions, so together they measure a codec with more power
 than any one of them. Each run's JSON keeps, per question, its document and whether recompute and
-each level/codec got it right (``per_question``). Pooling joins them, keeps documents of different
-runs apart (the interval resamples whole documents) and compares as ``bench quality`` does one run.
+each level/codec got it right (``per_question``; since session 15 also its task). Pooling joins them,
+keeps documents of different runs apart (the interval resamples whole documents) and compares as
+``bench quality`` does one run, per task too when every run names its questions' tasks.
 """
 
 from __future__ import annotations
 
-from shadowserve.bench.common.quality_stats import accuracy_interval, mcnemar_p, paired_difference
+from shadowserve.bench.common.quality_stats import accuracy_interval, paired_summary, per_task_summaries
+from shadowserve.bench.common.quality_tasks import TASKS
 from shadowserve.errors import ConfigError
+
+_TASK_OF_INITIAL = {t[0]: t for t in TASKS}
 
 
 def _kv_format(row: dict) -> str:
@@ -28,25 +32,25 @@ def _entry(report: dict, name: str, kv_format: str | None) -> tuple[str, str] | 
 
 def pool_runs(reports: list[dict], name: str) -> dict:
     """The pooled comparison of ``name`` (or the same KV under another name) with recompute over the runs."""
-    ref, other, clusters, kv_format = [], [], [], None
+    ref, other, clusters, tasks, kv_format = [], [], [], [], None
     for i, report in enumerate(reports):
         per = report.get("per_question")
         if per is None:
             raise ConfigError(f"run {i + 1} has no per-question outcomes (rerun it with this version of bench quality)")
         entry = _entry(report, name, kv_format)
         if entry is None:
-            measured = ", ".join(k for k in per if k not in ("document", "recompute"))
+            measured = ", ".join(k for k in per if k not in ("document", "task", "recompute"))
             raise ConfigError(f"run {i + 1} did not measure {name!r} or the KV it decodes to (it has {measured})")
         found, kv_format = entry
         ref += [c == "1" for c in per["recompute"]]
         other += [c == "1" for c in per[found]]
         clusters += [(i, d) for d in per["document"]]
-    ids = {c: n for n, c in enumerate(dict.fromkeys(clusters))}
-    diff = paired_difference(ref, other, [ids[c] for c in clusters])
+        tasks += [_TASK_OF_INITIAL[t] for t in per.get("task", "?" * len(per["document"])) if t in _TASK_OF_INITIAL]
     acc, low, high = accuracy_interval(other)
     ref_acc, ref_low, ref_high = accuracy_interval(ref)
-    return {"name": name, "kv_format": kv_format, "runs": len(reports), "questions": len(ref),
-            "documents": len(ids), "recompute_accuracy": ref_acc, "recompute_ci": [ref_low, ref_high],
-            "accuracy": acc, "accuracy_ci": [low, high], "delta_points": diff.delta_points,
-            "delta_ci": [diff.low, diff.high], "lost": diff.lost, "gained": diff.gained,
-            "mcnemar_p": mcnemar_p(ref, other)}
+    row = {"name": name, "kv_format": kv_format, "runs": len(reports), "questions": len(ref),
+           "documents": len(set(clusters)), "recompute_accuracy": ref_acc, "recompute_ci": [ref_low, ref_high],
+           "accuracy": acc, "accuracy_ci": [low, high], **paired_summary(ref, other, clusters)}
+    if len(tasks) == len(ref):  # every run says which task each question is (runs since session 15)
+        row["per_task_delta"] = per_task_summaries(tasks, ref, other, clusters)
+    return row

@@ -84,3 +84,22 @@ def paired_difference(reference: Sequence[bool], other: Sequence[bool], clusters
         gained=int(np.sum(~ref & oth)),
         lost=int(np.sum(ref & ~oth)),
     )
+
+
+def paired_summary(reference: Sequence[bool], other: Sequence[bool], clusters: Sequence) -> dict:
+    """The paired comparison as bench quality reports it: the change in points with its interval, the
+    discordant counts and McNemar's p (``clusters``: each question's document, any hashable)."""
+    ids = {c: n for n, c in enumerate(dict.fromkeys(clusters))}
+    diff = paired_difference(reference, other, [ids[c] for c in clusters])
+    return {"delta_points": diff.delta_points, "delta_ci": [diff.low, diff.high], "lost": diff.lost,
+            "gained": diff.gained, "mcnemar_p": mcnemar_p(reference, other)}
+
+
+def per_task_summaries(tasks: Sequence[str], reference: Sequence[bool], other: Sequence[bool],
+                       clusters: Sequence) -> dict[str, dict]:
+    """``paired_summary`` for each task's questions alone (where a codec loses: copying or reasoning)."""
+    out = {}
+    for task in dict.fromkeys(tasks):
+        pick = [i for i, t in enumerate(tasks) if t == task]
+        out[task] = paired_summary([reference[i] for i in pick], [other[i] for i in pick], [clusters[i] for i in pick])
+    return out

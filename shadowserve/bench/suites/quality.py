@@ -19,7 +19,12 @@ from typing import Any
 from tqdm import tqdm
 
 from shadowserve.bench.common.quality_runner import QualityRunner
-from shadowserve.bench.common.quality_stats import accuracy_interval, mcnemar_p, paired_difference
+from shadowserve.bench.common.quality_stats import (
+    accuracy_interval,
+    mcnemar_p,
+    paired_difference,
+    per_task_summaries,
+)
 from shadowserve.bench.common.quality_tasks import TASKS, TaskBuilder, TaskSpec
 from shadowserve.bench.suites.codec import CodecBench, resolve_preset
 from shadowserve.config import CodecConfig
@@ -142,9 +147,10 @@ def build_report(questions, runner, figures: dict[str, dict[str, Any]],
                       "chain_first_hop_accuracy": _first_hop(ref)},
         "levels": {},
         "codecs": {},
-        # Per question, so runs can be pooled question by question (scripts/pool_quality.py):
-        # its document, and "1"/"0" for right/wrong, one character per question.
-        "per_question": {"document": clusters, "recompute": _marks(ref.correct)},
+        # Per question, so runs can be pooled question by question (scripts/pool_quality.py): its
+        # document, its task's initial, and "1"/"0" for right/wrong, one character per question.
+        "per_question": {"document": clusters, "task": "".join(q.task[0] for q in questions),
+                         "recompute": _marks(ref.correct)},
     }
     for name, contestant in runner.contestants.items():
         ans = contestant.answers
@@ -165,6 +171,7 @@ def build_report(questions, runner, figures: dict[str, dict[str, Any]],
             "mcnemar_p": mcnemar_p(ref.correct, ans.correct),
             "identical_share": sum(a == b for a, b in zip(ans.tokens, ref.tokens)) / len(ref.tokens),
             "per_task": _per_task(questions, ans.correct),
+            "per_task_delta": per_task_summaries([q.task for q in questions], ref.correct, ans.correct, clusters),
             "chain_first_hop_accuracy": _first_hop(ans),
             "fetch_mode": contestant.fetch_mode,
             "ratio_vs_fp16": fig["ratio_vs_fp16"],
@@ -212,6 +219,9 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"{name:<16} {acc:<22} {delta:<22} {row['mcnemar_p']:>9.3f} {row['identical_share']:>6.0%} "
                   f"{row['ratio_vs_fp16']:>6.2f} {row['kl']:>7.4f} {row['ppl_increase_pct']:>6.2f} "
                   f"{row['argmax_agreement']:>6.3f} {row['decode_gbps_per_core']:>8.2f}")
+            print(" " * 17 + ", ".join(f"{task} {d['delta_points']:+.1f} [{d['delta_ci'][0]:+.1f}, {d['delta_ci'][1]:+.1f}] "
+                                       f"{d['lost']}/{d['gained']} lost/gained"
+                                       for task, d in row["per_task_delta"].items()))
     print("Δ pts: accuracy minus recompute's on the same questions (cluster bootstrap over documents); McNemar p: "
           "exact test of the questions exactly one of the two got right; same: answers token for token "
           "recompute's; ratio/KL/ppl/top1/dec: bench codec's figures for the same codec on long text")
