@@ -77,11 +77,11 @@ PRESETS: dict[str, CodecConfig] = {
     # Session 14: the default's rule with key offsets and per-channel key steps, keys finer: 7.14x at less KL
     # than the default's 6.23x, decoding as fast (docs/codec.md, "Per-channel key steps").
     "rms-channels-zstd": CodecConfig(key_offsets=True, key_step=0.4, key_channel_steps=CHANNEL_TABLE),
-    # Session 14: qa-5x with per-channel key steps (kvcache/channel_steps.py), keys finer: "balanced" since.
+    # Session 14: qa-5x with per-channel key steps (kvcache/channel_steps.py), keys finer: session 14's "balanced".
     "planes-qa-5x-channels-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x", key_step=0.3,
                                                  key_channel_steps=CHANNEL_TABLE),
     # Session 15: the same, pinned per head instead of per plane (qa-5x's plane steps before its pins, the
-    # retrieval heads at the pinned planes' steps): docs/codec.md, "Steps per head".
+    # retrieval heads at the pinned planes' steps): docs/codec.md, "Steps per head". "balanced" since.
     "planes-qa-5x-heads-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x-heads", key_step=0.3,
                                               key_channel_steps=CHANNEL_TABLE, head_steps=HEAD_SET),
     "planes-compact-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
