@@ -16,6 +16,9 @@ data path, 1024 questions, paired statistics). Usage::
 
     python scripts/answer_sensitivity.py planes --seed 9 --documents 12 --json planes.json
     python scripts/answer_sensitivity.py codecs --seed 5 --documents 16 --codecs balanced,high
+    python scripts/answer_sensitivity.py planes --per-head --task needle --seed 10 --documents 8
+
+``codecs`` also reports the answer KL per task; ``--task`` keeps one task's documents only.
 """
 
 from __future__ import annotations
@@ -166,7 +169,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("command", choices=["planes", "codecs"])
     p.add_argument("--seed", type=int, default=9, help="task seed (bench quality scores seed 0: fit on others)")
-    p.add_argument("--documents", type=int, default=12, help="documents, half needle and half chain")
+    p.add_argument("--documents", type=int, default=12, help="documents, half needle and half chain (see --task)")
+    p.add_argument("--task", choices=["both", "needle", "chain"], default="both",
+                   help="only documents of one task (bench quality's loss is in needle retrieval: docs/results.md)")
     p.add_argument("--codecs", default="balanced,high", help="codecs: bench codec presets (with + modifiers), comma-separated")
     p.add_argument("--generate", action="store_true", help="codecs: also answer greedily and score accuracy")
     p.add_argument("--per-head", action="store_true", help="planes: quantize one KV head of a plane at a time")
@@ -175,8 +180,8 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model("smollm2-135m", "float32")
-    spec = TaskSpec(needle_documents=args.documents // 2, chain_documents=args.documents - args.documents // 2,
-                    seed=args.seed)
+    needle = {"both": args.documents // 2, "needle": args.documents, "chain": 0}[args.task]
+    spec = TaskSpec(needle_documents=needle, chain_documents=args.documents - needle, seed=args.seed)
     builder = TaskBuilder(loaded.tokenizer, spec)
     _, model = _load("smollm2-135m")
     layers = model.config.num_hidden_layers
@@ -185,12 +190,14 @@ def main() -> int:
     plane_kl = {u: 0.0 for u in units(layers, heads, args.per_head)}
     rows = {n: {"ratio": [], "kl": [], "identical": [], "correct": []} for n in names}
     recompute: list[bool] = []
+    tasks: list[str] = []  # each question's task, for the per-task answer KL
     started = time.monotonic()
     for d, doc in enumerate(builder.documents()):
         kv = _prefill(model, torch.tensor([list(doc.prefix_ids)]))
         ref = Answers(model, builder, doc, kv)
         ref_lp = forced(model, kv, [h for hops in ref.hops for h in hops])
         recompute += ref.correct
+        tasks += [q.task for q in doc.questions]
         if args.command == "planes":
             q = one_plane_quantized(kv)
             for layer, i, h in plane_kl:
@@ -212,7 +219,7 @@ def main() -> int:
         print(f"document {d + 1}/{spec.needle_documents + spec.chain_documents} "
               f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     n_q = len(recompute)
-    report: dict = {"seed": args.seed, "documents": args.documents, "questions": n_q,
+    report: dict = {"seed": args.seed, "documents": args.documents, "task": args.task, "questions": n_q,
                     "recompute_accuracy": sum(recompute) / n_q}
     if args.command == "planes":
         per = [[[plane_kl[layer, i, h] / n_q for h in (range(heads) if args.per_head else [None])]
@@ -223,6 +230,9 @@ def main() -> int:
                    "identical_share": sum(row["identical"]) / n_q}
         if row["correct"]:
             summary["accuracy"] = sum(row["correct"]) / n_q
+        for task in sorted(set(tasks)):
+            picked = [k for k, t in zip(row["kl"], tasks) if t == task]
+            summary[f"answer_kl_{task}"] = sum(picked) / len(picked)
         report.setdefault("codecs", {})[n] = summary
         print(f"{n:32s} " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     print(f"recompute accuracy {report['recompute_accuracy']:.3f} over {n_q} questions")
