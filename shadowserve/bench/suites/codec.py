@@ -62,7 +62,7 @@ PRESETS: dict[str, CodecConfig] = {
     "rms-keyoffsets-zstd": CodecConfig(key_offsets=True),
     # Steps per (layer, K/V) plane fitted for smollm2-135m (kvcache/schedules.py; docs/codec.md,
     # "Steps per plane"), on other stretches of text than the one this bench scores, with key offsets.
-    "planes-high-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high"),
+    "planes-high-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high"),  # "high" until session 15
     "planes-balanced-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-balanced"),
     # Session 10, after bench quality: a finer fit (about 4x) and the balanced fit with keys twice as fine.
     "planes-4x-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-4x"),
