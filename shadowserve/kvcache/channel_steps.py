@@ -54,8 +54,7 @@ def format_tag(config: CodecConfig) -> str:
         digest = hashlib.sha256(_read(config.key_channel_steps) + f"|{config.key_channel_power:g}".encode())
         tag += f":C{digest.hexdigest()[:12]}"
     if config.head_steps.strip():
-        _, pins = _head_steps(config)
-        listed = ",".join(f"{layer}{'kv'[kv]}{head}:{m:g}" for (layer, kv, head), m in sorted(pins.items()))
+        listed = head_steps_text(dict(sorted(_head_steps(config)[1].items())))
         tag += f":H{hashlib.sha256(listed.encode()).hexdigest()[:12]}"
     return tag
 
@@ -78,6 +77,11 @@ def _head_steps(config: CodecConfig) -> tuple[tuple[int, int] | None, dict[tuple
             raise ConfigError(f"head_steps names {layer}{'kv'[kv]}{head} twice")
         pins[(layer, kv, head)] = float(m)
     return shape, pins
+
+
+def head_steps_text(pins: dict[tuple[int, int, int], float]) -> str:
+    """Multipliers by (layer, kv, head) written as a ``head_steps`` list (``18k2:0.32,...``)."""
+    return ",".join(f"{layer}{'kv'[kv]}{head}:{m:g}" for (layer, kv, head), m in pins.items())
 
 
 def listed_head_steps(config: CodecConfig) -> dict[tuple[int, int, int], float]:

@@ -11,7 +11,7 @@ from shadowserve.dataplane.gpu_decode import _dequantize_on_device
 from shadowserve.errors import ConfigError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import packing as pk
-from shadowserve.kvcache.channel_steps import head_multipliers, listed_head_steps
+from shadowserve.kvcache.channel_steps import head_multipliers, head_steps_text, listed_head_steps
 from tests.kvcache.conftest import FINGERPRINT, SHAPE, make_kv
 
 REAL = (30, 2, 256, 3, 64)  # smollm2-135m's chunk: the shape the named set is for
@@ -84,8 +84,7 @@ def test_head_steps_work_with_channel_steps_and_match_on_the_device():
 def test_head_steps_are_part_of_the_format_id_and_named_sets_expand():
     ids = {KVCodec(CodecConfig(head_steps=h), FINGERPRINT).kv_format_id for h in ("", "1k0:0.5", "1k0:0.25", "1v0:0.5")}
     assert len(ids) == 4
-    listed = ",".join(f"{layer}{'kv'[kv]}{head}:{m:g}" for (layer, kv, head), m in
-                      listed_head_steps(CodecConfig(head_steps="smollm2-135m-retrieval")).items())
+    listed = head_steps_text(listed_head_steps(CodecConfig(head_steps="smollm2-135m-retrieval")))
     assert KVCodec(CodecConfig(head_steps=listed), FINGERPRINT).kv_format_id == \
         KVCodec(CodecConfig(head_steps="smollm2-135m-retrieval"), FINGERPRINT).kv_format_id
 

@@ -45,7 +45,7 @@ def pool_runs(reports: list[dict], name: str) -> dict:
         ref += [c == "1" for c in per["recompute"]]
         other += [c == "1" for c in per[found]]
         clusters += [(i, d) for d in per["document"]]
-        tasks += [_TASK_OF_INITIAL[t] for t in per.get("task", "?" * len(per["document"])) if t in _TASK_OF_INITIAL]
+        tasks += [_TASK_OF_INITIAL[t] for t in per.get("task", "")]
     acc, low, high = accuracy_interval(other)
     ref_acc, ref_low, ref_high = accuracy_interval(ref)
     row = {"name": name, "kv_format": kv_format, "runs": len(reports), "questions": len(ref),

@@ -25,7 +25,7 @@ from shadowserve.config import CodecConfig
 from shadowserve.errors import ConfigError, ModelError
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import quant as q
-from shadowserve.kvcache.channel_steps import listed_head_steps, plane_multipliers
+from shadowserve.kvcache.channel_steps import head_steps_text, listed_head_steps, plane_multipliers
 from shadowserve.kvcache.layout import Layout
 from shadowserve.kvcache.levels import QUALITY_LEVELS
 from shadowserve.kvcache.plan import plan
@@ -130,9 +130,10 @@ def _modified(config: CodecConfig, mod: str) -> CodecConfig:
         return replace(config, head_steps=HEAD_SET)
     if mod[:1] == "h" and mod[1:2].isdigit():
         where, factor = mod[1:].split("x")
-        pins = {f"{layer}{'kv'[kv]}{head}": m for (layer, kv, head), m in listed_head_steps(config).items()}
-        pins[where] = float(factor)
-        return replace(config, head_steps=",".join(f"{w}:{m:g}" for w, m in pins.items()))
+        kv = 0 if "k" in where else 1
+        layer, head = (int(x) for x in where.split("kv"[kv]))
+        pins = {**listed_head_steps(config), (layer, kv, head): float(factor)}
+        return replace(config, head_steps=head_steps_text(pins))
     if mod[:1] in ("k", "v") and mod[1:2].isdigit():
         return replace(config, **{"key_step" if mod[0] == "k" else "value_step": float(mod[1:])})
     raise ValueError(mod)

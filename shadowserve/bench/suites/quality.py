@@ -19,12 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from shadowserve.bench.common.quality_runner import QualityRunner
-from shadowserve.bench.common.quality_stats import (
-    accuracy_interval,
-    mcnemar_p,
-    paired_difference,
-    per_task_summaries,
-)
+from shadowserve.bench.common.quality_stats import accuracy_interval, paired_summary, per_task_summaries
 from shadowserve.bench.common.quality_tasks import TASKS, TaskBuilder, TaskSpec
 from shadowserve.bench.suites.codec import CodecBench, resolve_preset
 from shadowserve.config import CodecConfig
@@ -158,17 +153,12 @@ def build_report(questions, runner, figures: dict[str, dict[str, Any]],
             raise ConfigError(f"{name}: fetched {ans.fetched_tokens} of {ans.document_tokens} document tokens; "
                               "a failed fetch would have recomputed and hidden the codec's effect")
         acc, low, high = accuracy_interval(ans.correct)
-        diff = paired_difference(ref.correct, ans.correct, clusters)
         fig = figures[name]
         row = {
             "codec": contestant.codec.codec_id,
             "accuracy": acc,
             "accuracy_ci": [low, high],
-            "delta_points": diff.delta_points,
-            "delta_ci": [diff.low, diff.high],
-            "gained": diff.gained,
-            "lost": diff.lost,
-            "mcnemar_p": mcnemar_p(ref.correct, ans.correct),
+            **paired_summary(ref.correct, ans.correct, clusters),  # delta_points, delta_ci, lost, gained, mcnemar_p
             "identical_share": sum(a == b for a, b in zip(ans.tokens, ref.tokens)) / len(ref.tokens),
             "per_task": _per_task(questions, ans.correct),
             "per_task_delta": per_task_summaries([q.task for q in questions], ref.correct, ans.correct, clusters),
