@@ -40,6 +40,9 @@ def main() -> int:
           f"{100 * row['accuracy']:.1f}%, delta {row['delta_points']:+.2f} points "
           f"[{row['delta_ci'][0]:+.2f}, {row['delta_ci'][1]:+.2f}], lost {row['lost']} / gained {row['gained']}, "
           f"McNemar p {row['mcnemar_p']:.3g}")
+    for task, d in row.get("per_task_delta", {}).items():
+        print(f"  {task}: delta {d['delta_points']:+.2f} points [{d['delta_ci'][0]:+.2f}, {d['delta_ci'][1]:+.2f}], "
+              f"lost {d['lost']} / gained {d['gained']}, McNemar p {d['mcnemar_p']:.3g}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=2)

@@ -177,6 +177,13 @@ def test_pooling_joins_runs_question_by_question():
     a["per_question"]["task"], b["per_question"]["task"] = "nncc", "ncnc"
     split = pool_runs([a, b], "balanced")["per_task_delta"]
     assert (split["needle"]["lost"], split["needle"]["gained"], split["chain"]["lost"] + split["chain"]["gained"]) == (1, 1, 0)
+    # A run from before the task column: its spec's question counts per document tell the tasks apart.
+    older = _run("110", "010", [0, 0, 1])
+    older["spec"] = {"needles": 2, "chains": 1}
+    split = pool_runs([older], "balanced")["per_task_delta"]
+    assert (split["needle"]["lost"], split["chain"]["lost"]) == (1, 0)
+    older["spec"] = {"needles": 2, "chains": 2}  # the same count for both: no split
+    assert "per_task_delta" not in pool_runs([older], "balanced")
 
 
 def test_quick_run_writes_the_documented_json(tmp_path, smollm2):

@@ -4,10 +4,13 @@ Runs on different seeds ask different questions, so together they measure a code
 than any one of them. Each run's JSON keeps, per question, its document and whether recompute and
 each level/codec got it right (``per_question``; since session 15 also its task). Pooling joins them,
 keeps documents of different runs apart (the interval resamples whole documents) and compares as
-``bench quality`` does one run, per task too when every run names its questions' tasks.
+``bench quality`` does one run, per task too when every run names its questions' tasks (or its spec
+tells them apart).
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from shadowserve.bench.common.quality_stats import accuracy_interval, paired_summary, per_task_summaries
 from shadowserve.bench.common.quality_tasks import TASKS
@@ -30,6 +33,20 @@ def _entry(report: dict, name: str, kv_format: str | None) -> tuple[str, str] | 
     return next(((n, f) for n, f in formats.items() if f == kv_format), None)
 
 
+def _tasks(report: dict) -> list[str]:
+    """Each question's task: from ``per_question`` (runs since session 15) or, for earlier runs, from the
+    run's spec, whose needle and chain documents ask different numbers of questions ([] if they ask the same)."""
+    per = report["per_question"]
+    if "task" in per:
+        return [_TASK_OF_INITIAL[t] for t in per["task"]]
+    spec = report.get("spec", {})
+    by_count = {spec.get("needles"): "needle", spec.get("chains"): "chain"}
+    if len(by_count) < 2 or None in by_count:
+        return []
+    counts = Counter(per["document"])
+    return [by_count.get(counts[d], "?") for d in per["document"]]
+
+
 def pool_runs(reports: list[dict], name: str) -> dict:
     """The pooled comparison of ``name`` (or the same KV under another name) with recompute over the runs."""
     ref, other, clusters, tasks, kv_format = [], [], [], [], None
@@ -45,12 +62,12 @@ def pool_runs(reports: list[dict], name: str) -> dict:
         ref += [c == "1" for c in per["recompute"]]
         other += [c == "1" for c in per[found]]
         clusters += [(i, d) for d in per["document"]]
-        tasks += [_TASK_OF_INITIAL[t] for t in per.get("task", "")]
+        tasks += _tasks(report)
     acc, low, high = accuracy_interval(other)
     ref_acc, ref_low, ref_high = accuracy_interval(ref)
     row = {"name": name, "kv_format": kv_format, "runs": len(reports), "questions": len(ref),
            "documents": len(set(clusters)), "recompute_accuracy": ref_acc, "recompute_ci": [ref_low, ref_high],
            "accuracy": acc, "accuracy_ci": [low, high], **paired_summary(ref, other, clusters)}
-    if len(tasks) == len(ref):  # every run says which task each question is (runs since session 15)
+    if len(tasks) == len(ref) and "?" not in tasks:  # every run says, or its spec tells, each question's task
         row["per_task_delta"] = per_task_summaries(tasks, ref, other, clusters)
     return row
