@@ -21,6 +21,8 @@ from shadowserve.store.base import StoreBase, check_key, writable_view
 from shadowserve.store.shaping import LinkShape, wait_latency
 from shadowserve.store.sockio import PeerClosed, recv_exact_into, send_buffers, set_kernel_timeouts
 
+# Idle connections a client keeps; more are opened while more calls overlap, and closed after.
+POOL_SIZE = 16
 _SOCKBUF = 4 << 20
 _BATCH = 4096  # keys per GET_MANY / CONTAINS frame, far below the server's body limit
 _MAX_ERROR_BODY = 64 << 10
@@ -115,7 +117,7 @@ class StoreClient(StoreBase):
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         shape: LinkShape | None = None,
-        pool_size: int = 16,
+        pool_size: int = POOL_SIZE,
     ) -> None:
         self.host, self.port = host, port
         self._token = token.encode() if token else None

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from shadowserve.bench.common.faults import FAULTS, fault_schedule
+from shadowserve.store.client import POOL_SIZE
 
 
 def test_schedule_fires_every_fault_each_round_between_steady_windows():
@@ -36,8 +37,11 @@ def test_soak_answers_everything_correctly_and_leaks_nothing(tmp_path):
     damaged = [e["detail"] for e in report["fault_events"] if e["fault"] == "store-corrupt" and e["action"] == "begin"]
     assert all(d.startswith("damaged ") and int(d.split()[1]) > 0 for d in damaged), damaged
     for name, r in report["resources"].items():
+        if name == "store_connections":  # a pool: it may grow to the peak of overlapping calls, never past its cap
+            assert r["end"] <= POOL_SIZE, (name, r, report["fds_added"])
+            continue
         # Nothing grows: a leak adds; a descriptor the server opened at start-up may have closed since.
-        assert r["end"] <= r["start"] if name == "open_fds" else r["end"] == r["start"], (name, r)
+        assert r["end"] <= r["start"] if name == "open_fds" else r["end"] == r["start"], (name, r, report["fds_added"])
     counters = report["server_counters"]
     assert counters["dataplane_restarts_total"] >= 2  # the kills were noticed and recovered from
     assert counters["fetch_failures_total"] > 0  # damaged chunks were refused, not served

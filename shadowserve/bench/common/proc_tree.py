@@ -57,9 +57,49 @@ def dataplane_pid(server_pid: int) -> int | None:
     return None
 
 
-def fd_count(pid: int) -> int:
-    """Open file descriptors of one process."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def fd_targets(pid: int) -> list[str]:
+    """What each open descriptor of one process points at: a path, a pipe, or a socket named by its
+    TCP ports and state (so a leak report says which connection stayed open)."""
+    sockets = _socket_names(pid)
+    out = []
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        inode = target[len("socket:["):-1] if target.startswith("socket:[") else None
+        out.append(sockets.get(inode, "socket") if inode else target)
+    return sorted(out)
+
+
+_TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+
+
+def _socket_names(pid: int) -> dict[str, str]:
+    """inode -> ``tcp :LOCAL->:REMOTE STATE`` (or ``unix``) for the sockets in the process's namespace."""
+    names: dict[str, str] = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    local, remote, state, inode = parts[1], parts[2], parts[3], parts[9]
+                    port = lambda a: int(a.rsplit(":", 1)[1], 16)  # noqa: E731
+                    names[inode] = f"tcp :{port(local)}->:{port(remote)} {_TCP_STATES.get(state, state)}"
+        except (OSError, StopIteration, IndexError):
+            continue
+    try:
+        with open(f"/proc/{pid}/net/unix") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 7:
+                    names.setdefault(parts[6], "unix " + (parts[7] if len(parts) > 7 else ""))
+    except (OSError, StopIteration):
+        pass
+    return names
 
 
 def shm_segments(pid: int) -> set[str]:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from collections import Counter
 
 from shadowserve.bench.common.answer_client import complete, scrape_metrics
 from shadowserve.bench.common.faults import FAULTS, STEADY, FaultInjector, StoreHandle, fault_schedule
 from shadowserve.bench.common.harness import write_json
 from shadowserve.bench.common.machine import machine_info
-from shadowserve.bench.common.proc_tree import fd_count, shm_segments
+from shadowserve.bench.common.proc_tree import fd_targets, shm_segments
 from shadowserve.bench.common.soak_report import Record, format_report, judge, records_json, summarize
 from shadowserve.bench.common.workloads import int_range, long_doc_qa
 from shadowserve.controlplane.builder import chunk_key_fn
@@ -114,7 +115,7 @@ def _soak(flags: list[str], prompts: list[list[int]], references: list[str], key
         if not any(_stored(store.url, keys)):
             raise ShadowServeError("none of the workload's chunk keys is in the store after the warm-up: "
                                    "the benchmark's key computation does not match the server's")
-        start = _resources(server.url, server.pid)
+        start = _resources(server.url, server.pid, store.port)
         injector = FaultInjector(server.pid, store, keys, args.full_capacity, args.seed)
         duration = args.minutes * 60
         t0 = time.monotonic()
@@ -123,7 +124,7 @@ def _soak(flags: list[str], prompts: list[list[int]], references: list[str], key
         injector.join()
         fired = injector.fired()
         _settle(server.url, args.timeout)
-        end = _resources(server.url, server.pid, want=start)
+        end = _resources(server.url, server.pid, store.port, want=start)
         resources = {k: {"start": start[k], "end": end[k]} for k in start}
         metrics = scrape_metrics(server.url)
     finally:
@@ -132,6 +133,9 @@ def _soak(flags: list[str], prompts: list[list[int]], references: list[str], key
     seen = set(start["_shm_names"]) | set(end["_shm_names"])
     resources = {k: v for k, v in resources.items() if not k.startswith("_")}
     resources["shm_left_after_stop"] = {"start": 0, "end": sum(_exists(n) for n in seen)}
+    # What the server's descriptors were, when their count changed: a leak report names the descriptor.
+    fds_added = sorted((Counter(end["_fds"]) - Counter(start["_fds"])).elements())
+    fds_closed = sorted((Counter(start["_fds"]) - Counter(end["_fds"])).elements())
     summary = summarize(records, [WARMUP, STEADY, *FAULTS])
     counters = {k.removeprefix("shadowserve_"): v for k, v in metrics.items()
                 if any(s in k for s in ("fetch_failures", "fetched_tokens_total", "saved_chunks", "save_failures",
@@ -139,7 +143,8 @@ def _soak(flags: list[str], prompts: list[list[int]], references: list[str], key
     return {
         "table": format_report(summary, resources, fired) + "\n" + _events_text(injector.events),
         "command_args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json_path"},
-        "summary": summary, "resources": resources, "faults_fired": fired, "server_counters": counters,
+        "summary": summary, "resources": resources,
+        "fds_added": fds_added, "fds_closed": fds_closed, "faults_fired": fired, "server_counters": counters,
         "fault_events": [vars(e) for e in injector.events], "records": records_json(records),
     }
 
@@ -183,28 +188,35 @@ def _settle(url: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def _resources(url: str, pid: int, want: dict | None = None, grace: float = 15.0) -> dict:
+def _resources(url: str, pid: int, store_port: int, want: dict | None = None, grace: float = 15.0) -> dict:
     """KV blocks in use, shared-memory segments of the process tree, descriptors of the server.
 
+    The server's connections to the store are counted apart from its other descriptors: they are
+    a pool that grows to the peak number of overlapping store calls (at most ``POOL_SIZE`` idle),
+    so their count may rise between two looks without anything leaking.
     With ``want`` (the starting values), sample again for up to ``grace`` seconds while they are
     above it: closing sockets and a restarted data plane settle a moment after the last answer.
     """
     deadline = time.monotonic() + grace
+    to_store = f"->:{store_port} ESTABLISHED"
     while True:
         names = shm_segments(pid)
         blocks = int(scrape_metrics(url).get("shadowserve_kv_blocks_used", -1))
         # The scrape's own connection may still be open on the server's side: the fewest of a few looks.
-        fds = min(_fds_after(pid, i * 0.1) for i in range(4))
-        now = {"kv_blocks_used": blocks, "shm_segments": len(names), "open_fds": fds, "_shm_names": sorted(names)}
+        looks = [_fds_after(pid, i * 0.1) for i in range(4)]
+        fds = min(looks, key=len)
+        store_conns = sum(t.endswith(to_store) for t in fds)
+        now = {"kv_blocks_used": blocks, "shm_segments": len(names), "open_fds": len(fds) - store_conns,
+               "store_connections": store_conns, "_shm_names": sorted(names), "_fds": fds}
         if want is None or time.monotonic() > deadline or all(now[k] <= want[k] for k in
                                                                ("kv_blocks_used", "shm_segments", "open_fds")):
             return now
         time.sleep(0.5)
 
 
-def _fds_after(pid: int, delay: float) -> int:
+def _fds_after(pid: int, delay: float) -> list[str]:
     time.sleep(delay)
-    return fd_count(pid)
+    return fd_targets(pid)
 
 
 def _stored(url: str, keys: list[bytes]) -> list[bool]:
