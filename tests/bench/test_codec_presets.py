@@ -4,6 +4,7 @@ import pytest
 
 from shadowserve.bench.suites.codec import PRESETS, resolve_preset
 from shadowserve.errors import ConfigError
+from shadowserve.kvcache.schedules import step_multipliers
 
 
 def test_modifiers_change_only_what_they_name():
@@ -38,3 +39,16 @@ def test_head_modifiers_add_to_the_named_set():
     assert pins["18k2"] == "0.1" and pins["2v0"] == "0.5"  # one head overridden, one added
     assert pins["23k0"] == "0.32" and len(pins) == 10  # the rest of the set kept
     assert resolve_preset("default+h1k0x0.5+h1k0x0.25").head_steps == "1k0:0.25"
+
+
+def test_plane_modifiers_scale_one_plane_of_the_schedule():
+    base = step_multipliers(PRESETS["balanced"])
+    c = resolve_preset("balanced+p18kx2+p0vx0.5+p18kx0.5")
+    got = step_multipliers(c)
+    changed = {i for i, (a, b) in enumerate(zip(base, got)) if a != b}
+    assert changed == {1}  # value plane of layer 0 halved; layer 18's keys x2 then x0.5 is its own step again
+    assert got[1] == pytest.approx(base[1] / 2) and got[36] == pytest.approx(base[36])
+    assert resolve_preset("balanced+p29vx3").layer_steps.count(",") == 59
+    for bad in ("balanced+p30kx2", "balanced+p1qx2", "default+p1kx2"):  # no such layer, no such plane, no schedule
+        with pytest.raises(ConfigError):
+            resolve_preset(bad)

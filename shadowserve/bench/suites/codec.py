@@ -100,7 +100,8 @@ def resolve_preset(name: str) -> CodecConfig:
     ``none``), ``blocked`` (64 KiB lossless blocks, format version 3), ``blocked<N>k`` (N KiB blocks),
     ``oneblock`` (one stream per chunk), ``channels`` / ``channels<P>`` (per-channel key steps from the
     model's query-energy table, power 0.5 or P), ``heads`` (the model's retrieval heads pinned finer),
-    ``h<L><k|v><H>x<M>`` (head H of layer L's keys or values at M times its step; repeatable) or ``k<S>`` /
+    ``h<L><k|v><H>x<M>`` (head H of layer L's keys or values at M times its step; repeatable),
+    ``p<L><k|v>x<M>`` (layer L's key or value plane at M times its step; repeatable) or ``k<S>`` /
     ``v<S>`` (key / value step S)."""
     base, *mods = name.split("+")
     if base not in PRESETS:
@@ -111,7 +112,8 @@ def resolve_preset(name: str) -> CodecConfig:
             config = _modified(config, mod)
     except ValueError:
         raise ConfigError(f"unknown preset modifier in {name!r}: use a lossless stage ({', '.join(_STAGE_MODIFIERS)}), "
-                          "blocked, blocked<N>k, oneblock, channels, channels<P>, heads, h<L><k|v><H>x<M>, k<S> or v<S>") from None
+                          "blocked, blocked<N>k, oneblock, channels, channels<P>, heads, h<L><k|v><H>x<M>, p<L><k|v>x<M>, "
+                          "k<S> or v<S>") from None
     return config
 
 
@@ -134,6 +136,17 @@ def _modified(config: CodecConfig, mod: str) -> CodecConfig:
         layer, head = (int(x) for x in where.split("kv"[kv]))
         pins = {**listed_head_steps(config), (layer, kv, head): float(factor)}
         return replace(config, head_steps=head_steps_text(pins))
+    if mod[:1] == "p" and mod[1:2].isdigit():
+        where, factor = mod[1:].split("x")
+        kv = 0 if where.endswith("k") else 1 if where.endswith("v") else None
+        if kv is None:
+            raise ValueError(mod)
+        mults = list(step_multipliers(config))
+        layer = int(where[:-1])
+        if not 0 <= layer < len(mults) // 2:
+            raise ValueError(mod)
+        mults[2 * layer + kv] = round(mults[2 * layer + kv] * float(factor), 6)
+        return replace(config, layer_steps=",".join(f"{m:g}" for m in mults))
     if mod[:1] in ("k", "v") and mod[1:2].isdigit():
         return replace(config, **{"key_step" if mod[0] == "k" else "value_step": float(mod[1:])})
     raise ValueError(mod)
