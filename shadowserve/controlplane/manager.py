@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
@@ -346,6 +347,16 @@ class KVCacheManager:
                 self.bm.hold(f.blocks)
                 self._abandoned[job] = f.blocks
         self.forget(req)
+
+    def learn(self, completions: Iterable[Completion], tier_reset: bool = False) -> None:
+        """Completions of a data plane this manager does not drive (vLLM's worker runs the fetches):
+        its tier directory and fetch-or-recompute estimates learn from them as from its own.
+        ``tier_reset``: that data plane restarted since, and its local tier is empty."""
+        if tier_reset:
+            self.tier.clear()
+        for c in completions:
+            self.tier.apply(c.tier_events)
+            self.policy.observe(c)
 
     def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float, pairs: int = 0,
                     kv_tokens: int = 0) -> None:

@@ -97,7 +97,10 @@ def vllm_connector(reference, model_dir, store_server):
         kv_connector="ShadowServeConnector", kv_connector_module_path="shadowserve.integrations.vllm",
         kv_role="kv_both",
         kv_connector_extra_config={"store_url": store_server.url, "quant": "none", "lossless": "zstd",
-                                   "fetch_mode": "offload", "chunk_size": CHUNK, "heartbeat_timeout": 5.0},
+                                   "fetch_mode": "offload", "chunk_size": CHUNK, "heartbeat_timeout": 5.0,
+                                   # Loads are what these tests check: on this tiny model computing a prefix
+                                   # costs about as much as fetching it, so "auto" may rightly compute.
+                                   "fetch_policy": "always"},
     )
     llm = LLM(model_dir, enforce_eager=True, dtype="float32", kv_transfer_config=kvt,
               num_gpu_blocks_override=NUM_BLOCKS, max_model_len=1024)
@@ -156,6 +159,18 @@ def test_loaded_prefix_gives_vllms_own_tokens(vllm_connector, reference, store):
     assert sched.stats()["prefix_hit_tokens"] - hits == 2 * CHUNK
     assert worker.stats()["fetched_tokens"] - fetched == 2 * CHUNK
     assert worker.stats()["fetch_failures"] == 0
+
+
+def test_scheduler_side_learns_from_the_workers_loads_and_steps(vllm_connector, reference, store):
+    """What fetch-or-recompute needs in vLLM's scheduler process comes back from the worker each step."""
+    llm, sched, worker = vllm_connector
+    _save_and_settle(vllm_connector, "full", store)
+    policy = sched.scheduler.manager.policy
+    tokens, cached = _tokens(llm, PROMPTS["full"])
+    assert tokens == reference["full"] and cached == 2 * CHUNK
+    est = policy.estimates()
+    assert est["link_bytes_per_second"] and est["decode_seconds_per_chunk"]  # from the worker's completions
+    assert est["chunk_bytes"] and policy.step_tokens > 0  # and vLLM's prefill steps, timed by the scheduler side
 
 
 def test_idle_steps_pause_while_a_load_lands(vllm_connector, reference, store, monkeypatch):

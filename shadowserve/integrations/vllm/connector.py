@@ -27,13 +27,14 @@ from shadowserve.dataplane.shared_pool import SharedTensorHandle
 from shadowserve.errors import ConfigError
 from shadowserve.integrations.vllm.config import ConnectorConfig, model_fingerprint, parse_extra_config
 from shadowserve.integrations.vllm.kv_view import kv_tensor_view, share
-from shadowserve.integrations.vllm.metadata import ShadowServeMetadata
+from shadowserve.integrations.vllm.metadata import ShadowServeMetadata, ShadowServeWorkerMeta
 from shadowserve.integrations.vllm.scheduler_side import NoBlocks, SchedulerSide
 from shadowserve.integrations.vllm.worker_side import BlockLedger, TrackedBackend, WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ class ShadowServeConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self.scheduler.update_connector_output(connector_output)
+
     def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)
         if self.scheduler is not None:
@@ -160,6 +164,14 @@ class ShadowServeConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_errors() if self.worker is not None else set()
+
+    def build_connector_worker_meta(self) -> ShadowServeWorkerMeta | None:
+        """This step's number and the data plane's completions, for the scheduler side's estimates."""
+        meta = self._meta()
+        if self.worker is None or meta is None:
+            return None
+        completions, restarts = self.worker.take_feedback()
+        return ShadowServeWorkerMeta([meta.step], completions, restarts)
 
     # ---- both ---------------------------------------------------------------------------------
 

@@ -1,14 +1,20 @@
-"""What the scheduler-side connector tells the worker-side one each step: small, picklable specs.
+"""What the two halves of the connector tell each other each step: small, picklable specs.
 
-Token ids and the request's cache salt travel (the worker derives chunk keys from them with the same
-key function); KV never does: the data plane reads and writes vLLM's blocks directly.
+Scheduler to worker (``ShadowServeMetadata``): loads, saves, preemptions. Token ids and the request's
+cache salt travel (the worker derives chunk keys from them with the same key function); KV never does:
+the data plane reads and writes vLLM's blocks directly.
+
+Worker to scheduler (``ShadowServeWorkerMeta``): which steps ran, and the data plane's completions, so
+the scheduler side's tier directory and fetch-or-recompute estimates learn from the worker's fetches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+from shadowserve.dataplane.messages import Completion
 
 
 @dataclass(frozen=True)
@@ -43,3 +49,21 @@ class ShadowServeMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     preempted: frozenset[str] = frozenset()
     idle: bool = False  # no tokens scheduled this step: the worker may pause briefly while loads land
+    step: int = -1  # the scheduler side's number for this step (echoed back in ShadowServeWorkerMeta)
+
+
+@dataclass
+class ShadowServeWorkerMeta(KVConnectorWorkerMetadata):
+    """The worker's answer after a step: the step numbers it ran, the completions its data plane
+    reported since the last answer, and how many times its data plane has restarted (a restart
+    empties the local tier, so the scheduler side's mirror of it must empty too)."""
+
+    steps: list[int] = field(default_factory=list)
+    completions: list[Completion] = field(default_factory=list)
+    restarts: int = 0
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> ShadowServeWorkerMeta:
+        if not isinstance(other, ShadowServeWorkerMeta):
+            return self
+        return ShadowServeWorkerMeta(self.steps + other.steps, self.completions + other.completions,
+                                     max(self.restarts, other.restarts))

@@ -5,17 +5,34 @@ thread pool and never block vLLM's scheduling loop: while one is out, vLLM is to
 (``None``) and schedules other requests. A hit becomes an asynchronous load (vLLM parks the request
 in WAITING_FOR_REMOTE_KVS and keeps running the rest), and once a prompt is computed its new full
 chunks are handed to the worker to save.
+
+The worker's data plane runs the fetches, so this side learns from what the worker sends back each
+step (``update_connector_output``): the completions feed the local-tier mirror and the link and decode
+estimates, and each step that prefilled is timed from its plan here to its output coming back, for the
+prefill estimate. With those, a lookup fetches only the leading chunks that beat computing them, as in
+our own engine (controlplane/fetch_policy.py). That time includes vLLM's own overhead around the
+forward pass (and, with asynchronous scheduling, any wait for the step before), so it errs towards
+prefill looking slower, i.e. towards fetching.
 """
 
 from __future__ import annotations
 
+import time
+from itertools import count
 from typing import Any
 
 from shadowserve.controlplane.manager import KVCacheManager
 from shadowserve.controlplane.ports import BlockHolder
-from shadowserve.engine.remote_kv import PENDING, KVRequest
+from shadowserve.engine.remote_kv import PENDING, KVRequest, pairs_of
 from shadowserve.integrations.vllm.config import ConnectorConfig
-from shadowserve.integrations.vllm.metadata import LoadSpec, SaveSpec, ShadowServeMetadata
+from shadowserve.integrations.vllm.metadata import (
+    LoadSpec,
+    SaveSpec,
+    ShadowServeMetadata,
+    ShadowServeWorkerMeta,
+)
+
+TIMED_STEPS = 64  # prefill steps awaiting their output; older ones (an output that never came) are dropped
 
 
 class NoBlocks(BlockHolder):
@@ -48,6 +65,10 @@ class SchedulerSide:
         self._loads: list[LoadSpec] = []
         self._saved: set[str] = set()  # save handed to the worker (its blocks are freed late)
         self.kv_cache_manager = None  # vLLM's, bound after construction (for block ids at save time)
+        self._step_ids = count()
+        # step number -> (when planned, prefill tokens, other tokens, query-key pairs, KV tokens read)
+        self._timed: dict[int, tuple[float, int, int, int, int]] = {}
+        self._worker_restarts = 0
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond vLLM's local hit that the store holds; ``None`` while the lookup is out."""
@@ -93,10 +114,45 @@ class SchedulerSide:
                 block_ids = self.kv_cache_manager.get_block_ids(rid)[0]
                 saves.append(SaveSpec(rid, tuple(req.prompt_token_ids), tuple(block_ids), self._hits.get(rid, 0),
                                       _salt(req)))
+        step = next(self._step_ids)
+        self._time_step(step, scheduler_output.num_scheduled_tokens)
         meta = ShadowServeMetadata(self._loads, saves, frozenset(scheduler_output.preempted_req_ids or ()),
-                                   idle=not scheduler_output.total_num_scheduled_tokens)
+                                   idle=not scheduler_output.total_num_scheduled_tokens, step=step)
         self._loads = []
         return meta
+
+    def _time_step(self, step: int, scheduled: dict[str, int]) -> None:
+        """Note what a step that prefills will compute (read before vLLM advances the requests), as
+        our engine does for its own steps; its time is taken when its output comes back."""
+        prefill = pairs = kv_tokens = total = 0
+        for rid, n in scheduled.items():
+            req = self._requests.get(rid)
+            if req is None or req.prompt_token_ids is None:
+                continue
+            done = req.num_computed_tokens
+            prefill += max(0, min(n, len(req.prompt_token_ids) - done))
+            pairs += pairs_of(n, done)
+            kv_tokens += done + n
+            total += n
+        if prefill:
+            self._timed[step] = (time.perf_counter(), prefill, total - prefill, pairs, kv_tokens)
+            while len(self._timed) > TIMED_STEPS:
+                del self._timed[next(iter(self._timed))]
+
+    def update_connector_output(self, output: Any) -> None:
+        """A step's output is back: time the prefill steps it ran, and learn from the worker's completions."""
+        meta = getattr(output, "kv_connector_worker_meta", None)
+        if not isinstance(meta, ShadowServeWorkerMeta):
+            return
+        now = time.perf_counter()
+        for step in set(meta.steps):
+            timed = self._timed.pop(step, None)
+            if timed is not None:
+                planned, prefill, other, pairs, kv_tokens = timed
+                self.manager.record_step(prefill, other, now - planned, pairs, kv_tokens)
+        reset = meta.restarts != self._worker_restarts
+        self._worker_restarts = meta.restarts
+        self.manager.learn(meta.completions, tier_reset=reset)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Keep the blocks while the worker may still be reading them for a save."""

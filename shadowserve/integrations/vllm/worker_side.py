@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from shadowserve.controlplane.manager import KVCacheManager
@@ -62,14 +62,19 @@ class BlockLedger(BlockHolder):
         return False
 
 
+FEEDBACK_LIMIT = 1024  # completions kept for the scheduler side between two steps (the newest win)
+
+
 class TrackedBackend(FetchBackend):
-    """Our data-plane backend, counting each request's saves in flight (to free blocks only after)."""
+    """Our data-plane backend, counting each request's saves in flight (to free blocks only after) and
+    keeping its completions for the scheduler side (``take_feedback``)."""
 
     def __init__(self, inner: FetchBackend) -> None:
         self.inner = inner
         self.synchronous = inner.synchronous
         self._save_jobs: dict[int, str] = {}
         self.saving: Counter[str] = Counter()
+        self.feedback: deque[Completion] = deque(maxlen=FEEDBACK_LIMIT)
 
     def submit(self, cmd: FetchCommand | SaveCommand) -> None:
         if isinstance(cmd, SaveCommand):
@@ -82,6 +87,7 @@ class TrackedBackend(FetchBackend):
         for c in out:
             if c.kind == "save":
                 self._settled(c.job_id)
+        self.feedback.extend(out)
         return out
 
     def _settled(self, job_id: int) -> None:
@@ -98,6 +104,7 @@ class TrackedBackend(FetchBackend):
         self.inner.restart()  # nothing old can read or write after this: every save is over
         self._save_jobs.clear()
         self.saving.clear()
+        self.feedback.clear()  # their tier events describe a tier that is gone
 
     def describe(self) -> str:
         return self.inner.describe()
@@ -183,6 +190,12 @@ class WorkerSide:
                 self._save_requests.discard(rid)
                 sending.add(rid)
         return sending, recving
+
+    def take_feedback(self) -> tuple[list[Completion], int]:
+        """The completions since the last call, and how many times the data plane has restarted."""
+        out = list(self.backend.feedback)
+        self.backend.feedback.clear()
+        return out, self.manager.stats.dataplane_restarts
 
     def take_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()
