@@ -24,6 +24,7 @@ from shadowserve.dataplane.messages import Completion  # noqa: E402
 from shadowserve.integrations.vllm.config import parse_extra_config  # noqa: E402
 from shadowserve.integrations.vllm.metadata import ShadowServeWorkerMeta  # noqa: E402
 from shadowserve.integrations.vllm.scheduler_side import NoBlocks, SchedulerSide  # noqa: E402
+from shadowserve.integrations.vllm.stats import CounterDelta  # noqa: E402
 from shadowserve.store import open_store  # noqa: E402
 from shadowserve.store.launch import start_store_server  # noqa: E402
 
@@ -132,3 +133,34 @@ def test_worker_answers_aggregate_across_workers():
     b = ShadowServeWorkerMeta([3], [_fetched(2, 1e9)], restarts=2)
     both = a.aggregate(b)
     assert both.steps == [3, 3] and [c.ok_chunks for c in both.completions] == [1, 2] and both.restarts == 2
+
+
+def test_decisions_and_hits_reach_vllms_kv_transfer_log_line(store_url):
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
+
+    side = _side(store_url)
+    try:
+        doc = list(range(9, 9 + 2 * CHUNK))
+        store = open_store(store_url)
+        for k in side.manager.key_fn(doc):
+            store.put(k, b"chunk")
+        store.close()
+        deltas = CounterDelta(side.manager)
+        assert _matched(side, Req("a", doc + [1])) == 2 * CHUNK  # no estimates yet: fetched
+        first = deltas.take()
+        assert first.data["decisions_fetch_optimistic"] == 1 and first.data["prefix_hit_tokens"] == 2 * CHUNK
+        assert deltas.take() is None  # nothing new since
+        assert _matched(side, Req("b", doc + [2])) == 2 * CHUNK
+        second = deltas.take()
+        # vLLM's own logger rebuilds our stats through the connector class, sums the intervals' and prints them.
+        kvt = KVTransferConfig(kv_connector="ShadowServeConnector", kv_connector_module_path="shadowserve.integrations.vllm",
+                               kv_role="kv_both")
+        logging = KVConnectorLogging(kvt)
+        logging.observe(first.data)
+        logging.observe(second.data)
+        lines = []
+        logging.log(log_fn=lambda fmt, *args: lines.append(fmt % args))
+        assert len(lines) == 1 and "decisions_fetch_optimistic=2" in lines[0] and f"prefix_hit_tokens={4 * CHUNK}" in lines[0]
+    finally:
+        side.close()

@@ -29,6 +29,7 @@ from shadowserve.integrations.vllm.config import ConnectorConfig, model_fingerpr
 from shadowserve.integrations.vllm.kv_view import kv_tensor_view, share
 from shadowserve.integrations.vllm.metadata import ShadowServeMetadata, ShadowServeWorkerMeta
 from shadowserve.integrations.vllm.scheduler_side import NoBlocks, SchedulerSide
+from shadowserve.integrations.vllm.stats import CounterDelta, ShadowServeStats
 from shadowserve.integrations.vllm.worker_side import BlockLedger, TrackedBackend, WorkerSide
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class ShadowServeConnector(KVConnectorBase_V1):
         self.fingerprint = model_fingerprint(vllm_config, self.config.model_fingerprint)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
+        self._deltas: CounterDelta | None = None  # for get_kv_connector_stats, once a side exists
         self._head_dim = vllm_config.model_config.get_head_size()
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler(vllm_config)
@@ -174,6 +176,19 @@ class ShadowServeConnector(KVConnectorBase_V1):
         return ShadowServeWorkerMeta([meta.step], completions, restarts)
 
     # ---- both ---------------------------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> ShadowServeStats | None:
+        """What this half's counters gained since vLLM last asked (its "KV Transfer metrics" log line)."""
+        side = self.scheduler or self.worker
+        if side is None:
+            return None
+        if self._deltas is None:
+            self._deltas = CounterDelta(side.manager)
+        return self._deltas.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> ShadowServeStats:
+        return ShadowServeStats(data=dict(data or {}))
 
     def stats(self) -> dict[str, Any]:
         """Hit and fetch counters of this instance's KVCacheManager (for tests, benches, logs)."""
