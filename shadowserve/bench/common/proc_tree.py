@@ -57,23 +57,35 @@ def dataplane_pid(server_pid: int) -> int | None:
     return None
 
 
+def _links(pid: int) -> list[str]:
+    """What each open descriptor of one process points at, as /proc names it (raises if it is gone)."""
+    fd_dir = f"/proc/{pid}/fd"
+    out = []
+    for fd in os.listdir(fd_dir):
+        try:
+            out.append(os.readlink(f"{fd_dir}/{fd}"))
+        except OSError:
+            continue  # closed while we looked
+    return out
+
+
 def fd_targets(pid: int) -> list[str]:
     """What each open descriptor of one process points at: a path, a pipe, or a socket named by its
     TCP ports and state (so a leak report says which connection stayed open)."""
     sockets = _socket_names(pid)
     out = []
-    fd_dir = f"/proc/{pid}/fd"
-    for fd in os.listdir(fd_dir):
-        try:
-            target = os.readlink(f"{fd_dir}/{fd}")
-        except OSError:
-            continue
+    for target in _links(pid):
         inode = target[len("socket:["):-1] if target.startswith("socket:[") else None
         out.append(sockets.get(inode, "socket") if inode else target)
     return sorted(out)
 
 
 _TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+
+
+def _port(address: str) -> int:
+    """The port of a /proc/net/tcp address (``0100007F:1F90``)."""
+    return int(address.rsplit(":", 1)[1], 16)
 
 
 def _socket_names(pid: int) -> dict[str, str]:
@@ -86,8 +98,7 @@ def _socket_names(pid: int) -> dict[str, str]:
                 for line in f:
                     parts = line.split()
                     local, remote, state, inode = parts[1], parts[2], parts[3], parts[9]
-                    port = lambda a: int(a.rsplit(":", 1)[1], 16)  # noqa: E731
-                    names[inode] = f"tcp :{port(local)}->:{port(remote)} {_TCP_STATES.get(state, state)}"
+                    names[inode] = f"tcp :{_port(local)}->:{_port(remote)} {_TCP_STATES.get(state, state)}"
         except (OSError, StopIteration, IndexError):
             continue
     try:
@@ -112,14 +123,7 @@ def shm_segments(pid: int) -> set[str]:
                     parts = line.split(maxsplit=5)
                     if len(parts) == 6 and parts[5].startswith("/dev/shm/"):
                         names.add(parts[5].strip().removesuffix(" (deleted)"))
-            fd_dir = f"/proc/{p}/fd"
-            for fd in os.listdir(fd_dir):
-                try:
-                    target = os.readlink(f"{fd_dir}/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("/dev/shm/"):
-                    names.add(target.removesuffix(" (deleted)"))
+            names.update(t.removesuffix(" (deleted)") for t in _links(p) if t.startswith("/dev/shm/"))
         except OSError:
             continue  # the process ended while we looked
     return names
