@@ -45,8 +45,13 @@ def _drive(model_dir: str, bandwidth: str) -> dict:
     rng = random.Random(1)
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
+    seconds: list[float] = []
+
     def run(prompt: list[int]) -> int:
-        return llm.generate([{"prompt_token_ids": prompt}], greedy, use_tqdm=False)[0].num_cached_tokens
+        t0 = time.perf_counter()
+        cached = llm.generate([{"prompt_token_ids": prompt}], greedy, use_tqdm=False)[0].num_cached_tokens
+        seconds.append(round(time.perf_counter() - t0, 3))
+        return cached
 
     def settle() -> None:
         """Saves land, vLLM frees their blocks (one short step), then its own prefix cache is dropped."""
@@ -63,11 +68,12 @@ def _drive(model_dir: str, bandwidth: str) -> dict:
     doc = [rng.randrange(3, 500) for _ in range(1024)]
     run(doc + [7])
     settle()
-    cached = [run(doc + [8])]
+    cached, times = [run(doc + [8])], [seconds[-1]]
     for i in range(3):
         settle()
         cached.append(run(doc + [9 + i]))
-    out = {"cached": cached, "fetched_tokens": worker.stats()["fetched_tokens"],
+        times.append(seconds[-1])
+    out = {"cached": cached, "seconds": times, "fetched_tokens": worker.stats()["fetched_tokens"],
            "decisions": {f"{a}/{b}": n for (a, b), n in sched.manager.policy.counts.items()},
            "link_bytes_per_second": sched.manager.policy.estimates()["link_bytes_per_second"]}
     worker.shutdown()
@@ -101,5 +107,9 @@ def test_decision_flips_with_the_link_inside_vllm(model_dir, bandwidth, fetched)
         assert got["link_bytes_per_second"] == pytest.approx(10e6 / 8, rel=0.3)  # measured by the worker
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python tests/integrations/test_vllm_fetch_policy.py MODEL_DIR 10mbit|""
+    if not os.path.isdir(sys.argv[1]):
+        from shadowserve.integrations.vllm.random_model import save_random_llama
+
+        save_random_llama(sys.argv[1], hidden_size=128, num_heads=2, num_kv_heads=1)
     print(json.dumps(_drive(sys.argv[1], sys.argv[2])), flush=True)
