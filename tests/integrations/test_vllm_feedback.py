@@ -164,3 +164,25 @@ def test_decisions_and_hits_reach_vllms_kv_transfer_log_line(store_url):
         assert len(lines) == 1 and "decisions_fetch_optimistic=2" in lines[0] and f"prefix_hit_tokens={4 * CHUNK}" in lines[0]
     finally:
         side.close()
+
+
+def test_counters_become_vllm_prometheus_counters():
+    from functools import partial
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from shadowserve.integrations.vllm.connector import ShadowServeConnector
+
+    registry = CollectorRegistry()
+    types = {t: partial(t, registry=registry) for t in (Counter, Gauge, Histogram)}
+    prom = ShadowServeConnector.build_prom_metrics(SimpleNamespace(kv_transfer_config=None), types, ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe({"decisions_recompute_measured": 3, "decisions_fetch_optimistic": 1, "prefix_hit_tokens": 512,
+                  "fetched_chunks_tier": 2, "fetched_bytes_store": 1000, "fetch_failures": 0})
+    prom.observe({"decisions_recompute_measured": 1})
+    value = registry.get_sample_value
+    labels = {"model_name": "m", "engine": "0"}
+    assert value("vllm:shadowserve_decisions_total", {**labels, "decision": "recompute", "reason": "measured"}) == 4
+    assert value("vllm:shadowserve_decisions_total", {**labels, "decision": "fetch", "reason": "optimistic"}) == 1
+    assert value("vllm:shadowserve_prefix_hit_tokens_total", labels) == 512
+    assert value("vllm:shadowserve_fetched_chunks_total", {**labels, "source": "tier"}) == 2
+    assert value("vllm:shadowserve_fetched_bytes_total", {**labels, "source": "store"}) == 1000

@@ -29,7 +29,7 @@ from shadowserve.integrations.vllm.config import ConnectorConfig, model_fingerpr
 from shadowserve.integrations.vllm.kv_view import kv_tensor_view, share
 from shadowserve.integrations.vllm.metadata import ShadowServeMetadata, ShadowServeWorkerMeta
 from shadowserve.integrations.vllm.scheduler_side import NoBlocks, SchedulerSide
-from shadowserve.integrations.vllm.stats import CounterDelta, ShadowServeStats
+from shadowserve.integrations.vllm.stats import CounterDelta, ShadowServePromMetrics, ShadowServeStats
 from shadowserve.integrations.vllm.worker_side import BlockLedger, TrackedBackend, WorkerSide
 
 if TYPE_CHECKING:
@@ -189,6 +189,11 @@ class ShadowServeConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> ShadowServeStats:
         return ShadowServeStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> ShadowServePromMetrics:
+        return ShadowServePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def stats(self) -> dict[str, Any]:
         """Hit and fetch counters of this instance's KVCacheManager (for tests, benches, logs)."""
