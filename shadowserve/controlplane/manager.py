@@ -232,8 +232,7 @@ class KVCacheManager:
         return ready
 
     def _complete(self, c: Completion) -> list[FetchEnded]:
-        self.tier.apply(c.tier_events)
-        self.policy.observe(c)
+        self._observe(c)
         for kind, n in c.error_kinds.items():
             self.store_health.failed(kind, n, c.error)
         if c.store_bytes or (c.kind == "save" and c.ok_chunks):  # the store itself served or took chunks
@@ -355,8 +354,12 @@ class KVCacheManager:
         if tier_reset:
             self.tier.clear()
         for c in completions:
-            self.tier.apply(c.tier_events)
-            self.policy.observe(c)
+            self._observe(c)
+
+    def _observe(self, c: Completion) -> None:
+        """What any completion teaches: the tier's key changes and the fetch-or-recompute estimates."""
+        self.tier.apply(c.tier_events)
+        self.policy.observe(c)
 
     def record_step(self, prefill_tokens: int, other_tokens: int, seconds: float, pairs: int = 0,
                     kv_tokens: int = 0) -> None:

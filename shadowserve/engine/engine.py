@@ -15,7 +15,7 @@ from shadowserve.cores import explain_split
 from shadowserve.engine.block_manager import BlockManager
 from shadowserve.engine.kv_pool import KVPool, bytes_per_block
 from shadowserve.engine.model_runner import ModelRunner
-from shadowserve.engine.remote_kv import KVHost, NoRemoteKV, RemoteKV, RemoteKVFactory, pairs_of
+from shadowserve.engine.remote_kv import KVHost, NoRemoteKV, RemoteKV, RemoteKVFactory, step_work
 from shadowserve.engine.request import Request, RequestOutput, SamplingParams
 from shadowserve.engine.sampler import Sampler
 from shadowserve.engine.scheduler import Scheduler
@@ -152,17 +152,14 @@ class LLMEngine:
             if self.scheduler.fetching or self.scheduler.waiting:
                 time.sleep(0.0005)  # only waiting on lookups or fetches: do not spin the engine core
             return []
-        timed = not isinstance(self.remote_kv, NoRemoteKV)  # recompute: nobody weighs prefill against fetches
-        prefill = sum(min(c.num_tokens, n) for c in chunks
-                      if (n := len(c.request.prompt_token_ids) - c.request.num_computed_tokens) > 0) if timed else 0
-        if prefill:  # what this step attends over, read before the step advances the requests
-            pairs = sum(pairs_of(c.num_tokens, c.request.num_computed_tokens) for c in chunks)
-            kv_tokens = sum(c.request.num_computed_tokens + c.num_tokens for c in chunks)
+        # Recompute: nobody weighs prefill against fetches, so the step's work is not counted.
+        work = step_work((c.num_tokens, c.request.num_computed_tokens, len(c.request.prompt_token_ids))
+                         for c in chunks) if not isinstance(self.remote_kv, NoRemoteKV) else None
         t0 = time.perf_counter()
         sampled = self.runner.run(chunks)
-        if prefill:  # the prefill cost the control plane weighs fetches against
-            total = sum(c.num_tokens for c in chunks)
-            self.remote_kv.record_step(prefill, total - prefill, time.perf_counter() - t0, pairs, kv_tokens)
+        if work is not None and work.prefill_tokens:  # the prefill cost the control plane weighs fetches against
+            self.remote_kv.record_step(work.prefill_tokens, work.other_tokens, time.perf_counter() - t0,
+                                       work.pairs, work.kv_tokens)
         finished = self.scheduler.update(chunks, sampled)
         if self._on_token:
             for c in chunks:

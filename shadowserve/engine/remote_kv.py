@@ -13,9 +13,9 @@ block on the store or the data plane (except where ``synchronous`` says the fetc
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from shadowserve.engine.block_manager import BlockManager
 from shadowserve.engine.kv_pool import KVPool
@@ -35,6 +35,27 @@ def pairs_of(tokens: int, context: int) -> int:
     """Query-key pairs attended by ``tokens`` new tokens after ``context`` cached ones (causal attention):
     the measure of attention work that ``record_step`` reports beside the token count."""
     return tokens * context + tokens * (tokens + 1) // 2
+
+
+class StepWork(NamedTuple):
+    """What one engine step computes, in ``record_step``'s terms."""
+
+    prefill_tokens: int
+    other_tokens: int
+    pairs: int
+    kv_tokens: int
+
+
+def step_work(parts: Iterable[tuple[int, int, int]]) -> StepWork:
+    """The work of a step scheduling, per request, (tokens, tokens already computed, prompt length):
+    read before the step advances the requests. Our engine and vLLM's scheduler side both time it."""
+    prefill = total = pairs = kv_tokens = 0
+    for tokens, done, prompt in parts:
+        prefill += max(0, min(tokens, prompt - done))
+        total += tokens
+        pairs += pairs_of(tokens, done)
+        kv_tokens += done + tokens
+    return StepWork(prefill, total - prefill, pairs, kv_tokens)
 
 
 class PromptRequest(Protocol):

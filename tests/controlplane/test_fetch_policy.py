@@ -8,7 +8,7 @@ from shadowserve.config import DataPlaneConfig, EngineConfig
 from shadowserve.controlplane.fetch_policy import FetchPolicy, choose
 from shadowserve.controlplane.prefill_fit import PrefillFit
 from shadowserve.dataplane.messages import Completion
-from shadowserve.engine.remote_kv import pairs_of
+from shadowserve.engine.remote_kv import pairs_of, step_work
 from shadowserve.llm import create_engine
 from shadowserve.server.metrics import ServerMetrics
 from tests.dataplane import test_end_to_end as e2e
@@ -228,3 +228,10 @@ def test_an_exploration_end_to_end_fetches_one_chunk_and_shows_in_metrics(tiny, 
     text = ServerMetrics(eng).render().decode()
     assert 'shadowserve_kv_decisions_total{decision="partial",reason="explore"} 1.0' in text
     eng.close()
+
+
+def test_step_work_counts_prefill_apart_from_decode():
+    # A 300-token prompt's second chunk of 100 (200 computed) beside a decoding request (1 token after 50).
+    work = step_work([(100, 200, 300), (1, 50, 40)])
+    assert work == (100, 1, pairs_of(100, 200) + pairs_of(1, 50), 300 + 51)
+    assert step_work([(8, 300, 300)]).prefill_tokens == 0  # past its prompt: decode, not prefill

@@ -23,7 +23,7 @@ from typing import Any
 
 from shadowserve.controlplane.manager import KVCacheManager
 from shadowserve.controlplane.ports import BlockHolder
-from shadowserve.engine.remote_kv import PENDING, KVRequest, pairs_of
+from shadowserve.engine.remote_kv import PENDING, KVRequest, StepWork, step_work
 from shadowserve.integrations.vllm.config import ConnectorConfig
 from shadowserve.integrations.vllm.metadata import (
     LoadSpec,
@@ -66,8 +66,7 @@ class SchedulerSide:
         self._saved: set[str] = set()  # save handed to the worker (its blocks are freed late)
         self.kv_cache_manager = None  # vLLM's, bound after construction (for block ids at save time)
         self._step_ids = count()
-        # step number -> (when planned, prefill tokens, other tokens, query-key pairs, KV tokens read)
-        self._timed: dict[int, tuple[float, int, int, int, int]] = {}
+        self._timed: dict[int, tuple[float, StepWork]] = {}  # step number -> (when planned, what it computes)
         self._worker_restarts = 0
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -124,18 +123,11 @@ class SchedulerSide:
     def _time_step(self, step: int, scheduled: dict[str, int]) -> None:
         """Note what a step that prefills will compute (read before vLLM advances the requests), as
         our engine does for its own steps; its time is taken when its output comes back."""
-        prefill = pairs = kv_tokens = total = 0
-        for rid, n in scheduled.items():
-            req = self._requests.get(rid)
-            if req is None or req.prompt_token_ids is None:
-                continue
-            done = req.num_computed_tokens
-            prefill += max(0, min(n, len(req.prompt_token_ids) - done))
-            pairs += pairs_of(n, done)
-            kv_tokens += done + n
-            total += n
-        if prefill:
-            self._timed[step] = (time.perf_counter(), prefill, total - prefill, pairs, kv_tokens)
+        parts = ((n, req.num_computed_tokens, len(req.prompt_token_ids)) for rid, n in scheduled.items()
+                 if (req := self._requests.get(rid)) is not None and req.prompt_token_ids is not None)
+        work = step_work(parts)
+        if work.prefill_tokens:
+            self._timed[step] = (time.perf_counter(), work)
             while len(self._timed) > TIMED_STEPS:
                 del self._timed[next(iter(self._timed))]
 
@@ -148,8 +140,9 @@ class SchedulerSide:
         for step in set(meta.steps):
             timed = self._timed.pop(step, None)
             if timed is not None:
-                planned, prefill, other, pairs, kv_tokens = timed
-                self.manager.record_step(prefill, other, now - planned, pairs, kv_tokens)
+                planned, work = timed
+                self.manager.record_step(work.prefill_tokens, work.other_tokens, now - planned, work.pairs,
+                                         work.kv_tokens)
         reset = meta.restarts != self._worker_restarts
         self._worker_restarts = meta.restarts
         self.manager.learn(meta.completions, tier_reset=reset)

@@ -17,6 +17,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 
 from shadowserve.controlplane.manager import KVCacheManager
 
+# ManagerStats fields reported as they are, and those kept by source (name_<source>: tier, store). Each
+# becomes a Prometheus counter ``vllm:shadowserve_<name>_total``.
+_PLAIN = ("prefix_lookup_tokens", "prefix_hit_tokens", "fetched_tokens", "fetch_failures", "saved_chunks",
+          "save_failures", "dataplane_restarts")
+_BY_SOURCE = ("fetched_chunks", "fetched_bytes")
+
 
 @dataclass
 class ShadowServeStats(KVConnectorStats):
@@ -41,16 +47,10 @@ class ShadowServeStats(KVConnectorStats):
 def counters(manager: KVCacheManager) -> dict[str, int | float]:
     """A manager's counters, flat: its stats plus its policy's decisions by what and why."""
     s = manager.stats
-    flat: dict[str, int | float] = {
-        "prefix_lookup_tokens": s.prefix_lookup_tokens, "prefix_hit_tokens": s.prefix_hit_tokens,
-        "fetched_tokens": s.fetched_tokens, "fetch_failures": s.fetch_failures,
-        "saved_chunks": s.saved_chunks, "save_failures": s.save_failures,
-        "dataplane_restarts": s.dataplane_restarts,
-    }
-    for source, n in s.fetched_chunks.items():
-        flat[f"fetched_chunks_{source}"] = n
-    for source, n in s.fetched_bytes.items():
-        flat[f"fetched_bytes_{source}"] = n
+    flat: dict[str, int | float] = {name: getattr(s, name) for name in _PLAIN}
+    for name in _BY_SOURCE:
+        for source, n in getattr(s, name).items():
+            flat[f"{name}_{source}"] = n
     for (what, why), n in dict(manager.policy.counts).items():
         flat[f"decisions_{what}_{why}"] = n
     return flat
@@ -68,12 +68,6 @@ class CounterDelta:
         delta = {k: v - self._last.get(k, 0) for k, v in now.items() if v != self._last.get(k, 0)}
         self._last = now
         return ShadowServeStats(data=delta) if delta else None
-
-
-# Plain counters: increment name -> Prometheus name (prefixed ``vllm:shadowserve_``, suffixed ``_total``).
-_PLAIN = ("prefix_lookup_tokens", "prefix_hit_tokens", "fetched_tokens", "fetch_failures", "saved_chunks",
-          "save_failures", "dataplane_restarts")
-_BY_SOURCE = ("fetched_chunks", "fetched_bytes")  # name_<source>: labelled by source (tier, store)
 
 
 class ShadowServePromMetrics(KVConnectorPromMetrics):
