@@ -14,8 +14,11 @@ def test_bench_tiers_quick(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     data = json.loads(out.read_text())
     reuse = data["reuse"]
-    for key in ("ttft_ms_no_tier", "ttft_ms_tier", "hit_ratio", "tokens_per_gib_tier", "tokens_per_gib_uncompressed"):
+    for key in ("ttft_ms_no_tier", "ttft_ms_tier", "ttft_ms_resident", "hit_ratio", "tokens_per_gib_tier",
+                "tokens_per_gib_uncompressed"):
         assert reuse[key] > 0, key
+    assert reuse["tier_ceiling"] == reuse["ttft_ms_no_tier"] / reuse["ttft_ms_resident"]
+    assert "no tier can beat" in p.stdout  # the ceiling is printed beside the measured ratio
     assert reuse["tokens_per_gib_tier"] > 2 * reuse["tokens_per_gib_uncompressed"]  # compressed chunks pack denser
     sizes = reuse["hit_ratio_by_size"]
     assert sizes[0]["first"] <= sizes[-1]["first"]  # a tier holding the whole working set hits the most

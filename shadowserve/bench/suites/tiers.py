@@ -2,7 +2,10 @@
 
 reuse: long-document QA whose documents recur with Zipf-like popularity, the store behind an emulated
 link. Mean TTFT without and with the local tier (same requests, same order), the tier's hit ratio,
-and tokens held per GiB of tier against an uncompressed (fp16) tier of the same size. The hit ratio
+and tokens held per GiB of tier against an uncompressed (fp16) tier of the same size. Beside them, the
+ceiling of any tier: the same questions with every document already in the engine's own KV blocks
+(no fetch, no decode; only the suffix is computed), so ``no_tier / resident`` bounds what a tier can
+buy on this engine and link. The hit ratio
 against tier size, for both admission rules, replays the same key sequence through ``LocalTier``
 itself with the real compressed chunk sizes (cheap: no model runs).
 
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [docs[d] + tok.encode(f"\n\nQuestion {i}: what does this say?") for i, d in enumerate(order)]
     try:
         h.warm([docs[d] + tok.encode("\n\nQ") for d in range(args.documents)])
-        reuse = _reuse(h, args, prompts, order)
+        reuse = _reuse(h, args, prompts, order, [docs[d] for d in range(args.documents)])
         policy = _policy(h, args, docs[0] + tok.encode("\n\nQ: why?"), docs[-1], docs[-2])
     finally:
         server.stop()
@@ -85,7 +88,27 @@ def _mean_ttft_ms(eng, prompts: list[list[int]]) -> float:
     return statistics.mean(r.ttft for r in reqs) * 1e3
 
 
-def _reuse(h: Harness, args, prompts: list[list[int]], order: list[int]) -> dict:
+def _resident_ttft_ms(h: Harness, prompts: list[list[int]], docs: list[list[int]]) -> float:
+    """Mean TTFT with each document's KV already in the engine's blocks (local prefix caching): a free tier."""
+    eng = h.local_engine(enable_prefix_caching=True)
+    try:
+        run_to_end(eng, [eng.add_request(d, SamplingParams(max_tokens=1)) for d in docs])
+        reqs = [run_to_end(eng, [eng.add_request(p, SamplingParams(max_tokens=1))])[0] for p in prompts]
+        missed = [r for r, p in zip(reqs, prompts) if r.num_cached_tokens < _doc_len(p, docs)]
+        if missed:  # the KV pool could not keep every document: the figure would not be a ceiling
+            raise RuntimeError(f"{len(missed)} of {len(reqs)} questions missed the engine's prefix cache; "
+                               "raise --kv-cache-memory to hold every document")
+        return statistics.mean(r.ttft for r in reqs) * 1e3
+    finally:
+        eng.close()
+
+
+def _doc_len(prompt: list[int], docs: list[list[int]]) -> int:
+    """Tokens of the document a question is about (the prompt's leading document)."""
+    return next(len(d) for d in docs if prompt[: len(d)] == d)
+
+
+def _reuse(h: Harness, args, prompts: list[list[int]], order: list[int], docs: list[list[int]]) -> dict:
     url = store_url(h.store_url, args.reuse_bandwidth)
     out: dict = {"bandwidth_gbps": args.reuse_bandwidth, "tier_bytes": parse_size(args.tier),
                  "requests": len(prompts), "documents": args.documents, "doc_tokens": args.doc_tokens}
@@ -99,11 +122,15 @@ def _reuse(h: Harness, args, prompts: list[list[int]], order: list[int]) -> dict
                 out["hit_ratio"] = hits / total if total else 0.0
         finally:
             eng.close()
+    out["ttft_ms_resident"] = _resident_ttft_ms(h, prompts, docs)
+    out["tier_ceiling"] = out["ttft_ms_no_tier"] / out["ttft_ms_resident"]
     out.update(_capacity(h, args, prompts, order))
     print(f"reuse over {args.reuse_bandwidth:g} Gbit/s, {len(prompts)} questions on {args.documents} documents "
           f"(Zipf {args.zipf}): mean TTFT {out['ttft_ms_no_tier']:.0f} ms without the tier, "
           f"{out['ttft_ms_tier']:.0f} ms with {args.tier} ({out['ttft_ms_no_tier'] / out['ttft_ms_tier']:.2f}x); "
           f"tier hit ratio {out['hit_ratio']:.2f}")
+    print(f"ceiling: {out['ttft_ms_resident']:.0f} ms with every document already in the engine's KV blocks, "
+          f"so no tier can beat {out['tier_ceiling']:.2f}x here")
     print(f"tokens per GiB: {out['tokens_per_gib_tier']:,.0f} in the compressed tier vs "
           f"{out['tokens_per_gib_uncompressed']:,.0f} uncompressed fp16 "
           f"({out['tokens_per_gib_tier'] / out['tokens_per_gib_uncompressed']:.1f}x)")
