@@ -60,6 +60,7 @@ class ManagerStats:
     saved_chunks: int = 0
     save_failures: int = 0
     dataplane_restarts: int = 0
+    skipped_while_restarting: int = 0  # fetches computed and saves dropped while a restarted data plane started
     store_errors: dict[str, int] = field(default_factory=dict)  # failed calls/chunks by kind (store_health.py)
 
 
@@ -103,6 +104,7 @@ class KVCacheManager:
         self.policy = FetchPolicy(config)  # fetch or recompute, from measured rates
         self.tier = TierDirectory()  # what the data plane's local tier holds
         self._last_restart = time.monotonic()
+        self._restarting = False  # a restarted data plane not yet ready (logged once it is)
         self.store_health = StoreHealth(store_url or repr(lookup_store), config.store_probe_interval)
         self.stats.store_errors = self.store_health.errors
         self._probe: Future | None = None
@@ -200,6 +202,9 @@ class KVCacheManager:
         first, last = local_tokens // self.chunk_size, hit_tokens // self.chunk_size
         if last <= first:
             return False
+        if not self.backend.ready():  # a restarted data plane is still starting: computing beats waiting
+            self.stats.skipped_while_restarting += 1
+            return False
         keys = tuple(self.keys(req)[first:last])
         bpc = self.blocks_per_chunk
         per_chunk = tuple(tuple(req.block_ids[c * bpc : (c + 1) * bpc]) for c in range(first, last))
@@ -229,6 +234,9 @@ class KVCacheManager:
                 ready.extend(self._fail_over())
             elif now - self._last_restart > self.config.heartbeat_timeout:
                 self._fail_over()  # idle but dead: be ready before the next request, not after it fails
+        elif self._restarting and self.backend.ready():
+            self._restarting = False
+            log.warning("data plane ready again after %.1f s (%s)", now - self._last_restart, self.backend.describe())
         return ready
 
     def _complete(self, c: Completion) -> list[FetchEnded]:
@@ -291,8 +299,10 @@ class KVCacheManager:
         log.warning("data plane down (%s) with %d fetch(es) and %d save(s) in flight; restarting it, "
                     "their requests compute their prefixes", self.backend.down_reason(), len(self._fetches),
                     len(self._saves))
-        self.backend.restart()
-        log.warning("data plane restarted (%s)", self.backend.describe())
+        self.backend.restart()  # returns at once; until the new process is ready, requests compute
+        log.warning("data plane restarting (%s); requests compute their prefixes until it is ready",
+                    self.backend.describe())
+        self._restarting = True
         self.stats.dataplane_restarts += 1
         self.tier.clear()  # the tier died with the old pipeline
         self._last_restart = time.monotonic()
@@ -322,6 +332,9 @@ class KVCacheManager:
         if not self.config.save or req.request_id in self._saved_requests:
             return
         self._saved_requests.add(req.request_id)
+        if not self.backend.ready():  # dropped, not queued: a later request with this prefix saves it
+            self.stats.skipped_while_restarting += 1
+            return
         keys = self.keys(req)
         # Chunks the store held at lookup are not written again, fetched or not (the decision may compute them).
         first = max(stored_tokens // self.chunk_size, self._held.get(req.request_id, 0))

@@ -50,9 +50,14 @@ class FetchBackend(abc.ABC):
         """False when the pipeline died or stopped beating: the caller fails over with ``restart``."""
         return True
 
+    def ready(self) -> bool:
+        """False while a restarted pipeline is still starting: the caller computes rather than wait."""
+        return True
+
     @abc.abstractmethod
     def restart(self) -> None:
-        """Make sure no previously submitted job can still write; fail-over is the caller's job."""
+        """Make sure no previously submitted job can still write, without waiting for the new pipeline
+        (``ready`` says when it can take work); fail-over is the caller's job."""
 
     def stats(self) -> dict:
         """The pipeline's counters (stage busy seconds, buffer occupancy); {} before the first report."""
@@ -178,6 +183,9 @@ class OffloadBackend(FetchBackend):
 
     def healthy(self) -> bool:
         return self.process.healthy()
+
+    def ready(self) -> bool:
+        return self.process.ready()
 
     def restart(self) -> None:
         self.process.restart()

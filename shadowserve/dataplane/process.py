@@ -53,6 +53,11 @@ class _Child:
         finally:
             os.close(cmd_read)
             os.close(event_write)
+        if spec.cores:  # at once: the child's imports (~1 s of CPU) would otherwise run on the engine's cores
+            try:
+                os.sched_setaffinity(self.proc.pid, spec.cores)
+            except OSError:
+                pass  # it already exited (it says why on its pipe), or the cores are gone: it pins itself
         self.events = Connection(event_read, writable=False)
         self.outbox: queue.Queue = queue.Queue()
         self.outbox.put(spec)  # its first message
@@ -104,30 +109,51 @@ class DataPlaneProcess:
         self.last_stats: dict = {}
         self._child: _Child | None = None
         self._finalizer: weakref.finalize | None = None
-        self._start()
+        self._starting_until: float | None = None  # set while the current process has not said "ready"
+        self._start_error: str | None = None  # why the current process will never be ready
+        self._spawn()
+        self._wait_ready()  # the first start blocks: an engine does not start without its data plane
 
-    def _start(self) -> None:
+    def _spawn(self) -> None:
         self._child = child = _Child(self.spec)
         self._finalizer = weakref.finalize(self, child.stop, 5.0)  # unless close() or _kill() runs first
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                if left <= 0 or not child.events.poll(min(left, 0.5)):
-                    if left <= 0 or not child.alive():
-                        self._kill()
-                        raise FetchError(f"the data-plane process did not start (exit status {child.proc.returncode})")
-                    continue
-                kind, payload = child.events.recv()
-            except (EOFError, OSError):
-                self._kill()
-                raise FetchError(f"the data-plane process did not start (exit status {child.proc.returncode})") from None
-            if kind == "ready":
-                break
-            if kind == "failed":
-                self._kill()
-                raise FetchError(f"the data-plane process failed to start: {payload}")
+        self._starting_until = time.monotonic() + self.start_timeout
+        self._start_error = None
         self._last_beat = time.monotonic()
+
+    def _wait_ready(self) -> None:
+        """Block until the process is ready; FetchError (and no process left) if it cannot start."""
+        while not self.ready():
+            if self._start_error is not None or time.monotonic() > self._starting_until:
+                why = self._start_error or f"did not start within {self.start_timeout:g} s"
+                self._kill()
+                raise FetchError(f"the data-plane process {why}")
+            try:
+                self._child.events.poll(0.5)
+            except (EOFError, OSError):
+                pass  # ready() reads the end of the pipe and says why
+
+    def ready(self) -> bool:
+        """True once the current process said it is ready (a restarted one takes 1-3 s to import)."""
+        child = self._child
+        if child is None:
+            return False
+        if self._starting_until is None:
+            return True
+        try:
+            while self._start_error is None and child.events.poll(0):
+                kind, payload = child.events.recv()
+                if kind == "ready":
+                    self._starting_until = None
+                    self._last_beat = time.monotonic()
+                    return True
+                if kind == "failed":
+                    self._start_error = f"failed to start: {payload}"
+        except (EOFError, OSError):
+            self._start_error = f"did not start (exit status {child.proc.poll()})"
+        if self._start_error is None and not child.alive():
+            self._start_error = f"did not start (exit status {child.proc.returncode})"
+        return False
 
     @property
     def pid(self) -> int:
@@ -138,7 +164,7 @@ class DataPlaneProcess:
 
     def poll(self) -> list[Completion]:
         out: list[Completion] = []
-        if self._child is None:
+        if not self.ready():  # a starting process sends nothing but "ready" (or why it failed)
             return out
         try:
             while self._child.events.poll(0):
@@ -153,13 +179,20 @@ class DataPlaneProcess:
         return out
 
     def healthy(self) -> bool:
+        """Alive and beating; a restarted process still starting counts, until its start timeout."""
         alive = self._child is not None and self._child.alive()
+        if not self.ready():
+            return alive and self._start_error is None and time.monotonic() < self._starting_until
         return alive and time.monotonic() - self._last_beat < self.spec.config.heartbeat_timeout
 
     def down_reason(self) -> str:
         """Why the process counts as down: how it exited, or how long its heartbeats have been missing."""
         if self._child is None:
             return "not started"
+        if self._start_error is not None:
+            return f"process {self._child.proc.pid} {self._start_error}"
+        if self._starting_until is not None and time.monotonic() >= self._starting_until:
+            return f"process {self._child.proc.pid} did not start within {self.start_timeout:g} s"
         code = self._child.proc.poll()
         if code is not None:
             return f"process {self._child.proc.pid} {exit_description(code)}"
@@ -167,11 +200,16 @@ class DataPlaneProcess:
         return f"process {self._child.proc.pid} missed heartbeats for {silent:.1f} s (limit {self.spec.config.heartbeat_timeout} s)"
 
     def restart(self) -> None:
-        """Kill (if needed) and start a fresh process; after this no old writes can land."""
+        """Kill (if needed) and start a fresh process; after this no old writes can land.
+
+        Does not wait for the new process: its interpreter takes 1-3 s to start, which would stall
+        the engine's loop (and every decoding request) that long. ``ready()`` says when it can take
+        work; commands submitted before then wait in its pipe.
+        """
         self._kill()
         self.restarts += 1
-        self.last_stats = {}  # not ready again until the new process's first heartbeat
-        self._start()
+        self.last_stats = {}  # no stage counters until the new process's first heartbeat
+        self._spawn()
 
     def _kill(self) -> None:
         if self._finalizer is not None:

@@ -99,6 +99,7 @@ class _EngineCollector(Collector):
             "saved_chunks": "Chunks written to the store",
             "save_failures": "Chunk saves that failed",
             "dataplane_restarts": "Times a dead or hung data plane was restarted",
+            "skipped_while_restarting": "Fetches computed and saves dropped while a restarted data plane started",
         }
         for name, doc in counters.items():
             yield CounterMetricFamily(PREFIX + name, doc, value=getattr(stats, name, 0) if stats else 0)

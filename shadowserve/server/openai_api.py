@@ -163,7 +163,7 @@ class OpenAIServer:
         manager = self.engine.kv_manager
         if manager is not None and not manager.backend.healthy():
             return "the data plane is down (restarting)"
-        if manager is not None and not manager.backend.stats():
+        if manager is not None and not manager.backend.stats() and not manager.stats.dataplane_restarts:
             return "the data plane is starting (no heartbeat yet)"
         return None
 
@@ -171,8 +171,10 @@ class OpenAIServer:
         """What keeps the server from serving at full speed while it still answers every request."""
         manager = self.engine.kv_manager
         health = getattr(manager, "store_health", None)
-        reason = health.reason() if health is not None else None
-        return [reason] if reason else []
+        reasons = [health.reason()] if health is not None and health.reason() else []
+        if manager is not None and not (manager.backend.ready() and manager.backend.stats()):
+            reasons.append("the data plane is restarting: requests compute their prefixes until it is ready")
+        return reasons
 
     # ---- request checks --------------------------------------------------------------------------
 

@@ -47,6 +47,15 @@ def run(eng: LLMEngine, ps, params=GREEDY):
     return reqs
 
 
+def wait_ready(eng: LLMEngine, timeout: float = 60.0) -> None:
+    """Step until a restarted data plane can take work again (a restart does not wait for it)."""
+    deadline = time.monotonic() + timeout
+    while not eng.kv_manager.backend.ready():
+        assert time.monotonic() < deadline, "the restarted data plane never became ready"
+        eng.step()
+        time.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny):
     """Greedy outputs without any remote cache, keyed by prompt."""
@@ -177,13 +186,43 @@ def test_kill_dataplane_mid_fetch(tiny, reference, tmp_path):
     assert req.output_token_ids == reference(ps)[0]
     assert eng.kv_manager.stats.dataplane_restarts == 1
     assert backend.healthy() and backend.process.pid != old_pid
-    # The engine keeps serving, and the new data plane fetches again.
+    # The engine keeps serving (over this slow link the policy may rightly compute the next prefix;
+    # test_a_restart_does_not_stall_the_engine checks that fetching resumes).
+    wait_ready(eng)
     again = run(eng, prompts(1, seed=4, shared_prefix=900, suffix=5))
     assert again[0].output_token_ids == reference(prompts(1, seed=4, shared_prefix=900, suffix=5))[0]
     eng.flush()
     time.sleep(0.5)
     backend.poll()
     assert all(v == 0 for v in backend.stats().get("buffer_in_use", {}).values())
+    eng.close()
+
+
+def test_a_restart_does_not_stall_the_engine(tiny, reference, tmp_path):
+    """A new data-plane interpreter takes 1-3 s to start. The engine must not wait for it: the step
+    that restarts the plane returns at once, requests that arrive meanwhile compute their prefixes
+    (same tokens), and fetching resumes once the new process is ready."""
+    url = f"file://{tmp_path}/store"
+    ps = prompts(2, seed=6, shared_prefix=256)
+    later = prompts(1, seed=7, shared_prefix=256)  # stored, never computed by this engine
+    warm_store(tiny, url, ps[:1] + later)
+    eng = engine(tiny, url, "offload", fetch_policy="always")
+    backend = eng.kv_manager.backend
+    expected = reference(ps[1:])[0]
+    os.kill(backend.process.pid, signal.SIGKILL)
+    backend.process._child.proc.wait(timeout=10)
+    req = eng.add_request(ps[1], GREEDY)  # its fetch goes to the dead plane, which the next poll notices
+    deadline = time.monotonic() + 60
+    while eng.kv_manager.stats.dataplane_restarts == 0:
+        assert time.monotonic() < deadline, "the dead data plane was never restarted"
+        eng.step()
+    assert not backend.ready(), "the restart waited for the new process"
+    run(eng, [])
+    assert req.output_token_ids == expected and req.num_fetched_tokens == 0  # computed instead
+    assert eng.kv_manager.stats.skipped_while_restarting >= 1 or backend.ready()  # its save, dropped
+    wait_ready(eng)
+    after = run(eng, later)
+    assert [r.output_token_ids for r in after] == reference(later) and after[0].num_fetched_tokens > 0
     eng.close()
 
 

@@ -17,7 +17,7 @@ from shadowserve.engine.engine import LLMEngine
 from shadowserve.engine.request import RequestStatus
 from shadowserve.llm import create_engine
 from tests.dataplane import test_end_to_end as e2e
-from tests.dataplane.test_end_to_end import CHUNK, GREEDY, LOSSLESS, prompts, run, warm_store
+from tests.dataplane.test_end_to_end import CHUNK, GREEDY, LOSSLESS, prompts, run, wait_ready, warm_store
 
 reference = e2e.reference  # the recompute outputs fixture, shared
 
@@ -107,6 +107,7 @@ def test_killed_dataplane_loses_the_tier_and_nothing_else(tiny, reference, tmp_p
     assert [r.output_token_ids for r in later] == reference(ps[1:])
     assert eng.kv_manager.stats.dataplane_restarts == 1 and backend.healthy()
     eng.flush()
+    wait_ready(eng)
     last = run(eng, ps[2:])
     assert [r.output_token_ids for r in last] == reference(ps[2:])
     assert last[0].num_fetched_tokens == 200 // CHUNK * CHUNK  # the store still had everything

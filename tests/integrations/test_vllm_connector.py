@@ -289,7 +289,7 @@ def test_preempted_requests_reload_and_answer_correctly(vllm_connector, referenc
 
 def test_dead_data_plane_is_restarted_and_the_prefix_recomputed(vllm_connector, reference, store):
     llm, sched, worker = vllm_connector
-    _settle(llm, worker)
+    _save_and_settle(vllm_connector, "full", store)  # saves while the new plane starts are dropped
     process = worker.worker.backend.inner.process
     old_pid = process.pid
     os.kill(old_pid, signal.SIGKILL)
@@ -297,11 +297,28 @@ def test_dead_data_plane_is_restarted_and_the_prefix_recomputed(vllm_connector, 
     tokens, _ = _tokens(llm, PROMPTS["full"])  # its load goes to a dead process: recomputed
     assert tokens == reference["full"]
     assert worker.stats()["dataplane_restarts"] == restarts + 1 and process.pid != old_pid
+    deadline = time.monotonic() + 60  # the restart did not wait for the new process; loads do
+    while not worker.worker.backend.ready():
+        assert time.monotonic() < deadline, "the restarted data plane never became ready"
+        time.sleep(0.01)
     _settle(llm, worker)
     fetched = worker.stats()["fetched_tokens"]
     tokens, cached = _tokens(llm, PROMPTS["full"])  # the new data plane loads again
     assert tokens == reference["full"] and cached == 2 * CHUNK
     assert worker.stats()["fetched_tokens"] - fetched == 2 * CHUNK
+
+
+def test_a_load_while_the_data_plane_restarts_is_recomputed(vllm_connector, reference, store, monkeypatch):
+    """A restart does not wait for the new process; a load vLLM asks for meanwhile is refused and its
+    blocks reported failed, so vLLM computes them (the same tokens), and nothing is fetched."""
+    llm, sched, worker = vllm_connector
+    _settle(llm, worker)
+    monkeypatch.setattr(worker.worker.backend, "ready", lambda: False)
+    fetched, skipped = worker.stats()["fetched_tokens"], worker.worker.manager.stats.skipped_while_restarting
+    tokens, _ = _tokens(llm, PROMPTS["full"])
+    assert tokens == reference["full"]
+    assert worker.stats()["fetched_tokens"] == fetched
+    assert worker.worker.manager.stats.skipped_while_restarting > skipped
 
 
 def test_salted_requests_load_only_their_own_salts_chunks(vllm_connector, reference, store, monkeypatch):

@@ -100,6 +100,9 @@ class TrackedBackend(FetchBackend):
     def healthy(self) -> bool:
         return self.inner.healthy()
 
+    def ready(self) -> bool:
+        return self.inner.ready()
+
     def restart(self) -> None:
         self.inner.restart()  # nothing old can read or write after this: every save is over
         self._save_jobs.clear()
@@ -153,8 +156,9 @@ class WorkerSide:
                                 spec.cache_salt)
             self._loading[spec.request_id] = req
             if not self.manager.start_fetch(req, spec.local_tokens, spec.hit_tokens):
-                # Nothing to fetch (cannot happen: hits are whole chunks): report it landed.
-                self._ready.append(FetchEnded(req, spec.hit_tokens, None))
+                # Refused (the data plane is restarting): nothing landed past vLLM's own blocks, which
+                # take_finished reports as failed, so vLLM computes them.
+                self._ready.append(FetchEnded(req, spec.local_tokens, None))
 
     def collect(self) -> None:
         """Take completions off the data plane; what ended is reported at the next ``take_finished``."""
