@@ -132,8 +132,9 @@ class _EngineCollector(Collector):
         for pool, value in sorted(plane.get("buffer_occupancy", {}).items()):
             occupancy.add_metric([pool], value)
         yield occupancy
-        up = 1.0 if manager is None or manager.backend.healthy() else 0.0
-        yield GaugeMetricFamily(PREFIX + "dataplane_up", "1 when the data plane answers heartbeats", value=up)
+        up = 1.0 if manager is None or (manager.backend.healthy() and manager.backend.ready()) else 0.0
+        yield GaugeMetricFamily(PREFIX + "dataplane_up", "1 when the data plane answers heartbeats (0 while a "
+                                "restarted one starts)", value=up)
         yield from _tier_metrics(stats, plane.get("local_tier") or {})
         yield from _policy_metrics(getattr(manager, "policy", None))
 
