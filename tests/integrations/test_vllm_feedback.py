@@ -130,9 +130,36 @@ def test_the_tier_mirror_follows_the_workers_tier_and_its_restarts(store_url):
 
 def test_worker_answers_aggregate_across_workers():
     a = ShadowServeWorkerMeta([3], [_fetched(1, 1e9)], restarts=1)
-    b = ShadowServeWorkerMeta([3], [_fetched(2, 1e9)], restarts=2)
+    b = ShadowServeWorkerMeta([3], [_fetched(2, 1e9)], restarts=2, starting=True)
     both = a.aggregate(b)
     assert both.steps == [3, 3] and [c.ok_chunks for c in both.completions] == [1, 2] and both.restarts == 2
+    assert both.starting and not a.aggregate(a).starting  # any worker still starting counts
+
+
+def test_no_loads_while_the_workers_data_plane_restarts(store_url):
+    """While the worker says its restarted data plane is starting, hits are computed (a load would be
+    refused) and nothing is handed over to save; once it is ready, hits load again."""
+    side = _side(store_url)
+    doc = list(range(9, 9 + 2 * CHUNK))
+    store = open_store(store_url)
+    for k in side.manager.key_fn(doc):
+        store.put(k, b"chunk")
+    store.close()
+    side.kv_cache_manager = SimpleNamespace(get_block_ids=lambda rid: ([0] * (2 * CHUNK // BLOCK + 1),))
+    try:
+        restarting = ShadowServeWorkerMeta([], [], restarts=1, starting=True)
+        side.update_connector_output(SimpleNamespace(kv_connector_worker_meta=restarting))
+        req = Req("during", doc + [1, 2, 3])
+        assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+        out = SimpleNamespace(num_scheduled_tokens={req.request_id: len(req.prompt_token_ids)},
+                              total_num_scheduled_tokens=len(req.prompt_token_ids), preempted_req_ids=set())
+        assert side.build_connector_meta(out).saves == []
+        side.request_finished(req, [])
+        ready = ShadowServeWorkerMeta([], [], restarts=1, starting=False)
+        side.update_connector_output(SimpleNamespace(kv_connector_worker_meta=ready))
+        assert _matched(side, Req("after", doc + [1, 2, 3])) == 2 * CHUNK  # optimistic: no estimates yet
+    finally:
+        side.close()
 
 
 def test_decisions_and_hits_reach_vllms_kv_transfer_log_line(store_url):

@@ -173,7 +173,7 @@ class ShadowServeConnector(KVConnectorBase_V1):
         if self.worker is None or meta is None:
             return None
         completions, restarts = self.worker.take_feedback()
-        return ShadowServeWorkerMeta([meta.step], completions, restarts)
+        return ShadowServeWorkerMeta([meta.step], completions, restarts, starting=not self.worker.backend.ready())
 
     # ---- both ---------------------------------------------------------------------------------
 

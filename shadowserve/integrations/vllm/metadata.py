@@ -55,15 +55,17 @@ class ShadowServeMetadata(KVConnectorMetadata):
 @dataclass
 class ShadowServeWorkerMeta(KVConnectorWorkerMetadata):
     """The worker's answer after a step: the step numbers it ran, the completions its data plane
-    reported since the last answer, and how many times its data plane has restarted (a restart
-    empties the local tier, so the scheduler side's mirror of it must empty too)."""
+    reported since the last answer, how many times its data plane has restarted (a restart
+    empties the local tier, so the scheduler side's mirror of it must empty too), and whether a
+    restarted one is still starting (loads asked for meanwhile would only be refused)."""
 
     steps: list[int] = field(default_factory=list)
     completions: list[Completion] = field(default_factory=list)
     restarts: int = 0
+    starting: bool = False
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> ShadowServeWorkerMeta:
         if not isinstance(other, ShadowServeWorkerMeta):
             return self
         return ShadowServeWorkerMeta(self.steps + other.steps, self.completions + other.completions,
-                                     max(self.restarts, other.restarts))
+                                     max(self.restarts, other.restarts), self.starting or other.starting)

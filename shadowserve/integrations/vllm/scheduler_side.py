@@ -68,11 +68,14 @@ class SchedulerSide:
         self._step_ids = count()
         self._timed: dict[int, tuple[float, StepWork]] = {}  # step number -> (when planned, what it computes)
         self._worker_restarts = 0
+        self._worker_starting = False  # the worker's restarted data plane is not ready yet: compute, do not load
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond vLLM's local hit that the store holds; ``None`` while the lookup is out."""
         self._requests[request.request_id] = request
         if not self.config.enabled or request.prompt_token_ids is None:  # None: prompt embeddings
+            return 0, False
+        if self._worker_starting:  # its load would be refused (and reported failed); computing is what happens
             return 0, False
         if self._planned.get(request.request_id) == request.num_preemptions:
             # Asked again without a preemption: its load landed nothing (vLLM only asks requests with
@@ -101,7 +104,8 @@ class SchedulerSide:
     def build_connector_meta(self, scheduler_output: Any) -> ShadowServeMetadata:
         """This step's loads, plus saves for prompts whose computation completes in this step."""
         saves = []
-        if self.config.enabled and self.config.dataplane.save and self.kv_cache_manager is not None:
+        if (self.config.enabled and self.config.dataplane.save and self.kv_cache_manager is not None
+                and not self._worker_starting):  # the worker would drop them
             for rid, n in scheduler_output.num_scheduled_tokens.items():
                 req = self._requests.get(rid)
                 if req is None or rid in self._saved or req.prompt_token_ids is None:
@@ -145,6 +149,7 @@ class SchedulerSide:
                                          work.kv_tokens)
         reset = meta.restarts != self._worker_restarts
         self._worker_restarts = meta.restarts
+        self._worker_starting = meta.starting
         self.manager.learn(meta.completions, tier_reset=reset)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
