@@ -309,16 +309,42 @@ def test_dead_data_plane_is_restarted_and_the_prefix_recomputed(vllm_connector, 
 
 
 def test_a_load_while_the_data_plane_restarts_is_recomputed(vllm_connector, reference, store, monkeypatch):
-    """A restart does not wait for the new process; a load vLLM asks for meanwhile is refused and its
-    blocks reported failed, so vLLM computes them (the same tokens), and nothing is fetched."""
+    """A restart does not wait for the new process. Meanwhile the worker tells the scheduler side, which
+    stops asking for loads; a load asked for before it heard is refused by the worker and its blocks
+    reported failed. Either way vLLM computes the prefix (the same tokens) and nothing is fetched."""
     llm, sched, worker = vllm_connector
-    _settle(llm, worker)
+    _save_and_settle(vllm_connector, "full", store)
     monkeypatch.setattr(worker.worker.backend, "ready", lambda: False)
+    fetched = worker.stats()["fetched_tokens"]
+    tokens, _ = _tokens(llm, PROMPTS["full"])
+    assert tokens == reference["full"]
+    assert worker.stats()["fetched_tokens"] == fetched
+    assert sched.scheduler._worker_starting  # each step's answer said so
+    monkeypatch.undo()
+    _tokens(llm, _prompt(97, 8))  # one step with the plane ready again: the scheduler side hears it
+    assert not sched.scheduler._worker_starting
+
+
+def test_a_load_the_worker_refuses_is_computed_by_vllm(vllm_connector, reference, store, monkeypatch):
+    """The window before the scheduler side hears of a restart: it asks for a load, the worker's
+    manager refuses it (the plane is not ready), and the worker reports the blocks failed."""
+    llm, sched, worker = vllm_connector
+    _save_and_settle(vllm_connector, "full", store)
+    monkeypatch.setattr(worker.worker.backend, "ready", lambda: False)
+    build = worker.build_connector_worker_meta
+
+    def unheard():  # the worker's answers arrive as if before the restart
+        meta = build()
+        if meta is not None:
+            meta.starting = False
+        return meta
+
+    monkeypatch.setattr(worker, "build_connector_worker_meta", unheard)
     fetched, skipped = worker.stats()["fetched_tokens"], worker.worker.manager.stats.skipped_while_restarting
     tokens, _ = _tokens(llm, PROMPTS["full"])
     assert tokens == reference["full"]
     assert worker.stats()["fetched_tokens"] == fetched
-    assert worker.worker.manager.stats.skipped_while_restarting > skipped
+    assert worker.worker.manager.stats.skipped_while_restarting > skipped  # the load, refused
 
 
 def test_salted_requests_load_only_their_own_salts_chunks(vllm_connector, reference, store, monkeypatch):
