@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -14,13 +16,14 @@ import pytest
 import torch
 
 import shadowserve
-from shadowserve.config import CodecConfig, DataPlaneConfig
+from shadowserve.config import CodecConfig, DataPlaneConfig, EngineConfig
 from shadowserve.dataplane.pipeline import BufferLayout
 from shadowserve.dataplane.process import DataPlaneProcess
 from shadowserve.dataplane.shared_pool import KVPoolHandle, SharedTensorHandle
 from shadowserve.dataplane.shm import PREFIX, SHM_DIR
 from shadowserve.dataplane.spec import DataPlaneSpec
 from shadowserve.errors import FetchError
+from shadowserve.llm import create_engine
 
 ENV = dict(os.environ, PYTHONPATH=str(Path(shadowserve.__file__).resolve().parents[1]))
 
@@ -80,3 +83,32 @@ def test_a_data_plane_that_cannot_attach_reports_why(tmp_path):
                          KVPoolHandle(f"{PREFIX}no_such_segment", (4,), "float32"), BufferLayout(64, 64, 64), ())
     with pytest.raises(FetchError, match="failed to start: FetchError: shared memory segment .* is gone"):
         DataPlaneProcess(spec, start_timeout=60)
+
+
+def test_a_restart_that_cannot_start_is_reported_not_raised(tiny, tmp_path):
+    """A restart returns at once; a new process that then fails to start makes the plane unhealthy with
+    the reason (the caller fails over again), instead of raising out of the engine's step."""
+    cfg = DataPlaneConfig(fetch_mode="offload", chunk_size=32, heartbeat_interval=0.2, heartbeat_timeout=3.0)
+    eng = create_engine(EngineConfig(model="tiny-random", kv_cache_memory="16MiB"), loaded=tiny, dataplane=cfg,
+                        store_url=f"file://{tmp_path}/store", codec=CodecConfig(quant="none"))
+    try:
+        process = eng.kv_manager.backend.process
+        good = process.spec
+        process.spec = dataclasses.replace(good, pool_handle=KVPoolHandle(f"{PREFIX}no_such_segment", (4,), "float32"))
+        process.restart()
+        assert not process.ready() and process.healthy()  # starting, within its start timeout
+        deadline = time.monotonic() + 60
+        while process.healthy():
+            assert time.monotonic() < deadline, "the failed start was never noticed"
+            time.sleep(0.05)
+        assert not process.ready()
+        assert re.search(r"process \d+ failed to start: FetchError: shared memory segment .* is gone",
+                         process.down_reason()), process.down_reason()
+        process.spec = good
+        process.restart()
+        while not process.ready():
+            assert time.monotonic() < deadline, "the second restart never became ready"
+            time.sleep(0.05)
+        assert process.healthy()
+    finally:
+        eng.close()
