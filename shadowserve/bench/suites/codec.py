@@ -84,6 +84,10 @@ PRESETS: dict[str, CodecConfig] = {
     # retrieval heads at the pinned planes' steps): docs/codec.md, "Steps per head". "balanced" since.
     "planes-qa-5x-heads-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x-heads", key_step=0.3,
                                               key_channel_steps=CHANNEL_TABLE, head_steps=HEAD_SET),
+    # Session 15's "high": the high fit with per-channel key steps (keys 0.4) and the retrieval heads pinned;
+    # "high" until session 17, which mapped it to balanced's steps with values x0.5 and keys 0.25.
+    "planes-high-heads-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-high", key_step=0.4,
+                                             key_channel_steps=CHANNEL_TABLE, head_steps=HEAD_SET),
     "planes-compact-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
     "fp16-zstd": CodecConfig(quant="none", lossless="zstd", min_saving=0),  # zstd kept where it saves ~8%
     "fp16-raw": CodecConfig(quant="none", lossless="none"),
