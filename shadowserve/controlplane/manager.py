@@ -25,6 +25,7 @@ from itertools import count
 from shadowserve.config import DataPlaneConfig
 from shadowserve.controlplane.fetch_policy import FetchPolicy
 from shadowserve.controlplane.ports import BlockHolder, KeyFn
+from shadowserve.controlplane.stats import ManagerStats
 from shadowserve.controlplane.store_health import StoreHealth
 from shadowserve.controlplane.tier_directory import TierDirectory
 from shadowserve.dataplane.backends import FetchBackend
@@ -44,24 +45,6 @@ class _Fetch:
     blocks: list[int]  # every destination block of this job, in order
     deadline: float
     start: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class ManagerStats:
-    prefix_lookup_tokens: int = 0
-    prefix_hit_tokens: int = 0
-    fetched_tokens: int = 0
-    fetch_bytes: int = 0
-    fetch_seconds: float = 0.0
-    fetched_chunks: dict[str, int] = field(default_factory=lambda: {"tier": 0, "store": 0})  # by source
-    fetched_bytes: dict[str, int] = field(default_factory=lambda: {"tier": 0, "store": 0})
-    fetches: int = 0
-    fetch_failures: int = 0
-    saved_chunks: int = 0
-    save_failures: int = 0
-    dataplane_restarts: int = 0
-    skipped_while_restarting: int = 0  # fetches computed and saves dropped while a restarted data plane started
-    store_errors: dict[str, int] = field(default_factory=dict)  # failed calls/chunks by kind (store_health.py)
 
 
 class KVCacheManager:

@@ -28,6 +28,7 @@ from shadowserve.errors import ConfigError
 from shadowserve.server.body_limit import BodyLimitMiddleware
 from shadowserve.server.choices import Choice
 from shadowserve.server.engine_loop import EngineLoop, Event, asyncio_sink
+from shadowserve.server.health import degraded_reasons, unhealthy_reason
 from shadowserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from shadowserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from shadowserve.values import parse_size
@@ -105,10 +106,10 @@ class OpenAIServer:
 
         @app.get("/health")
         async def health():
-            reason = self.unhealthy_reason()
+            reason = unhealthy_reason(self.loop, self.engine)
             if reason:
                 return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-            reasons = self.degraded_reasons()
+            reasons = degraded_reasons(self.engine)
             if reasons:  # still 200: requests are served, by recompute where the store cannot help
                 return {"status": "degraded", "reasons": reasons}
             return {"status": "ok"}
@@ -156,25 +157,6 @@ class OpenAIServer:
         self.loop.stop()
         if self._close_engine:
             self.engine.close()
-
-    def unhealthy_reason(self) -> str | None:
-        if not self.loop.alive:
-            return self.loop.fatal or "the engine loop is not running"
-        manager = self.engine.kv_manager
-        if manager is not None and not manager.backend.healthy():
-            return "the data plane is down (restarting)"
-        if manager is not None and not manager.backend.stats() and not manager.stats.dataplane_restarts:
-            return "the data plane is starting (no heartbeat yet)"
-        return None
-
-    def degraded_reasons(self) -> list[str]:
-        """What keeps the server from serving at full speed while it still answers every request."""
-        manager = self.engine.kv_manager
-        health = getattr(manager, "store_health", None)
-        reasons = [health.reason()] if health is not None and health.reason() else []
-        if manager is not None and not (manager.backend.ready() and manager.backend.stats()):
-            reasons.append("the data plane is restarting: requests compute their prefixes until it is ready")
-        return reasons
 
     # ---- request checks --------------------------------------------------------------------------
 

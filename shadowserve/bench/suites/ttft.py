@@ -35,7 +35,7 @@ from shadowserve.bench.common.harness import (
     run_to_end,
     write_json,
 )
-from shadowserve.controlplane.manager import ManagerStats
+from shadowserve.controlplane.stats import ManagerStats
 from shadowserve.cores import pin_to_dataplane_cores
 from shadowserve.engine.request import SamplingParams
 from shadowserve.errors import ConfigError
