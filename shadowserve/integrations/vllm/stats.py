@@ -20,7 +20,7 @@ from shadowserve.controlplane.manager import KVCacheManager
 # ManagerStats fields reported as they are, and those kept by source (name_<source>: tier, store). Each
 # becomes a Prometheus counter ``vllm:shadowserve_<name>_total``.
 _PLAIN = ("prefix_lookup_tokens", "prefix_hit_tokens", "fetched_tokens", "fetch_failures", "saved_chunks",
-          "save_failures", "dataplane_restarts")
+          "save_failures", "dataplane_restarts", "skipped_while_restarting")
 _BY_SOURCE = ("fetched_chunks", "fetched_bytes")
 
 
