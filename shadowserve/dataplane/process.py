@@ -111,6 +111,9 @@ class DataPlaneProcess:
         self._finalizer: weakref.finalize | None = None
         self._starting_until: float | None = None  # set while the current process has not said "ready"
         self._start_error: str | None = None  # why the current process will never be ready
+        # The events pipe has one reader at a time: the engine's thread polls it, and ready() may also be
+        # asked from /health's or /metrics' thread while a restarted process starts.
+        self._pipe_lock = threading.Lock()
         self._spawn()
         self._wait_ready()  # the first start blocks: an engine does not start without its data plane
 
@@ -135,25 +138,28 @@ class DataPlaneProcess:
 
     def ready(self) -> bool:
         """True once the current process said it is ready (a restarted one takes 1-3 s to import)."""
-        child = self._child
-        if child is None:
+        if self._child is None:
             return False
         if self._starting_until is None:
             return True
-        try:
-            while self._start_error is None and child.events.poll(0):
-                kind, payload = child.events.recv()
-                if kind == "ready":
-                    self._starting_until = None
-                    self._last_beat = time.monotonic()
-                    return True
-                if kind == "failed":
-                    self._start_error = f"failed to start: {payload}"
-        except (EOFError, OSError):
-            self._start_error = f"did not start (exit status {child.proc.poll()})"
-        if self._start_error is None and not child.alive():
-            self._start_error = f"did not start (exit status {child.proc.returncode})"
-        return False
+        with self._pipe_lock:
+            child = self._child
+            if self._starting_until is None:  # another thread read "ready" meanwhile
+                return True
+            try:  # a starting process sends "ready" or "failed" first, nothing else before it
+                while self._start_error is None and child.events.poll(0):
+                    kind, payload = child.events.recv()
+                    if kind == "ready":
+                        self._starting_until = None
+                        self._last_beat = time.monotonic()
+                        return True
+                    if kind == "failed":
+                        self._start_error = f"failed to start: {payload}"
+            except (EOFError, OSError):
+                self._start_error = f"did not start (exit status {child.proc.poll()})"
+            if self._start_error is None and not child.alive():
+                self._start_error = f"did not start (exit status {child.proc.returncode})"
+            return False
 
     @property
     def pid(self) -> int:
@@ -166,16 +172,17 @@ class DataPlaneProcess:
         out: list[Completion] = []
         if not self.ready():  # a starting process sends nothing but "ready" (or why it failed)
             return out
-        try:
-            while self._child.events.poll(0):
-                kind, payload = self._child.events.recv()
-                self._last_beat = time.monotonic()
-                if kind == "done":
-                    out.append(payload)
-                elif kind == "heartbeat":
-                    self.last_stats = payload
-        except (EOFError, OSError):
-            pass  # the process died; healthy() says so
+        with self._pipe_lock:
+            try:
+                while self._child.events.poll(0):
+                    kind, payload = self._child.events.recv()
+                    self._last_beat = time.monotonic()
+                    if kind == "done":
+                        out.append(payload)
+                    elif kind == "heartbeat":
+                        self.last_stats = payload
+            except (EOFError, OSError):
+                pass  # the process died; healthy() says so
         return out
 
     def healthy(self) -> bool:
@@ -206,10 +213,11 @@ class DataPlaneProcess:
         the engine's loop (and every decoding request) that long. ``ready()`` says when it can take
         work; commands submitted before then wait in its pipe.
         """
-        self._kill()
-        self.restarts += 1
-        self.last_stats = {}  # no stage counters until the new process's first heartbeat
-        self._spawn()
+        with self._pipe_lock:  # no other thread reads the old pipe while it closes
+            self._kill()
+            self.restarts += 1
+            self.last_stats = {}  # no stage counters until the new process's first heartbeat
+            self._spawn()
 
     def _kill(self) -> None:
         if self._finalizer is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -209,6 +210,14 @@ def test_a_restart_does_not_stall_the_engine(tiny, reference, tmp_path):
     eng = engine(tiny, url, "offload", fetch_policy="always")
     backend = eng.kv_manager.backend
     expected = reference(ps[1:])[0]
+    stop = threading.Event()
+
+    def watch():  # /health's and /metrics' threads ask too, while the engine's thread polls the pipe
+        while not stop.is_set():
+            backend.healthy() and backend.ready()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     os.kill(backend.process.pid, signal.SIGKILL)
     backend.process._child.proc.wait(timeout=10)
     req = eng.add_request(ps[1], GREEDY)  # its fetch goes to the dead plane, which the next poll notices
@@ -222,7 +231,10 @@ def test_a_restart_does_not_stall_the_engine(tiny, reference, tmp_path):
     assert eng.kv_manager.stats.skipped_while_restarting >= 1 or backend.ready()  # its save, dropped
     wait_ready(eng)
     after = run(eng, later)
+    stop.set()
+    watcher.join(timeout=10)
     assert [r.output_token_ids for r in after] == reference(later) and after[0].num_fetched_tokens > 0
+    assert eng.kv_manager.stats.fetch_failures == 1  # only the fetch the kill cut; no completion went astray
     eng.close()
 
 
