@@ -22,7 +22,8 @@ def degraded_reasons(engine: LLMEngine) -> list[str]:
     """What keeps the server from serving at full speed while it still answers every request."""
     manager = engine.kv_manager
     health = getattr(manager, "store_health", None)
-    reasons = [health.reason()] if health is not None and health.reason() else []
+    store = health.reason() if health is not None else None
+    reasons = [store] if store else []
     if manager is not None and not (manager.backend.ready() and manager.backend.stats()):
         reasons.append("the data plane is restarting: requests compute their prefixes until it is ready")
     return reasons
