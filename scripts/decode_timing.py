@@ -6,12 +6,14 @@ its text, 8 chunks of 256), and the best round of each is kept: ``KVCodec.decomp
 ``dequantize_into`` into a reused staging buffer and fp16 tensor, as the data plane does. It also prints
 each codec's ratio vs fp16 on those chunks, and how its chunks pack (symbol bytes against one per symbol,
 byte-wide planes). A codec may carry the packer's encode-side bars (``kvcache/packing.py``), which never
-change the decoded KV: ``NAME:wide=0.03`` (``WIDE_SHARE``), ``NAME:max=1`` (``MAX_PACKED_SHARE``), or
-``NAME:wide=1`` (no byte-wide planes: every out-of-range symbol escapes, the layout before KV format 3).
+change the decoded KV: ``NAME:wide=0.03`` (``WIDE_SHARE``), ``NAME:max=1`` (``MAX_PACKED_SHARE``),
+``NAME:wide=1`` (no byte-wide planes: every out-of-range symbol escapes, the layout before KV format 3), or
+``NAME:pairs=0`` (nibbles pair symbols half a plane apart, not neighbouring tokens: before KV format 4).
 Usage::
 
     python scripts/decode_timing.py --codecs default,balanced,planes-qa-balanced-smollm2 --rounds 15
     python scripts/decode_timing.py --codecs planes-qa-5x-smollm2,planes-qa-5x-smollm2:wide=1,high,high:max=1
+    python scripts/decode_timing.py --codecs default,default:pairs=0,balanced,balanced:pairs=0
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from shadowserve.bench.suites.codec import _load, _prefill, _text, decode_pass, 
 from shadowserve.kvcache import packing
 from shadowserve.kvcache.codec import KVCodec
 
-_BARS = {"wide": "wide_share", "max": "max_share"}
+_BARS = {"wide": ("wide_share", float), "max": ("max_share", float), "pairs": ("token_pairs", lambda v: v != "0")}
 
 
 def _encode(name: str, chunks: list[torch.Tensor]) -> tuple[KVCodec, list[bytes]]:
     """``name``'s chunks, packed with the bars it names (``preset:wide=X,max=Y``)."""
     preset, _, bars = name.partition(":")
-    kwargs = {_BARS[k]: float(v) for k, v in (b.split("=") for b in bars.split(",") if b)}
+    kwargs = {_BARS[k][0]: _BARS[k][1](v) for k, v in (b.split("=") for b in bars.split(",") if b)}
     codec = KVCodec(resolve_preset(preset), "bench:decode-timing")
     default = packing.pack_staging
     packing.pack_staging = functools.partial(default, **kwargs)  # the encoder's only call into the packer

@@ -51,9 +51,11 @@ UNBLOCKED_VERSION = 2  # one lossless stream per chunk; still written when block
 READ_VERSIONS = (UNBLOCKED_VERSION, FORMAT_VERSION)
 # The version in the KV format id (``sskv3/...``), which seeds chunk keys: the staging layouts and
 # what they decode to (2: lossy symbols may be stored two per byte; 3: a packed chunk starts with a
-# symbol table and stores each plane 4 or 8 bits wide, kvcache/packing.py). Blocking the payload
+# symbol table and stores each plane 4 or 8 bits wide, kvcache/packing.py; 4: nibbles pair neighbouring
+# tokens, flagged in the table, so a build of this version still reads version-3 stagings while a
+# version-3 build, which would refuse the flag, never looks such a chunk up). Blocking the payload
 # changes neither, so chunks of either container version share keys.
-KV_FORMAT_VERSION = 3
+KV_FORMAT_VERSION = 4
 # Raw chunks (``quant="none"``) stage the KV itself, a layout unchanged since version 2: their keys stay,
 # so lossless caches survive the upgrade.
 RAW_KV_FORMAT_VERSION = 2

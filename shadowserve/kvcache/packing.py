@@ -6,12 +6,17 @@ decompression, the data plane's slowest stage. The few symbols outside the range
 are *escapes*: their nibble is 0 and their true value is listed after the data. A plane quantized
 with a fine step (the retrieval planes of a schedule fitted to answers) would escape a large share of
 its symbols at 5 bytes each, so such a plane is stored one byte per symbol instead, chosen per chunk
-and plane. The packed staging, after the scales (sizes and offsets: kvcache/layout.py)::
+and plane. Token pairs: neighbouring tokens of one channel are alike, so the lossless stage's Huffman codes,
+which see a byte as one letter, code such a pair ~3% (``balanced``) to 5% (the default) shorter than
+two symbols half a chunk apart (docs/codec.md, "Token pairs"). The packed staging, after the scales
+(sizes and offsets: kvcache/layout.py)::
 
-    table    u32 escape count | u8 flags (bit 0: key offsets) | u8 width per plane (0: 4 bits, 1: 8) | pad to 8
-    data     each (layer, K/V) plane in order: 4-bit planes as nibbles (byte j holds symbol j in its
-             low nibble and symbol j + plane/2 in its high one, so unpacking writes two contiguous
-             halves), 8-bit planes as int8 symbols
+    table    u32 escape count | u8 flags (bit 0: key offsets, bit 1: token pairs) | u8 width per plane
+             (0: 4 bits, 1: 8) | pad to 8
+    data     each (layer, K/V) plane in order, 8-bit planes as int8 symbols, 4-bit planes as nibbles:
+             with token pairs (chunks of an even token count), byte i * channels + c holds channel c
+             of token 2i in its low nibble and of token 2i + 1 in its high one; without (the layout
+             before session 18), byte j holds symbol j low and symbol j + plane/2 high
     pad to 4
     offsets  int8 [layers, channels] padded to 4 (flag bit 0): 4-bit key planes hold symbol - offset
     gaps     u32 [escapes]: each escape's flat symbol index minus the previous one's
@@ -39,6 +44,7 @@ WIDE_SHARE = 1 / 16
 MAX_PACKED_SHARE = 0.7
 _NIBBLE_MIN, _NIBBLE_MAX = -8, 7
 _FLAG_KEY_OFFSETS = 1
+_FLAG_TOKEN_PAIRS = 2
 # Shift amounts as 0-dim tensors of the operands' dtypes: a Python int costs a conversion per call.
 _FOUR_I8, _FOUR_U8 = torch.tensor(4, dtype=torch.int8), torch.tensor(4, dtype=torch.uint8)
 
@@ -50,6 +56,7 @@ class Packing:
     escapes: int
     key_offsets: bool
     wide: tuple[bool, ...]  # per (layer, K/V) plane: one byte per symbol
+    token_pairs: bool = False  # 4-bit planes pair tokens 2i and 2i + 1 of a channel in a byte
 
     def runs(self) -> tuple[tuple[int, int, bool], ...]:
         """Maximal runs of planes of one width: (first plane, end plane, wide)."""
@@ -72,6 +79,7 @@ class PackedSymbols:
     values: torch.Tensor  # int8 [escapes]
     key_offsets: torch.Tensor | None  # int8 [layers, 1, channels]: added to every key symbol
     packing: Packing
+    channels: int  # symbols per token row of a plane (token pairs unpack by rows)
 
 
 def key_offsets_of(layout: Layout, sym: torch.Tensor) -> torch.Tensor:
@@ -86,7 +94,8 @@ def key_offsets_of(layout: Layout, sym: torch.Tensor) -> torch.Tensor:
 
 
 def pack_staging(layout: Layout, staging: np.ndarray, key_offsets: bool = False,
-                 wide_share: float = WIDE_SHARE, max_share: float = MAX_PACKED_SHARE) -> np.ndarray | None:
+                 wide_share: float = WIDE_SHARE, max_share: float = MAX_PACKED_SHARE,
+                 token_pairs: bool = True) -> np.ndarray | None:
     """The packed staging of a one-byte-per-symbol ``staging``; None unless its symbols take at most
     ``max_share`` of the one-byte symbols' bytes (and the staging is smaller, so the two layouts are
     told apart by size).
@@ -120,16 +129,22 @@ def pack_staging(layout: Layout, staging: np.ndarray, key_offsets: bool = False,
     size = layout.packed_nbytes(k, key_offsets, nwide)
     too_big = size - layout.symbols_offset > max_share * layout.symbols_nbytes or size >= layout.staging_nbytes
     if k > layout.max_escapes or too_big:
-        return pack_staging(layout, staging, False, wide_share=wide_share, max_share=max_share) \
-            if key_offsets else None
+        return pack_staging(layout, staging, False, wide_share=wide_share, max_share=max_share,
+                            token_pairs=token_pairs) if key_offsets else None
+    token_pairs = token_pairs and layout.tokens % 2 == 0
     out = np.zeros(size, dtype=np.uint8)
     out[: layout.scales_nbytes] = staging[: layout.scales_nbytes]
     t0 = layout.symbols_offset
     out[t0: t0 + 4] = np.array([k], "<u4").view(np.uint8)
-    out[t0 + 4] = _FLAG_KEY_OFFSETS if key_offsets else 0
+    out[t0 + 4] = (_FLAG_KEY_OFFSETS if key_offsets else 0) | (_FLAG_TOKEN_PAIRS if token_pairs else 0)
     out[t0 + TABLE_HEAD_NBYTES: t0 + TABLE_HEAD_NBYTES + planes] = wide.numpy()
-    nib = rel.masked_fill(escaped, 0).to(torch.int8).view(torch.uint8).view(planes, 2, pn // 2)
-    nibbles = ((nib[:, 0] & 0x0F) | (nib[:, 1] << 4)).numpy()
+    nib = rel.masked_fill(escaped, 0).to(torch.int8).view(torch.uint8)
+    if token_pairs:  # [planes, pairs, 2, channels]: low nibble token 2i, high nibble token 2i + 1
+        nib = nib.view(planes, layout.tokens // 2, 2, layout.channels)
+        nibbles = ((nib[:, :, 0] & 0x0F) | (nib[:, :, 1] << 4)).reshape(planes, pn // 2).numpy()
+    else:
+        nib = nib.view(planes, 2, pn // 2)
+        nibbles = ((nib[:, 0] & 0x0F) | (nib[:, 1] << 4)).numpy()
     raw = sym.view(torch.uint8).view(planes, pn).numpy()
     pos = layout.data_offset
     for p in range(planes):
@@ -158,9 +173,12 @@ def read_packing(layout: Layout, staging: torch.Tensor, staging_nbytes: int) -> 
     head = staging[t0: t0 + TABLE_HEAD_NBYTES + layout.planes]
     table = (head.cpu() if head.device.type != "cpu" else head).numpy().tobytes()
     k, flags, widths = int.from_bytes(table[:4], "little"), table[4], table[TABLE_HEAD_NBYTES:]
-    if flags & ~_FLAG_KEY_OFFSETS or max(widths) > 1 or k > layout.max_escapes:
+    if flags & ~(_FLAG_KEY_OFFSETS | _FLAG_TOKEN_PAIRS) or max(widths) > 1 or k > layout.max_escapes:
         raise ChunkFormatError("chunk's symbol table is malformed (flags, plane widths or escape count)")
-    packing = Packing(k, bool(flags & _FLAG_KEY_OFFSETS), tuple(bool(w) for w in widths))
+    packing = Packing(k, bool(flags & _FLAG_KEY_OFFSETS), tuple(bool(w) for w in widths),
+                      bool(flags & _FLAG_TOKEN_PAIRS))
+    if packing.token_pairs and layout.tokens % 2:
+        raise ChunkFormatError("chunk's symbol table is malformed (token pairs in a chunk of an odd token count)")
     if packing.key_offsets and not layout.offsets_packable:
         raise ChunkFormatError("chunk's symbol table is malformed (key offsets in a chunk too small for them)")
     expected = layout.packed_nbytes(k, packing.key_offsets, sum(packing.wide))
@@ -198,7 +216,8 @@ def split_staging(layout: Layout, staging: torch.Tensor, staging_nbytes: int, ch
     if check and k and (int(gaps.min()) < 0 or int(positions[-1]) >= layout.symbols_nbytes):
         raise ChunkFormatError("chunk lists an escaped symbol outside its own symbols")
     values = staging[g0 + 4 * k: g0 + 5 * k].view(torch.int8)
-    return scales, PackedSymbols(data, packing.runs(), layout.plane_nbytes, positions, values, key_offsets, packing)
+    return scales, PackedSymbols(data, packing.runs(), layout.plane_nbytes, positions, values, key_offsets, packing,
+                                 layout.channels)
 
 
 def unpack_into(packed: PackedSymbols, out: torch.Tensor) -> None:
@@ -222,11 +241,18 @@ def unpack_into(packed: PackedSymbols, out: torch.Tensor) -> None:
             dst.copy_(packed.data[src_off: src_off + n * pn].view(torch.int8))
             src_off += n * pn
             continue
-        src = packed.data[src_off: src_off + n * half].view(n, half)
-        d = dst.view(n, 2, half)
-        torch.bitwise_right_shift(src.view(torch.int8), four_i8, out=d[:, 1])  # high nibble, sign-extended
-        torch.bitwise_left_shift(src, four_u8, out=d.view(torch.uint8)[:, 0])
-        d[:, 0].bitwise_right_shift_(four_i8)  # low nibble: shifted up, then back down with its sign
+        if packed.packing.token_pairs:  # [planes, pairs, channels] -> rows 2i (low) and 2i + 1 (high)
+            c = packed.channels
+            src = packed.data[src_off: src_off + n * half].view(n, half // c, c)
+            d = dst.view(n, half // c, 2, c)
+            low, high = d[:, :, 0], d[:, :, 1]
+        else:
+            src = packed.data[src_off: src_off + n * half].view(n, half)
+            d = dst.view(n, 2, half)
+            low, high = d[:, 0], d[:, 1]
+        torch.bitwise_right_shift(src.view(torch.int8), four_i8, out=high)  # high nibble, sign-extended
+        torch.bitwise_left_shift(src, four_u8, out=low.view(torch.uint8))
+        low.bitwise_right_shift_(four_i8)  # low nibble: shifted up, then back down with its sign
         src_off += n * half
     if packed.key_offsets is not None:
         # Key symbols back from their channel's median. Escapes hold true values and are written

@@ -65,10 +65,10 @@ def test_blocking_changes_neither_the_kv_format_id_nor_the_keys():
         codec = KVCodec(CodecConfig(lossless_block=block), FINGERPRINT)
         ids.add((codec.kv_format_id, codec.codec_id))
         keys.append(chunk_keys(tokens, 256, key_seed(FINGERPRINT, codec.kv_format_id)))
-    assert ids == {("sskv3/rms:k0.5:v1", "sskv3/rms:k0.5:v1/zstd")}
+    assert ids == {("sskv4/rms:k0.5:v1", "sskv4/rms:k0.5:v1/zstd")}
     assert keys[0] == keys[1] == keys[2]
     blob = KVCodec(CodecConfig(lossless_block=4096), FINGERPRINT).encode(make_kv(BIG))
-    assert KVCodec(CodecConfig(), FINGERPRINT).read_header(blob).codec_id == "sskv3/rms:k0.5:v1/zstd"
+    assert KVCodec(CodecConfig(), FINGERPRINT).read_header(blob).codec_id == "sskv4/rms:k0.5:v1/zstd"
     for level, config in QUALITY_LEVELS.items():
         assert quality_of(dataclasses.replace(config, lossless_block=65536)) == level
 

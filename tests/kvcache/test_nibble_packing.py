@@ -135,3 +135,63 @@ def test_the_device_decoder_matches_the_host_decoder(pack):
     out = torch.empty(SHAPE)
     _dequantize_on_device(layout, scales, symbols, out, torch.empty(out.numel(), dtype=torch.int8))
     assert torch.equal(out, host)
+
+
+def _pack_with(codec: KVCodec, kv: torch.Tensor, token_pairs: bool) -> bytes:
+    """``kv`` encoded with the packer's token pairs on or off (off: a version-3 build's layout)."""
+    default = pk.pack_staging
+    pk.pack_staging = lambda *a, **k: default(*a, **k, token_pairs=token_pairs)
+    try:
+        return codec.encode(kv)
+    finally:
+        pk.pack_staging = default
+
+
+def _smooth_kv(shape=SHAPE, seed=0) -> torch.Tensor:
+    """KV whose channels drift slowly along the tokens, as real models' do."""
+    g = torch.Generator().manual_seed(seed)
+    kv = 0.25 * torch.randn(shape, generator=g).cumsum(2) + 0.1 * torch.randn(shape, generator=g)
+    kv *= torch.rand(shape[:2] + (1,) + shape[3:], generator=g) * 4 + 0.2  # channels of many sizes
+    return kv
+
+
+def test_token_pairs_decode_to_the_same_kv_and_old_chunks_still_read():
+    codec = KVCodec(CodecConfig(), FINGERPRINT)
+    kv = make_kv(seed=7)
+    blob_pairs, blob_old = _pack_with(codec, kv, True), _pack_with(codec, kv, False)
+    layout = codec.layout_of(SHAPE)
+    hp, sp, out_pairs = _decode(codec, blob_pairs)
+    ho, so, out_old = _decode(codec, blob_old)
+    assert pk.read_packing(layout, torch.from_numpy(sp), hp.staging_nbytes).token_pairs
+    assert not pk.read_packing(layout, torch.from_numpy(so), ho.staging_nbytes).token_pairs
+    assert torch.equal(out_pairs, out_old)
+    _, _, plain = _decode(codec, _one_per_byte(CodecConfig()).encode(kv))
+    assert torch.equal(out_pairs, plain)
+
+
+@pytest.mark.parametrize("config", [CodecConfig(), CodecConfig(key_step=0.3, value_step=0.6)], ids=["default", "fine"])
+def test_token_pairs_make_smooth_kv_smaller(config):
+    codec = KVCodec(config, FINGERPRINT)
+    kv = _smooth_kv((4, 2, 256, 2, 32), seed=3)
+    assert len(_pack_with(codec, kv, True)) < 0.98 * len(_pack_with(codec, kv, False))
+
+
+def test_a_chunk_of_odd_tokens_pairs_the_old_way():
+    shape = (2, 2, 3, 2, 4)  # 24 symbols per plane: packable, but no token pairs
+    codec = KVCodec(CodecConfig(quant="uniform", bins=5), FINGERPRINT)
+    kv = make_kv(shape, seed=8)
+    blob = codec.encode(kv)
+    staging = np.zeros(codec.max_staging_nbytes(shape), np.uint8)
+    header = codec.decompress_into(blob, staging)
+    layout = codec.layout_of(shape)
+    packing = pk.read_packing(layout, torch.from_numpy(staging), header.staging_nbytes)
+    assert packing is not None and not packing.token_pairs
+    out = codec.dequantize_into(header, staging, torch.empty(shape))
+    plain = KVCodec(CodecConfig(quant="uniform", bins=5, pack_nibbles=False), FINGERPRINT)
+    assert torch.equal(out, plain.decode(plain.encode(kv), torch.empty(shape)))
+    staging[layout.symbols_offset + 4] |= 2  # claims token pairs in an odd chunk: a broken encoder
+    bad = staging[: header.staging_nbytes].copy()
+    payload = np.frombuffer(codec.lossless.compress(bad), np.uint8)
+    with pytest.raises(ChunkFormatError, match="odd token count"):
+        codec.decode(fmt.pack(shape, torch.float32, codec.codec_id, FINGERPRINT, bad.nbytes, payload),
+                     torch.empty(shape))

@@ -84,7 +84,7 @@ def _reseal(codec: KVCodec, staging: np.ndarray) -> bytes:
     return fmt.pack(SHAPE, torch.float32, codec.codec_id, FINGERPRINT, staging.nbytes, payload)
 
 
-@pytest.mark.parametrize("where,value", [("flags", 2), ("width", 2), ("count", 2**31)])
+@pytest.mark.parametrize("where,value", [("flags", 4), ("width", 2), ("count", 2**31)])
 def test_a_malformed_symbol_table_is_refused(where, value):
     codec = KVCodec(CodecConfig(layer_steps=FINE), FINGERPRINT)
     header, staging, _ = _decode(codec, codec.encode(make_kv(seed=14)))
@@ -108,10 +108,11 @@ def test_a_table_that_disagrees_with_the_size_is_refused():
 
 
 def test_only_the_lossy_formats_changed_keys():
-    """Packed staging changed in KV format 3, so lossy chunks from earlier builds are misses (never
-    misread); raw chunks stage the KV itself, unchanged, so lossless caches keep their keys."""
+    """Packed staging changed in KV formats 3 and 4, so lossy chunks from earlier builds are misses
+    (never misread, and never refused by an older build that shares the store); raw chunks stage the
+    KV itself, unchanged, so lossless caches keep their keys."""
     from shadowserve.kvcache.codec import kv_format_id_of
 
-    assert kv_format_id_of(CodecConfig()) == "sskv3/rms:k0.5:v1"
-    assert kv_format_id_of(CodecConfig(quant="cachegen")) == "sskv3/cachegen"
+    assert kv_format_id_of(CodecConfig()) == "sskv4/rms:k0.5:v1"
+    assert kv_format_id_of(CodecConfig(quant="cachegen")) == "sskv4/cachegen"
     assert kv_format_id_of(CodecConfig(quant="none")) == "sskv2/none"
