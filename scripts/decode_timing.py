@@ -8,12 +8,14 @@ each codec's ratio vs fp16 on those chunks, and how its chunks pack (symbol byte
 byte-wide planes). A codec may carry the packer's encode-side bars (``kvcache/packing.py``), which never
 change the decoded KV: ``NAME:wide=0.03`` (``WIDE_SHARE``), ``NAME:max=1`` (``MAX_PACKED_SHARE``),
 ``NAME:wide=1`` (no byte-wide planes: every out-of-range symbol escapes, the layout before KV format 3), or
-``NAME:pairs=0`` (nibbles pair symbols half a plane apart, not neighbouring tokens: before KV format 4).
+``NAME:pairs=0`` (nibbles pair symbols half a plane apart, not neighbouring tokens: before KV format 4), or
+``NAME:cuts=0`` (zstd blocks that straddle planes: before session 18).
 Usage::
 
     python scripts/decode_timing.py --codecs default,balanced,planes-qa-balanced-smollm2 --rounds 15
     python scripts/decode_timing.py --codecs planes-qa-5x-smollm2,planes-qa-5x-smollm2:wide=1,high,high:max=1
     python scripts/decode_timing.py --codecs default,default:pairs=0,balanced,balanced:pairs=0
+    python scripts/decode_timing.py --codecs balanced,balanced:cuts=0,balanced:cuts=0:pairs=0
 """
 
 from __future__ import annotations
@@ -29,19 +31,24 @@ from shadowserve.kvcache import packing
 from shadowserve.kvcache.codec import KVCodec
 
 _BARS = {"wide": ("wide_share", float), "max": ("max_share", float), "pairs": ("token_pairs", lambda v: v != "0")}
+_CUTS = "cuts"  # not a packer bar: cuts=0 gives the lossless stage no plane starts
 
 
 def _encode(name: str, chunks: list[torch.Tensor]) -> tuple[KVCodec, list[bytes]]:
-    """``name``'s chunks, packed with the bars it names (``preset:wide=X,max=Y``)."""
+    """``name``'s chunks, packed with the bars it names (``preset:wide=X:max=Y``)."""
     preset, _, bars = name.partition(":")
-    kwargs = {_BARS[k][0]: _BARS[k][1](v) for k, v in (b.split("=") for b in bars.split(",") if b)}
+    pairs = dict(b.split("=") for b in bars.split(":") if b)
+    no_cuts = pairs.pop(_CUTS, "1") == "0"
+    kwargs = {_BARS[k][0]: _BARS[k][1](v) for k, v in pairs.items()}
     codec = KVCodec(resolve_preset(preset), "bench:decode-timing")
-    default = packing.pack_staging
+    default, starts = packing.pack_staging, packing.plane_starts
     packing.pack_staging = functools.partial(default, **kwargs)  # the encoder's only call into the packer
+    if no_cuts:
+        packing.plane_starts = lambda *_: []
     try:
         return codec, [codec.encode(c) for c in chunks]
     finally:
-        packing.pack_staging = default
+        packing.pack_staging, packing.plane_starts = default, starts
 
 
 def _packing_summary(codec: KVCodec, blobs: list[bytes], shape: tuple[int, ...]) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -75,12 +76,16 @@ def max_overhead_nbytes(staging_nbytes: int) -> int:
     return _HEAD.size + staging_nbytes // 128 + count * (4 + ALIGN - 1 + _BLOCK_SLACK + 1)
 
 
-def compress(stage: LosslessStage, staging: np.ndarray, block_nbytes: int) -> bytes:
-    """The blocked payload of ``staging`` (flat uint8): each block compressed alone by ``stage``."""
+def compress(stage: LosslessStage, staging: np.ndarray, block_nbytes: int, cuts: Sequence[int] = ()) -> bytes:
+    """The blocked payload of ``staging`` (flat uint8): each block compressed alone by ``stage``, with
+    the ``cuts`` (``LosslessStage.compress``) that fall inside it."""
     check_block_nbytes(block_nbytes)
     n = staging.nbytes
     count = max(1, math.ceil(n / block_nbytes))
-    parts = [stage.compress(staging[i * block_nbytes: (i + 1) * block_nbytes]) for i in range(count)]
+    parts = []
+    for i in range(count):
+        lo, hi = i * block_nbytes, min(n, (i + 1) * block_nbytes)
+        parts.append(stage.compress(staging[lo:hi], [c - lo for c in cuts if lo < c < hi]))
     out = [_HEAD.pack(block_nbytes, count), struct.pack(f"<{count}I", *(len(p) for p in parts))]
     for p in parts:
         out.append(p)

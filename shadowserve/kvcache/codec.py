@@ -139,6 +139,7 @@ class KVCodec:
         kv = kv.detach()
         if kv.device.type != "cpu":
             kv = kv.cpu()
+        cuts: list[int] = []  # raw KV: one plane's bytes look like the next's
         if not self.lossy:
             staging = kv.contiguous().view(-1).view(torch.uint8).numpy()
         else:
@@ -150,12 +151,13 @@ class KVCodec:
             packed = packing.pack_staging(layout, staging, self.config.key_offsets) if self.config.pack_nibbles else None
             if packed is not None:
                 staging = packed
+            cuts = packing.plane_starts(layout, staging)
         staging = as_u8(staging)
         blocked = bool(self.config.lossless_block) and self.config.lossless != "none"
         if blocked:
-            payload = blocks.compress(self.lossless, staging, self.config.lossless_block)
+            payload = blocks.compress(self.lossless, staging, self.config.lossless_block, cuts)
         else:
-            payload = self.lossless.compress(staging)
+            payload = self.lossless.compress(staging, cuts)
         codec_id = self.codec_id
         skip_below = self.config.min_saving  # 0: keep the stage whatever it saves
         if skip_below and self.config.lossless != "none" and len(payload) > staging.nbytes * (1 - skip_below):

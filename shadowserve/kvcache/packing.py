@@ -161,6 +161,20 @@ def pack_staging(layout: Layout, staging: np.ndarray, key_offsets: bool = False,
     return out
 
 
+def plane_starts(layout: Layout, staging: np.ndarray) -> list[int]:
+    """Where each (layer, K/V) plane's symbols start in a staging of either layout, then where the
+    symbols end: the lossless stage's ``cuts``, since planes' symbol statistics differ (keys from
+    values, fine planes from coarse ones). The encoder's; allocates a little."""
+    nbytes = staging.nbytes
+    packing = read_packing(layout, torch.from_numpy(staging), nbytes)
+    if packing is None:
+        return [layout.symbols_offset + p * layout.plane_nbytes for p in range(layout.planes + 1)]
+    starts = [layout.data_offset]
+    for wide in packing.wide:
+        starts.append(starts[-1] + (layout.plane_nbytes if wide else layout.plane_nbytes // 2))
+    return starts
+
+
 def read_packing(layout: Layout, staging: torch.Tensor, staging_nbytes: int) -> Packing | None:
     """The symbol table of a staging of ``staging_nbytes`` bytes; None for one byte per symbol.
 
