@@ -14,7 +14,9 @@ estimate; ``real`` is the actual codec. A probe for choosing experiments; bench 
         --variants "{'row': {}, 'head-keys': {'per_head': 'k'}, 'K exact': {'exact': 'k'}, 'v x0.7': {'v': 0.7}}"
 
 A variant is a dict: ``per_head`` ('k', 'v' or 'kv'), ``exact`` ('k', 'v', or a list of [layer, kv]
-planes), ``k`` / ``v`` (multiply every key / value step), ``planes`` (a list of [layer, kv, multiplier]).
+planes), ``k`` / ``v`` (multiply every key / value step), ``planes`` (a list of [layer, kv, multiplier]),
+``facts`` (multiply the step of every token row inside the document's fact sentences, keys and values:
+an oracle for spending bits on the tokens a question will ask about, which the codec cannot know).
 """
 
 from __future__ import annotations
@@ -46,9 +48,29 @@ def _is_exact(exact, layer: int, kv: int) -> bool:
     return [layer, kv] in [list(p) for p in exact or ()]
 
 
-def requantize(codec: KVCodec, kv: torch.Tensor, variant: dict, chunk: int = 256) -> tuple[torch.Tensor, float]:
-    """``kv`` [layers, 2, tokens, heads, head_dim] through the variant's quantizer, and its estimated ratio."""
+def fact_rows(tokenizer, ids: list[int]) -> torch.Tensor:
+    """Bool [tokens]: the rows of bench quality's fact sentences ("The secret code of the red door is
+    48213.", "The red door is guarded by the owl.", "The owl knows the code 48213.") in ``ids``."""
+    pieces = [tokenizer.decode([i]) for i in ids]
+    rows = torch.zeros(len(ids), dtype=torch.bool)
+    for i, piece in enumerate(pieces):
+        if piece.strip() != "The":
+            continue
+        end = next((j for j in range(i, min(i + 20, len(ids))) if "." in pieces[j]), i)
+        sentence = "".join(pieces[i:end + 1])
+        if any(m in sentence for m in ("secret code of the", "is guarded by the", "knows the code")):
+            rows[i:end + 1] = True
+    return rows
+
+
+def requantize(codec: KVCodec, kv: torch.Tensor, variant: dict, chunk: int = 256,
+               facts: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """``kv`` [layers, 2, tokens, heads, head_dim] through the variant's quantizer, and its estimated ratio.
+    ``facts``: fact_rows of the document, for the ``facts`` variant."""
     layers, _, tokens, heads, head_dim = kv.shape
+    row_steps = torch.ones(tokens)
+    if "facts" in variant:
+        row_steps[facts] = variant["facts"]
     out, bits = torch.empty_like(kv), 0.0
     per_head = variant.get("per_head", "")
     for t0 in range(0, tokens, chunk):
@@ -70,7 +92,8 @@ def requantize(codec: KVCodec, kv: torch.Tensor, variant: dict, chunk: int = 256
                 groups = heads if "kv"[kv_i] in per_head else 1  # scales per row: 1, or one per head
                 a = (x[layer, kv_i] / steps[layer, kv_i]).view(t, groups, -1)
                 r = (x[layer, kv_i] / rms_steps[layer, kv_i]).view(t, groups, -1)
-                s = torch.maximum(r.square().mean(-1).sqrt() * param[layer, kv_i], a.abs().amax(-1) / 127)
+                rms = r.square().mean(-1).sqrt() * row_steps[t0:t0 + t, None]
+                s = torch.maximum(rms * param[layer, kv_i], a.abs().amax(-1) / 127)
                 s = s.clamp_min(2.0**-24).half().float()
                 q = (a / s[..., None]).round().clamp(-127, 127)
                 rec = (q * s[..., None]).view(t, -1) * steps[layer, kv_i]
@@ -108,7 +131,8 @@ def main() -> int:
         ref = Answers(model, builder, doc, kv)
         ref_lp = forced(model, kv, [h for hops in ref.hops for h in hops])
         for name in rows:
-            decoded, ratio = coded(config, kv) if name == "real" else requantize(codec, kv, variants[name])
+            decoded, ratio = coded(config, kv) if name == "real" else \
+                requantize(codec, kv, variants[name], facts=fact_rows(loaded.tokenizer, list(doc.prefix_ids)))
             kls, same = compare(model, decoded, ref, ref_lp)
             rows[name]["ratio"].append(ratio)
             rows[name]["kl"] += kls
