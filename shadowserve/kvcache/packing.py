@@ -6,10 +6,13 @@ decompression, the data plane's slowest stage. The few symbols outside the range
 are *escapes*: their nibble is 0 and their true value is listed after the data. A plane quantized
 with a fine step (the retrieval planes of a schedule fitted to answers) would escape a large share of
 its symbols at 5 bytes each, so such a plane is stored one byte per symbol instead, chosen per chunk
-and plane. Token pairs: neighbouring tokens of one channel are alike, so the lossless stage's Huffman codes,
-which see a byte as one letter, code such a pair ~3% (``balanced``) to 5% (the default) shorter than
-two symbols half a chunk apart (docs/codec.md, "Token pairs"). The packed staging, after the scales
-(sizes and offsets: kvcache/layout.py)::
+and plane.
+
+Token pairs: neighbouring tokens of one channel are alike, so the lossless stage's Huffman codes, which
+see a byte as one letter, code such a pair ~3% (``balanced``) to 5% (the default) shorter than two
+symbols half a chunk apart (docs/codec.md, "Token pairs and a block per plane").
+
+The packed staging, after the scales (sizes and offsets: kvcache/layout.py)::
 
     table    u32 escape count | u8 flags (bit 0: key offsets, bit 1: token pairs) | u8 width per plane
              (0: 4 bits, 1: 8) | pad to 8
