@@ -171,6 +171,10 @@ def test_pooling_joins_runs_question_by_question():
     renamed["codecs"] = {"preset+k0.3": renamed["levels"].pop("balanced")}
     renamed["per_question"]["preset+k0.3"] = renamed["per_question"].pop("balanced")
     assert pool_runs([a, renamed], "balanced") == ab
+    staged = _run("0011", "1011", [0, 0, 1, 1], "sskv4/rms:k0.5:v1")  # format 4: the same KV, staged anew
+    assert pool_runs([a, staged], "balanced")["questions"] == 8
+    with pytest.raises(ConfigError, match="did not measure"):
+        pool_runs([a, _run("0011", "1011", [0, 0, 1, 1], "sskv4/rms:k0.4:v1")], "balanced")
     with pytest.raises(ConfigError, match="per-question"):
         pool_runs([{"levels": {}, "codecs": {}}], "balanced")
     assert "per_task_delta" not in ab  # runs that do not name their questions' tasks

@@ -19,8 +19,18 @@ from shadowserve.errors import ConfigError
 _TASK_OF_INITIAL = {t[0]: t for t in TASKS}
 
 
+# KV format 4 stages format 3's symbols in another order (token pairs, kvcache/packing.py): the same
+# quantizer, so the same decoded KV, and runs of either pool together.
+_SAME_KV = {"sskv4/": "sskv3/"}
+
+
 def _kv_format(row: dict) -> str:
-    return row["codec"].rsplit("/", 1)[0]  # the codec id less its lossless stage
+    """The codec id less its lossless stage, with staging-only format versions folded together."""
+    fmt = row["codec"].rsplit("/", 1)[0]
+    for newer, older in _SAME_KV.items():
+        if fmt.startswith(newer):
+            return older + fmt[len(newer):]
+    return fmt
 
 
 def _entry(report: dict, name: str, kv_format: str | None) -> tuple[str, str] | None:

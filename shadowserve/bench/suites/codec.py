@@ -81,7 +81,8 @@ PRESETS: dict[str, CodecConfig] = {
     "planes-qa-5x-channels-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x", key_step=0.3,
                                                  key_channel_steps=CHANNEL_TABLE),
     # Session 15: the same, pinned per head instead of per plane (qa-5x's plane steps before its pins, the
-    # retrieval heads at the pinned planes' steps): docs/codec.md, "Steps per head". "balanced" since.
+    # retrieval heads at the pinned planes' steps): docs/codec.md, "Steps per head". "balanced" in sessions
+    # 15-17; session 18's "balanced" is this with value steps x0.7.
     "planes-qa-5x-heads-smollm2": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x-heads", key_step=0.3,
                                               key_channel_steps=CHANNEL_TABLE, head_steps=HEAD_SET),
     # Session 15's "high": the high fit with per-channel key steps (keys 0.4) and the retrieval heads pinned;
