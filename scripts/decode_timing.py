@@ -5,9 +5,9 @@ runs. Here every round times each codec once in turn, on bench codec's chunks (S
 its text, 8 chunks of 256), and the best round of each is kept: ``KVCodec.decompress_into`` (inflate) and
 ``dequantize_into`` into a reused staging buffer and fp16 tensor, as the data plane does. It also prints
 each codec's ratio vs fp16 on those chunks, and how its chunks pack (symbol bytes against one per symbol,
-byte-wide planes). A codec may carry the packer's encode-side bars (``kvcache/packing.py``), which never
-change the decoded KV: ``NAME:wide=0.03`` (``WIDE_SHARE``), ``NAME:max=1`` (``MAX_PACKED_SHARE``),
-``NAME:wide=1`` (no byte-wide planes: every out-of-range symbol escapes, the layout before KV format 3), or
+byte-wide planes). A codec may carry encode-side bars (``kvcache/packing.py``), joined by ``:`` as in
+``NAME:cuts=0:pairs=0``, which never change the decoded KV: ``NAME:wide=0.03`` (``WIDE_SHARE``), ``NAME:max=1`` (``MAX_PACKED_SHARE``),
+``NAME:wide=1`` (no byte-wide planes: every out-of-range symbol escapes, the layout before KV format 3),
 ``NAME:pairs=0`` (nibbles pair symbols half a plane apart, not neighbouring tokens: before KV format 4), or
 ``NAME:cuts=0`` (zstd blocks that straddle planes: before session 18).
 Usage::

@@ -130,9 +130,9 @@ def main() -> int:
         kv = _prefill(model, torch.tensor([list(doc.prefix_ids)]))
         ref = Answers(model, builder, doc, kv)
         ref_lp = forced(model, kv, [h for hops in ref.hops for h in hops])
+        facts = fact_rows(loaded.tokenizer, list(doc.prefix_ids))
         for name in rows:
-            decoded, ratio = coded(config, kv) if name == "real" else \
-                requantize(codec, kv, variants[name], facts=fact_rows(loaded.tokenizer, list(doc.prefix_ids)))
+            decoded, ratio = coded(config, kv) if name == "real" else requantize(codec, kv, variants[name], facts=facts)
             kls, same = compare(model, decoded, ref, ref_lp)
             rows[name]["ratio"].append(ratio)
             rows[name]["kl"] += kls
