@@ -9,13 +9,16 @@ byte-wide planes). A codec may carry encode-side bars (``kvcache/packing.py``), 
 ``NAME:cuts=0:pairs=0``, which never change the decoded KV: ``NAME:wide=0.03`` (``WIDE_SHARE``), ``NAME:max=1`` (``MAX_PACKED_SHARE``),
 ``NAME:wide=1`` (no byte-wide planes: every out-of-range symbol escapes, the layout before KV format 3),
 ``NAME:pairs=0`` (nibbles pair symbols half a plane apart, not neighbouring tokens: before KV format 4), or
-``NAME:cuts=0`` (zstd blocks that straddle planes: before session 18).
+``NAME:cuts=0`` (zstd blocks that straddle planes: before session 18), or ``NAME:cutprice=N`` (a block ends at a
+plane start where an order-0 estimate says its own Huffman table saves more than N bytes, the lossless stage's
+``CUT_PRICE_NBYTES``; ``cutprice=0``: at every plane start, as in session 18).
 Usage::
 
     python scripts/decode_timing.py --codecs default,balanced,planes-qa-balanced-smollm2 --rounds 15
     python scripts/decode_timing.py --codecs planes-qa-5x-smollm2,planes-qa-5x-smollm2:wide=1,high,high:max=1
     python scripts/decode_timing.py --codecs default,default:pairs=0,balanced,balanced:pairs=0
     python scripts/decode_timing.py --codecs balanced,balanced:cuts=0,balanced:cuts=0:pairs=0
+    python scripts/decode_timing.py --codecs default,default:cutprice=0,rms-keyoffsets-zstd,rms-keyoffsets-zstd:cutprice=0
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import numpy as np
 import torch
 
 from shadowserve.bench.suites.codec import _load, _prefill, _text, decode_pass, resolve_preset
-from shadowserve.kvcache import packing
+from shadowserve.kvcache import lossless, packing
 from shadowserve.kvcache.codec import KVCodec
 
 _BARS = {"wide": ("wide_share", float), "max": ("max_share", float), "pairs": ("token_pairs", lambda v: v != "0")}
 _CUTS = "cuts"  # not a packer bar: cuts=0 gives the lossless stage no plane starts
+_CUT_PRICE = "cutprice"  # nor this: the lossless stage's CUT_PRICE_NBYTES (0: a block per plane, session 18)
 
 
 def _encode(name: str, chunks: list[torch.Tensor]) -> tuple[KVCodec, list[bytes]]:
@@ -39,16 +43,19 @@ def _encode(name: str, chunks: list[torch.Tensor]) -> tuple[KVCodec, list[bytes]
     preset, _, bars = name.partition(":")
     pairs = dict(b.split("=") for b in bars.split(":") if b)
     no_cuts = pairs.pop(_CUTS, "1") == "0"
+    price = pairs.pop(_CUT_PRICE, None)
     kwargs = {_BARS[k][0]: _BARS[k][1](v) for k, v in pairs.items()}
     codec = KVCodec(resolve_preset(preset), "bench:decode-timing")
-    default, starts = packing.pack_staging, packing.plane_starts
+    default, starts, cut_price = packing.pack_staging, packing.plane_starts, lossless.CUT_PRICE_NBYTES
     packing.pack_staging = functools.partial(default, **kwargs)  # the encoder's only call into the packer
     if no_cuts:
         packing.plane_starts = lambda *_: []
+    if price is not None:
+        lossless.CUT_PRICE_NBYTES = int(price)
     try:
         return codec, [codec.encode(c) for c in chunks]
     finally:
-        packing.pack_staging, packing.plane_starts = default, starts
+        packing.pack_staging, packing.plane_starts, lossless.CUT_PRICE_NBYTES = default, starts, cut_price
 
 
 def _packing_summary(codec: KVCodec, blobs: list[bytes], shape: tuple[int, ...]) -> str:

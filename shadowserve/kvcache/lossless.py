@@ -25,6 +25,7 @@ from typing import Any
 import deflate
 import lz4.block
 import numpy as np
+import torch
 import zstandard
 
 from shadowserve.config import LOSSLESS_LEVELS, check_lossless_level
@@ -191,6 +192,10 @@ class DeflateStage(LosslessStage):
 
 # Cuts closer than this are merged: a block's header and Huffman table cost up to ~100 bytes.
 MIN_CUT_NBYTES = 2048
+# A cut is kept only where its block's own table saves more than this many bytes (order-0 estimate). Each
+# block costs the decoder a table build, about 2.5 us; 512 bytes take as long on a ~1.6 Gbit/s link. Measured
+# in docs/codec.md, "Which plane starts end a block".
+CUT_PRICE_NBYTES = 512
 
 
 def _spaced(cuts: Sequence[int], nbytes: int) -> list[int]:
@@ -200,6 +205,35 @@ def _spaced(cuts: Sequence[int], nbytes: int) -> list[int]:
         if cut - prev >= MIN_CUT_NBYTES and nbytes - cut >= MIN_CUT_NBYTES:
             kept.append(cut)
             prev = cut
+    return kept
+
+
+def _code_bits(hist: torch.Tensor) -> float:
+    """Order-0 code length, in bits, of bytes with this histogram."""
+    h = hist[hist > 0].double()
+    return float(-(h * torch.log2(h / h.sum())).sum())
+
+
+def _paying(data: np.ndarray, cuts: Sequence[int], price: int | None = None) -> list[int]:
+    """The ``cuts`` whose block pays for its table: left to right, the bytes up to the next cut join the
+    current block unless coding them with their own statistics saves more than ``price`` bytes (None:
+    ``CUT_PRICE_NBYTES``, read at the call so a measurement script can vary it)."""
+    if not cuts:
+        return []
+    price = CUT_PRICE_NBYTES if price is None else price
+    t = torch.from_numpy(data)
+    bounds = [0, *cuts, data.nbytes]
+    kept, block = [], torch.bincount(t[: bounds[1]], minlength=256)
+    block_bits = _code_bits(block)
+    for cut, end in zip(cuts, bounds[2:]):
+        hist = torch.bincount(t[cut:end], minlength=256)
+        merged, own = block + hist, _code_bits(hist)
+        merged_bits = _code_bits(merged)
+        if merged_bits - block_bits - own > 8 * price:
+            kept.append(cut)
+            block, block_bits = hist, own
+        else:
+            block, block_bits = merged, merged_bits
     return kept
 
 
@@ -222,16 +256,16 @@ class ZstdStage(LosslessStage):
     _compressors = threading.local()
 
     def compress(self, data: Any, cuts: Sequence[int] = ()) -> bytes:
-        """One frame. At each of ``cuts`` (at least ``MIN_CUT_NBYTES`` apart) the current block ends, so
-        the next gets its own Huffman table: each symbol plane is coded with its own statistics, 3-5%
-        fewer bytes than 128 KiB blocks that straddle planes, and the same decoder
-        (docs/codec.md, "Token pairs and a block per plane")."""
+        """One frame. At those of ``cuts`` (at least ``MIN_CUT_NBYTES`` apart) where a table of its own saves
+        more than ``CUT_PRICE_NBYTES``, the current block ends, so the next gets its own Huffman table: symbol
+        planes whose statistics differ are coded apart, 2-4% fewer bytes than 128 KiB blocks that straddle
+        planes, and the same decoder (docs/codec.md, "Token pairs and a block per plane")."""
         cache = self._compressors.__dict__.setdefault("by_level", {})
         comp = cache.get(self.level)
         if comp is None:
             comp = cache[self.level] = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
         data = as_u8(data)
-        kept = _spaced(cuts, data.nbytes)
+        kept = _paying(data, _spaced(cuts, data.nbytes))
         if not kept:
             return comp.compress(data)
         obj, out, prev = comp.compressobj(size=data.nbytes), [], 0

@@ -10,7 +10,7 @@ import zstandard
 from shadowserve.config import CodecConfig
 from shadowserve.kvcache import KVCodec
 from shadowserve.kvcache import packing as pk
-from shadowserve.kvcache.lossless import MIN_CUT_NBYTES, _spaced, make_stage
+from shadowserve.kvcache.lossless import CUT_PRICE_NBYTES, MIN_CUT_NBYTES, _paying, _spaced, make_stage
 from tests.kvcache.conftest import FINGERPRINT
 
 BIG = (4, 2, 256, 2, 32)  # planes of 16 KiB (8 KiB as nibbles): far enough apart to cut
@@ -43,6 +43,30 @@ def test_cuts_too_close_together_or_to_an_end_are_merged():
     data, half = _two_kinds(1)
     stage = make_stage("zstd")
     assert stage.compress(data, [1, 2, 3]) == stage.compress(data)
+
+
+def test_a_cut_between_alike_planes_is_not_worth_its_table():
+    rng = np.random.default_rng(3)
+    alike = rng.integers(0, 16, 64 * 1024, dtype=np.uint8)  # two halves drawn the same way
+    data, half = _two_kinds(3)
+    assert _paying(alike, [len(alike) // 2]) == []
+    assert _paying(data, [half]) == [half]
+    stage = make_stage("zstd")
+    assert stage.compress(alike, [len(alike) // 2]) == stage.compress(alike)  # one block, as without cuts
+
+
+def test_the_price_decides_which_cuts_pay():
+    """Three segments: a switch of statistics that saves kilobytes, then a small shift worth less than the
+    price; a higher price keeps neither, a price of zero keeps both."""
+    rng = np.random.default_rng(4)
+    n = 16 * 1024
+    narrow = rng.integers(0, 4, n, dtype=np.uint8)
+    wide = rng.integers(0, 64, n, dtype=np.uint8)
+    shifted = rng.integers(0, 60, n, dtype=np.uint8)
+    data = np.concatenate([narrow, wide, shifted])
+    assert _paying(data, [n, 2 * n]) == [n]
+    assert _paying(data, [n, 2 * n], price=0) == [n, 2 * n]
+    assert _paying(data, [n, 2 * n], price=100 * CUT_PRICE_NBYTES) == []
 
 
 @pytest.mark.parametrize("stage", ["deflate", "lz4", "none"])
