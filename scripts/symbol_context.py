@@ -3,8 +3,9 @@
 Encodes bench codec's KV (2048 tokens of its text, chunks of 256) with a preset, reads the symbols back
 from the real chunks (keys relative to their channel's median, as packed), and prints per K/V, in bits per
 symbol, order-0 entropy estimates of the symbols as nibble bytes would pair them: half a plane apart (KV
-format 3), neighbouring tokens of one channel (format 4), and per channel (what a coder modelling each
-channel could reach). Then the chunks' ratio and encode time at several zstd levels, one stream and no
+format 3), neighbouring tokens of one channel (format 4), token pairs with the plane's channels in four
+groups by their spread, each group its own Huffman table (a zstd block per group; 60 bytes per table
+counted, the grouping itself not), and per channel (what a coder modelling each channel could reach). Then the chunks' ratio and encode time at several zstd levels, one stream and no
 plane blocks, on the same stagings.
 
     python scripts/symbol_context.py --codec balanced --levels 1,3,6,9,12,15,16
@@ -30,13 +31,24 @@ def _bits(x: torch.Tensor) -> float:
     return float(-(counts * (counts / counts.sum()).log2()).sum())
 
 
+GROUPS, TABLE_BITS = 4, 60 * 8
+
+
+def _pair_bits(s: torch.Tensor) -> float:
+    half = s.shape[0] // 2
+    return _bits(s[0:2 * half:2] * 1000 + s[1:2 * half:2])
+
+
 def estimates(symbols: torch.Tensor) -> dict[str, float]:
-    """Bits per symbol of one plane's int symbols [tokens, channels] under three pairings/contexts."""
+    """Bits per symbol of one plane's int symbols [tokens, channels] under four pairings/contexts."""
     t, c = symbols.shape
     s = symbols.long()
     half = t // 2
+    groups = torch.tensor_split(torch.argsort(s.float().std(0)), GROUPS)
     return {"half_plane_pairs": _bits(s[:half] * 1000 + s[half:2 * half]) / (2 * half * c),
-            "token_pairs": _bits(s[0:2 * half:2] * 1000 + s[1:2 * half:2]) / (2 * half * c),
+            "token_pairs": _pair_bits(s) / (2 * half * c),
+            f"token_pairs_{GROUPS}_channel_groups": (sum(_pair_bits(s[:, g]) for g in groups)
+                                                     + (GROUPS - 1) * TABLE_BITS) / (2 * half * c),
             "per_channel": sum(_bits(s[:, i]) for i in range(c)) / (t * c)}
 
 

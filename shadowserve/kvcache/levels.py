@@ -36,7 +36,8 @@ QUALITY_LEVELS: dict[str, CodecConfig] = {
     # Session 18: token pairs and a zstd block per plane made chunks 8% smaller (5.52x), spent on value
     # steps x0.7 (5.06x; bench codec name balanced+v0.7), adopted by a rule fixed before the seed-13 run:
     # -0.47 points pooled over seeds 8, 13 and 14 against session 15's -0.98 over seeds 4, 8, 12 and 13
-    # (preset planes-qa-5x-heads-smollm2): docs/results.md, "Session 18".
+    # (preset planes-qa-5x-heads-smollm2): docs/results.md, "Session 18". Session 19: 5.03x (a zstd block
+    # only where its table pays); on seed 15 -0.2 points, pooled over seeds 8, 13, 14 and 15 -0.39.
     "balanced": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x-heads", key_step=0.3, value_step=0.7,
                             key_channel_steps="smollm2-135m", head_steps="smollm2-135m-retrieval"),
     "compact": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-compact"),
