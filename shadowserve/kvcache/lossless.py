@@ -221,7 +221,7 @@ def _paying(data: np.ndarray, cuts: Sequence[int], price: int | None = None) -> 
     if not cuts:
         return []
     price = CUT_PRICE_NBYTES if price is None else price
-    t = torch.from_numpy(data)
+    t = torch.from_numpy(data if data.flags.writeable else data.copy())  # torch warns on read-only arrays
     bounds = [0, *cuts, data.nbytes]
     kept, block = [], torch.bincount(t[: bounds[1]], minlength=256)
     block_bits = _code_bits(block)
