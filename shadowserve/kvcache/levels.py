@@ -23,7 +23,8 @@ QUALITY_LEVELS: dict[str, CodecConfig] = {
     # Session 17: balanced's plane, channel and head steps with every value step halved and keys at 0.25
     # (bench codec name balanced+v0.5+k0.25): 4.25x, and no loss on 6,144 fresh questions (seeds 8 and 12:
     # +0.4 points [-0.05, +0.86]). It replaced session 15's "high" (3.79x; preset planes-high-heads-smollm2)
-    # by a rule fixed before the seed-12 run: docs/results.md, "Session 17".
+    # by a rule fixed before the seed-12 run: docs/results.md, "Session 17". Session 19: 4.50x; pooled over
+    # seeds 8, 12, 13 and 15 (12,288 questions) -0.02 points [-0.35, +0.32].
     "high": CodecConfig(key_offsets=True, layer_steps="smollm2-135m-qa-5x-heads", key_step=0.25, value_step=0.5,
                         key_channel_steps="smollm2-135m", head_steps="smollm2-135m-retrieval"),
     # Session 13: the schedule fitted to answers as well as text, retrieval planes finer (session 12),
