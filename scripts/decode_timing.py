@@ -39,8 +39,9 @@ _CUTS = "cuts"  # not a packer bar: cuts=0 gives the lossless stage no plane sta
 _CUT_PRICE = "cutprice"  # nor this: the lossless stage's CUT_PRICE_NBYTES (0: a block per plane, session 18)
 
 
-def _encode(name: str, chunks: list[torch.Tensor]) -> tuple[KVCodec, list[bytes]]:
-    """``name``'s chunks, packed with the bars it names (``preset:wide=X:max=Y``)."""
+def _encode(name: str, chunks: list[torch.Tensor]) -> tuple[KVCodec, list[bytes], float]:
+    """``name``'s chunks, packed with the bars it names (``preset:wide=X:max=Y``), and the plane starts per
+    chunk where zstd ended a block."""
     preset, _, bars = name.partition(":")
     pairs = dict(b.split("=") for b in bars.split(":") if b)
     no_cuts = pairs.pop(_CUTS, "1") == "0"
@@ -48,28 +49,39 @@ def _encode(name: str, chunks: list[torch.Tensor]) -> tuple[KVCodec, list[bytes]
     kwargs = {_BARS[k][0]: _BARS[k][1](v) for k, v in pairs.items()}
     codec = KVCodec(resolve_preset(preset), "bench:decode-timing")
     default, starts, cut_price = packing.pack_staging, packing.plane_starts, lossless.CUT_PRICE_NBYTES
+    paying, kept = lossless._paying, []
     packing.pack_staging = functools.partial(default, **kwargs)  # the encoder's only call into the packer
+
+    def counted(*args, **kwargs) -> list[int]:  # the cuts zstd makes, counted
+        kept.append(paying(*args, **kwargs))
+        return kept[-1]
+
+    lossless._paying = counted
     if no_cuts:
         packing.plane_starts = lambda *_: []
     if price is not None:
         lossless.CUT_PRICE_NBYTES = int(price)
     try:
-        return codec, [codec.encode(c) for c in chunks]
+        blobs = [codec.encode(c) for c in chunks]
+        return codec, blobs, sum(len(k) for k in kept) / len(chunks)
     finally:
         packing.pack_staging, packing.plane_starts, lossless.CUT_PRICE_NBYTES = default, starts, cut_price
+        lossless._paying = paying
 
 
 def _packing_summary(codec: KVCodec, blobs: list[bytes], shape: tuple[int, ...]) -> str:
-    """Mean packed symbol bytes per one-byte symbol, and byte-wide planes per chunk."""
+    """Mean packed symbol bytes per one-byte symbol, byte-wide planes and escapes per chunk."""
     layout = codec.layout_of(shape)
     staging = np.empty(codec.max_staging_nbytes(shape), np.uint8)
-    shares, wide = [], []
+    shares, wide, escapes = [], [], []
     for blob in blobs:
         n = codec.decompress_into(blob, staging).staging_nbytes
         table = packing.read_packing(layout, torch.from_numpy(staging), n)
         shares.append(1.0 if table is None else (n - layout.symbols_offset) / layout.symbols_nbytes)
         wide.append(0 if table is None else sum(table.wide))
-    return f"symbols {np.mean(shares):4.0%} of one byte, {np.mean(wide):4.1f} byte-wide planes"
+        escapes.append(0 if table is None else table.escapes)
+    return (f"symbols {np.mean(shares):4.0%} of one byte, {np.mean(wide):4.1f} byte-wide planes, "
+            f"{np.mean(escapes):6.0f} escapes")
 
 
 def main() -> None:
@@ -84,9 +96,9 @@ def main() -> None:
     torch.set_num_threads(1)
     chunks = [kv[:, :, i:i + 256].half().contiguous() for i in range(0, 2048, 256)]
     shape = tuple(chunks[0].shape)
-    coded = {}
+    coded, cuts = {}, {}
     for n in names:
-        codec, blobs = _encode(n, chunks)
+        codec, blobs, cuts[n] = _encode(n, chunks)
         coded[n] = (codec, blobs, bytearray(codec.max_staging_nbytes(shape)))
     out = torch.empty(shape, dtype=torch.float16)
     best = {n: (float("inf"), 0.0, 0.0) for n in names}
@@ -104,7 +116,7 @@ def main() -> None:
         ratio = gb * 1e9 / sum(len(b) for b in coded[n][1])
         print(f"{n:32s} ratio {ratio:5.2f}  decode {gb / total:5.2f} GB/s   per chunk {total * 1e3 / k:.2f} ms "
               f"(inflate {inflate * 1e3 / k:.2f}, dequantize {dequant * 1e3 / k:.2f})   "
-              f"{_packing_summary(coded[n][0], coded[n][1], shape)}")
+              f"{_packing_summary(coded[n][0], coded[n][1], shape)}, {cuts[n]:4.1f} block cuts")
     print("best of each stage on its own (a stage's noise does not pick the other's round):")
     for n in names:
         inflate, dequant = stage_best[n]

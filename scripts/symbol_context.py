@@ -5,8 +5,9 @@ from the real chunks (keys relative to their channel's median, as packed), and p
 symbol, order-0 entropy estimates of the symbols as nibble bytes would pair them: half a plane apart (KV
 format 3), neighbouring tokens of one channel (format 4), token pairs with the plane's channels in four
 groups by their spread, each group its own Huffman table (a zstd block per group; 60 bytes per table
-counted, the grouping itself not), and per channel (what a coder modelling each channel could reach). Then the chunks' ratio and encode time at several zstd levels, one stream and no
-plane blocks, on the same stagings.
+counted, the grouping itself not), and per channel (what a coder modelling each channel could reach).
+Then the chunks' ratio and encode time at several zstd levels, one stream and no plane blocks, on the
+same stagings.
 
     python scripts/symbol_context.py --codec balanced --levels 1,3,6,9,12,15,16
 """

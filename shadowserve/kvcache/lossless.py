@@ -193,7 +193,7 @@ class DeflateStage(LosslessStage):
 # Cuts closer than this are merged: a block's header and Huffman table cost up to ~100 bytes.
 MIN_CUT_NBYTES = 2048
 # A cut is kept only where its block's own table saves more than this many bytes (order-0 estimate). Each
-# block costs the decoder a table build, about 2.5 us; 512 bytes take as long on a ~1.6 Gbit/s link. Measured
+# block costs the decoder 1-2 us (its Huffman table); 512 bytes take as long on a 2-4 Gbit/s link. Measured
 # in docs/codec.md, "Which plane starts end a block".
 CUT_PRICE_NBYTES = 512
 
@@ -258,8 +258,8 @@ class ZstdStage(LosslessStage):
     def compress(self, data: Any, cuts: Sequence[int] = ()) -> bytes:
         """One frame. At those of ``cuts`` (at least ``MIN_CUT_NBYTES`` apart) where a table of its own saves
         more than ``CUT_PRICE_NBYTES``, the current block ends, so the next gets its own Huffman table: symbol
-        planes whose statistics differ are coded apart, 2-4% fewer bytes than 128 KiB blocks that straddle
-        planes, and the same decoder (docs/codec.md, "Token pairs and a block per plane")."""
+        planes whose statistics differ are coded apart, 1.5-4% fewer bytes than 128 KiB blocks that straddle
+        planes, and the same decoder (docs/codec.md, "Which plane starts end a block")."""
         cache = self._compressors.__dict__.setdefault("by_level", {})
         comp = cache.get(self.level)
         if comp is None:

@@ -1,4 +1,5 @@
-"""zstd starts a block at each symbol plane: fewer bytes where planes differ, the same decoded bytes."""
+"""zstd starts a block at a symbol plane where its own table pays: fewer bytes where planes differ, the
+same decoded bytes."""
 
 import dataclasses
 
